@@ -1,0 +1,137 @@
+"""The runtime-neutral application: commands, middleware, hooks, policies.
+
+An app is defined once and served unchanged by ``mesh_asyncio.MeshServer``
+or ``mesh_trio.MeshServer``: its handlers are ``async def`` functions that
+only await the Mesh API handed to them, so they run on either event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from ._handshake import UpgradeRequest
+
+if TYPE_CHECKING:
+    from ._server import Connection, ServerCore
+
+__all__ = [
+    "Authenticator",
+    "ConnectionHook",
+    "Context",
+    "Handler",
+    "MeshApp",
+    "Middleware",
+    "WriteGuard",
+    "WritePolicy",
+]
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler or middleware gets: the command, its payload, the
+    calling connection and the server API. ``state`` lets middleware hand
+    values on to the handler."""
+
+    command: str
+    payload: Any
+    connection: Connection
+    server: ServerCore
+    id: int | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[Context], Awaitable[Any]]
+Middleware = Callable[[Context], Awaitable[None]]
+ConnectionHook = Callable[["Connection"], Awaitable[None]]
+#: Returns the connection's initial metadata; a falsy result or
+#: :class:`~mesh_core.Reject` refuses the upgrade (401 or the status named).
+Authenticator = Callable[[UpgradeRequest], Awaitable[Any]]
+#: ``guard(connection, value, strategy)``: may a client write this metadata?
+WriteGuard = Callable[["Connection", Any, str], Awaitable[bool] | bool]
+WritePolicy = Literal["allow", "deny"] | WriteGuard
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class MeshApp:
+    """Commands, middleware and hooks of one application.
+
+    ``client_metadata_writes`` decides ``mesh/set-my-connection-metadata``:
+    ``"allow"`` (the reference's behaviour, the default), ``"deny"``, or a
+    guard ``(connection, value, strategy) -> bool`` (sync or async).
+    """
+
+    def __init__(self, *, client_metadata_writes: WritePolicy = "allow") -> None:
+        self.commands: dict[str, Handler] = {}
+        self.global_middleware: list[Middleware] = []
+        self.command_middleware: dict[str, list[Middleware]] = {}
+        self.connection_hooks: list[ConnectionHook] = []
+        self.disconnection_hooks: list[ConnectionHook] = []
+        self.authenticator: Authenticator | None = None
+        self.client_metadata_writes: WritePolicy = client_metadata_writes
+
+    # -- commands -------------------------------------------------------------
+
+    def expose_command(
+        self, name: str, handler: Handler, middleware: Iterable[Middleware] = ()
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("a command name is a non-empty string")
+        if name.startswith("mesh/"):
+            raise ValueError(f"{name!r}: the mesh/ prefix is reserved for built-in commands")
+        self.commands[name] = handler
+        middleware = list(middleware)
+        if middleware:
+            self.use_middleware_with_command(name, *middleware)
+
+    def command(self, name: str, *middleware: Middleware) -> Callable[[F], F]:
+        """Decorator form of :meth:`expose_command`."""
+
+        def register(handler: F) -> F:
+            self.expose_command(name, handler, middleware)
+            return handler
+
+        return register
+
+    # -- middleware -----------------------------------------------------------
+
+    def use_middleware(self, *middleware: Middleware) -> None:
+        """Run before every command (built-ins included), in order."""
+        self.global_middleware.extend(middleware)
+
+    def use_middleware_with_command(self, name: str, *middleware: Middleware) -> None:
+        """Run before one command (built-in or custom), after the global ones."""
+        self.command_middleware.setdefault(name, []).extend(middleware)
+
+    def middleware(self, command: str | None = None) -> Callable[[F], F]:
+        """Decorator: ``@app.middleware()`` (global) or ``@app.middleware("cmd")``."""
+
+        def register(fn: F) -> F:
+            if command is None:
+                self.use_middleware(fn)
+            else:
+                self.use_middleware_with_command(command, fn)
+            return fn
+
+        return register
+
+    # -- hooks ----------------------------------------------------------------
+
+    def on_connection(self, hook: F) -> F:
+        """Runs after the connection is registered and before the client gets
+        its id, so metadata set here is visible to its first command."""
+        self.connection_hooks.append(hook)
+        return hook
+
+    def on_disconnection(self, hook: F) -> F:
+        """Runs when a connection ends, before it leaves its rooms and its
+        metadata is removed (so the hook can still read both)."""
+        self.disconnection_hooks.append(hook)
+        return hook
+
+    def authenticate_connection(self, fn: F) -> F:
+        """Decide the upgrade; the returned value becomes the metadata."""
+        self.authenticator = fn
+        return fn

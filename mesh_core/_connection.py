@@ -1,0 +1,438 @@
+"""The per-connection state machine, server role (sans-IO).
+
+The adapter feeds bytes with :meth:`ServerConnection.receive_data`, calls
+:meth:`~ServerConnection.tick` when :meth:`~ServerConnection.next_deadline`
+comes, and after any call drains :meth:`~ServerConnection.events` and
+:meth:`~ServerConnection.data_to_send`. ``wake`` is the one hook back into the
+adapter: the core calls it whenever it queued output or an event from outside
+a receive (a response, a broadcast, a timer), so the adapter can schedule a
+flush. Time is always passed in; nothing here blocks or reads a clock.
+
+States::
+
+    HANDSHAKE --accept()--> OPENING --opened()--> OPEN --close()/peer close--> CLOSING/CLOSED
+        \\--reject()/bad HTTP--> CLOSED
+
+``ConnectionLost`` is emitted exactly once, when a connection that was
+accepted stops being usable; that is the adapter's cue to clean it up.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState as WSState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from ._config import ServerOptions
+from ._frames import Frame, decode_frame, encode_push, encode_response
+from ._handshake import UpgradeRequest
+
+__all__ = [
+    "CloseCode",
+    "ConnectionLost",
+    "Event",
+    "HandshakeReceived",
+    "RequestReceived",
+    "ServerConnection",
+    "State",
+    "text_frame",
+]
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPENING = "opening"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    ABNORMAL = 1006
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of what the core tells the adapter."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeReceived(Event):
+    """Answer with :meth:`ServerConnection.accept` or ``reject``."""
+
+    request: UpgradeRequest
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived(Event):
+    """A request to dispatch; answer it with ``respond(id, command, ...)``."""
+
+    id: int
+    command: str
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost(Event):
+    """The connection is no longer usable: clean it up (emitted once)."""
+
+    code: int
+    reason: str
+
+
+_PING = encode_push("ping", {})
+_LATENCY_REQUEST = encode_push("latency:request", {})
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, unfragmented server-to-client text frame.
+
+    Servers never mask and we negotiate no extension, so the bytes on the wire
+    are the same for every recipient: a broadcast is encoded and framed once,
+    not once per member (wsproto frames control messages and handshakes)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 0x10000:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+def _noop() -> None:
+    pass
+
+
+class ServerConnection:
+    """One WebSocket connection, server side."""
+
+    def __init__(
+        self,
+        options: ServerOptions,
+        *,
+        peer: tuple[str, int] | None = None,
+        now: float | None = None,
+    ) -> None:
+        self.options = options
+        self.peer = peer
+        self.state = State.HANDSHAKE
+        self.id: str | None = None
+        self.wake: Callable[[], None] = _noop
+        #: last measured round trip, in milliseconds (None until measured)
+        self.latency: float | None = None
+        self.violations = 0
+        #: the connection was dropped without a closing handshake (slow
+        #: consumer): the adapter should abort the transport, not flush it
+        self.aborted = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._ws = WSConnection(ConnectionType.SERVER)
+        self._out = bytearray()
+        self._events: list[Event] = []
+        self._held: list[RequestReceived] = []  # requests that came while OPENING
+        self._parts: list[bytes | str] = []
+        self._size = 0
+        self._lost = False
+        # heartbeat
+        self._next_ping: float | None = None
+        self._awaiting_pong = False
+        self._missed_pongs = 0
+        self._next_latency: float | None = None
+        self._latency_sent_at: float | None = None
+        self._latency_fresh = False
+        self._close_deadline: float | None = None
+        self._handshake_deadline = (
+            None if now is None or options.handshake_timeout <= 0 else now + options.handshake_timeout
+        )
+
+    # -- what the adapter drains ---------------------------------------------
+
+    def events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._out)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._out or self._events)
+
+    # -- input ----------------------------------------------------------------
+
+    def receive_data(self, data: bytes | None, now: float) -> None:
+        """Feed bytes from the socket; ``None`` means the peer went away."""
+        if self.state is State.CLOSED:
+            return
+        if data is None:
+            self._lose(CloseCode.ABNORMAL, "connection lost")
+            self.state = State.CLOSED
+            return
+        try:
+            self._ws.receive_data(data)
+        except RemoteProtocolError as exc:  # a malformed HTTP request
+            self._reject_bad_request(exc)
+            return
+        except LocalProtocolError:
+            return
+        for event in self._ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self._on_message_part(event, now)
+            elif isinstance(event, Request):
+                self._on_request(event)
+            elif isinstance(event, CloseConnection):
+                self._on_close(event)
+            elif isinstance(event, Ping):
+                if self._ws.state is WSState.OPEN:
+                    self._out += self._ws.send(event.response())
+            if self.state is State.CLOSED:
+                break
+
+    def _on_request(self, event: Request) -> None:
+        headers = tuple(
+            (name.decode("latin-1").lower(), value.decode("latin-1"))
+            for name, value in event.extra_headers
+        )
+        headers = (("host", event.host), *headers)
+        request = UpgradeRequest(target=event.target, headers=headers, peer=self.peer)
+        self._events.append(HandshakeReceived(request))
+
+    def _reject_bad_request(self, exc: RemoteProtocolError) -> None:
+        hint = exc.event_hint
+        if self.state is State.HANDSHAKE and isinstance(hint, RejectConnection):
+            body = str(exc).encode()
+            try:
+                self._out += self._ws.send(
+                    RejectConnection(
+                        status_code=hint.status_code,
+                        headers=[*hint.headers, (b"content-length", str(len(body)).encode())],
+                        has_body=True,
+                    )
+                )
+                self._out += self._ws.send(RejectData(data=body))
+            except LocalProtocolError:
+                pass
+        self.state = State.CLOSED
+
+    def _on_message_part(self, event: TextMessage | BytesMessage, now: float) -> None:
+        if self.state not in (State.OPEN, State.OPENING):
+            return
+        data = event.data
+        self._size += len(data)
+        if self._size > self.options.max_message_size:
+            self._parts.clear()
+            self._size = 0
+            self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            return
+        if not event.message_finished:
+            self._parts.append(data)
+            return
+        if self._parts:
+            self._parts.append(data)
+            if isinstance(data, str):
+                message: bytes | str = "".join(p for p in self._parts if isinstance(p, str))
+            else:
+                message = b"".join(p for p in self._parts if not isinstance(p, str))
+            self._parts.clear()
+        else:
+            message = data
+        self._size = 0
+        self._on_message(message, now)
+
+    def _on_message(self, message: bytes | str, now: float) -> None:
+        frame = decode_frame(message)
+        if not isinstance(frame, Frame):
+            self.violations += 1
+            return
+        command = frame.command
+        if command == "pong":
+            self._awaiting_pong = False
+            self._missed_pongs = 0
+            return
+        if command == "latency:response":
+            if self._latency_sent_at is not None:
+                self.latency = max(0.0, (now - self._latency_sent_at) * 1000.0)
+                self._latency_sent_at = None
+                self._latency_fresh = True
+            return
+        if frame.id is None:
+            return  # the reference drops id-less frames silently
+        request = RequestReceived(frame.id, command, frame.payload)
+        if self.state is State.OPENING:
+            self._held.append(request)
+        else:
+            self._events.append(request)
+
+    def _on_close(self, event: CloseConnection) -> None:
+        if self._ws.state is WSState.REMOTE_CLOSING:
+            self._out += self._ws.send(event.response())
+        self._lose(event.code, event.reason or "")
+        self.state = State.CLOSED
+
+    # -- handshake ------------------------------------------------------------
+
+    def accept(self, connection_id: str) -> None:
+        """Accept the upgrade; the connection is OPENING until :meth:`opened`."""
+        if self.state is not State.HANDSHAKE:
+            return
+        self.id = connection_id
+        self._out += self._ws.send(AcceptConnection())
+        self.state = State.OPENING
+        self.wake()
+
+    def reject(self, status: int = 401, reason: str = "Unauthorized") -> None:
+        if self.state is not State.HANDSHAKE:
+            return
+        body = reason.encode()
+        self._out += self._ws.send(
+            RejectConnection(
+                status_code=status,
+                headers=[
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+                has_body=True,
+            )
+        )
+        self._out += self._ws.send(RejectData(data=body))
+        self.state = State.CLOSED
+        self.wake()
+
+    def opened(self, now: float) -> None:
+        """Registration and connect hooks are done: send ``mesh/assign-id``
+        as the first frame, start the heartbeat, release held requests."""
+        if self.state is not State.OPENING:
+            return
+        self.state = State.OPEN
+        self.send_push("mesh/assign-id", self.id)
+        if self.options.ping_interval > 0:
+            self._next_ping = now + self.options.ping_interval
+        if self.options.latency_interval > 0:
+            self._next_latency = now + self.options.latency_interval
+        self._events.extend(self._held)
+        self._held.clear()
+        self.wake()
+
+    # -- output ---------------------------------------------------------------
+
+    def send_message(self, payload: bytes) -> bool:
+        """Queue one encoded JSON message; ``False`` if the connection is not
+        open. A client whose queue passes ``max_send_buffer`` is dropped as a
+        slow consumer (close 1008) rather than let memory grow."""
+        if self.state is not State.OPEN:
+            return False
+        was_idle = not self._out
+        self._out += text_frame(payload)
+        if len(self._out) > self.options.max_send_buffer:
+            # the client is not reading: a close frame would queue behind the
+            # backlog it ignores, so drop the socket instead
+            self._out.clear()
+            self.aborted = True
+            self._lose(CloseCode.TRY_AGAIN_LATER, "slow consumer: send buffer full")
+            self.state = State.CLOSED
+            self.wake()
+            return False
+        if was_idle:
+            self.wake()
+        return True
+
+    def send_push(self, command: str, payload: Any) -> bool:
+        return self.send_message(encode_push(command, payload))
+
+    def respond(self, id: int, command: str, payload: Any) -> bool:
+        return self.send_message(encode_response(id, command, payload))
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake (or finish an unfinished upgrade)."""
+        if self.state in (State.OPEN, State.OPENING):
+            if self._ws.state is WSState.OPEN:
+                self._out += self._ws.send(CloseConnection(code=code, reason=reason))
+            self.state = State.CLOSING
+            self._close_deadline = None  # set by the next tick
+            self._lose(code, reason)
+        elif self.state is State.HANDSHAKE:
+            self.state = State.CLOSED
+        self.wake()
+
+    def _lose(self, code: int, reason: str) -> None:
+        if self._lost or self.id is None:
+            return
+        self._lost = True
+        self.close_code = code
+        self.close_reason = reason
+        self._held.clear()
+        self._events.append(ConnectionLost(code, reason))
+
+    # -- timers ---------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` should next be called (``None``: no timer)."""
+        if self.state is State.HANDSHAKE:
+            return self._handshake_deadline
+        if self.state is State.CLOSING:
+            # no deadline yet: tick now, and the tick sets it from its ``now``
+            return self._close_deadline if self._close_deadline is not None else float("-inf")
+        if self.state is not State.OPEN:
+            return None
+        candidates = [t for t in (self._next_ping, self._next_latency) if t is not None]
+        return min(candidates) if candidates else None
+
+    def tick(self, now: float) -> None:
+        if self.state is State.HANDSHAKE:
+            if self._handshake_deadline is not None and now >= self._handshake_deadline:
+                self.state = State.CLOSED  # never upgraded: just drop the socket
+                self.wake()
+            return
+        if self.state is State.CLOSING:
+            if self._close_deadline is None:
+                self._close_deadline = now + self.options.close_timeout
+            elif now >= self._close_deadline:
+                self.state = State.CLOSED
+                self.wake()
+            return
+        if self.state is not State.OPEN:
+            return
+        if self._next_ping is not None and now >= self._next_ping:
+            self._next_ping = now + self.options.ping_interval
+            if self._awaiting_pong:
+                self._missed_pongs += 1
+                if self._missed_pongs >= self.options.max_missed_pongs:
+                    self.close(CloseCode.POLICY_VIOLATION, "missed pongs")
+                    return
+            self._awaiting_pong = True
+            self.send_message(_PING)
+        if self._next_latency is not None and now >= self._next_latency:
+            self._next_latency = now + self.options.latency_interval
+            if self._latency_fresh and self.latency is not None:
+                self._latency_fresh = False
+                self.send_push("latency", round(self.latency, 3))
+            self._latency_sent_at = now
+            self.send_message(_LATENCY_REQUEST)

@@ -1,0 +1,197 @@
+"""Storage operations as plain data.
+
+Built-in commands and the server API are written once, in the core, as logic
+that emits these operations; a storage driver executes them (an in-memory
+dict, a Redis pipeline, ...) and the logic resumes with the result. The
+driver decides nothing about semantics: strategies come from
+:mod:`mesh_core._strategies`, and an atomic update carries its own function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "AddToRoom",
+    "ClearRoom",
+    "DeleteRoom",
+    "DeleteRoomMetadata",
+    "GetAllConnectionIds",
+    "GetAllMetadata",
+    "GetAllRooms",
+    "GetConnectionRooms",
+    "GetMetadata",
+    "GetRoomMembers",
+    "GetRoomMembersMetadata",
+    "IsInRoom",
+    "Op",
+    "Publish",
+    "RegisterConnection",
+    "RemoveFromRoom",
+    "Scope",
+    "UnknownConnection",
+    "UnregisterConnection",
+    "UNCHANGED",
+    "UpdateMetadata",
+]
+
+Scope = Literal["connection", "room"]
+
+
+class _Unchanged:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+#: Return this from an ``update_metadata`` function to write nothing (the
+#: result is then the value as it was).
+UNCHANGED: Any = _Unchanged()
+
+
+class UnknownConnection(LookupError):
+    """Raised by a driver when connection metadata is written for an id that no
+    instance holds (writing would resurrect a cleaned-up connection)."""
+
+    code = "ENOCONN"
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """Base class of every storage operation."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterConnection(Op):
+    """Record that ``instance_id`` holds ``connection_id``; ``metadata`` is
+    stored unless it is ``None`` (no metadata yet)."""
+
+    connection_id: str
+    instance_id: str
+    metadata: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnregisterConnection(Op):
+    """Remove a connection from every room, its metadata and the registry.
+    Result: the rooms it was in."""
+
+    connection_id: str
+    instance_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetMetadata(Op):
+    """Result: one value per key, ``None`` where there is none."""
+
+    scope: Scope
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GetAllMetadata(Op):
+    """Result: ``[(key, metadata), ...]`` for every key of the scope that has
+    metadata (connections: every registered connection)."""
+
+    scope: Scope
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateMetadata(Op):
+    """Atomic read-modify-write: store ``update(old)``. Result: the new value
+    (if ``update`` returns :data:`UNCHANGED`, nothing is written and the
+    result is the old value).
+
+    ``strategy``/``value`` say what ``update`` does when it is a plain
+    strategy (so a driver may skip the read for ``replace``); ``update`` is
+    always authoritative. Raises :class:`UnknownConnection` for a connection
+    that is not registered."""
+
+    scope: Scope
+    key: str
+    update: Callable[[Any], Any]
+    strategy: str | None = None
+    value: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRoomMetadata(Op):
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class AddToRoom(Op):
+    """Result: ``True`` if the connection was not already a member."""
+
+    room: str
+    connection_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveFromRoom(Op):
+    """Result: ``True`` if the connection was a member."""
+
+    room: str
+    connection_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class IsInRoom(Op):
+    room: str
+    connection_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetRoomMembers(Op):
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetRoomMembersMetadata(Op):
+    """Result: ``[(connection_id, metadata), ...]`` for the room's members."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetConnectionRooms(Op):
+    connection_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetAllRooms(Op):
+    """Result: the names of rooms that have at least one member."""
+
+
+@dataclass(frozen=True, slots=True)
+class GetAllConnectionIds(Op):
+    """Result: ``[(connection_id, instance_id), ...]`` across all instances."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClearRoom(Op):
+    """Remove every member; keep the room's metadata. Result: removed ids."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRoom(Op):
+    """Remove every member and the room's metadata. Result: removed ids."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish(Op):
+    """Deliver an encoded frame to connections held by *other* instances.
+
+    ``connection_ids`` lists the targets; the driver looks their owners up,
+    groups them and sends each owner one message (PROTOCOL.md section 8)."""
+
+    connection_ids: tuple[str, ...]
+    command: str
+    payload: Any

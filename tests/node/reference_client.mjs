@@ -1,0 +1,380 @@
+#!/usr/bin/env node
+// Drives a Mesh client against a server running examples/demo.py and prints
+// ONE JSON line of results on stdout. Exit 0: every step ran and every
+// built-in check passed; 1: a step failed or a check failed; 2: usage error or
+// global watchdog timeout.
+//
+// Usage:
+//   node reference_client.mjs ws://127.0.0.1:PORT                 # scenario
+//   node reference_client.mjs ws://127.0.0.1:PORT idle SECONDS [PING_TIMEOUT_MS] [MAX_MISSED_PINGS]
+//
+// Which client runs:
+//   * MESH_CLIENT_MODULE=<package name or path to the client's entry file>
+//     forces that module (it must export MeshClient);
+//   * otherwise "@mesh-kit/client" then "@mesh-kit/core/client" are tried;
+//   * otherwise the stand-in ./mesh_client_shim.mjs is used, unless
+//     MESH_REQUIRE_REFERENCE=1, which makes a missing reference client an error.
+// The output's "client_impl" names the module that ran.
+//
+// Every WebSocket frame each client sends and receives is recorded (the
+// WebSocket global is a recording subclass of `ws`'s WebSocket: Node 20 has no
+// global WebSocket, and the reference client uses the global one) and is
+// printed under "wire" so tests can assert on the exact frames.
+
+import { pathToFileURL } from "node:url";
+import { isAbsolute, resolve as resolvePath } from "node:path";
+import { existsSync } from "node:fs";
+import { WebSocket as WsWebSocket } from "ws";
+
+// Anything a client library logs must not reach stdout (one JSON line only).
+const realStdoutWrite = process.stdout.write.bind(process.stdout);
+for (const k of ["log", "info", "warn", "error", "debug", "trace"]) {
+  console[k] = (...args) => process.stderr.write(args.map(String).join(" ") + "\n");
+}
+
+// ---- wire recording --------------------------------------------------------
+
+const WIRE_LIMIT = Number(process.env.MESH_WIRE_LIMIT || 400);
+const wire = [];
+let wireDropped = 0;
+let socketSeq = 0;
+const t0 = Date.now();
+
+function record(sock, dir, data) {
+  if (wire.length >= WIRE_LIMIT) {
+    wireDropped++;
+    return;
+  }
+  let text = typeof data === "string" ? data : Buffer.from(data).toString("utf8");
+  let frame;
+  try {
+    frame = JSON.parse(text);
+  } catch {
+    frame = { unparsed: text };
+  }
+  wire.push({ sock, dir, t: Date.now() - t0, frame });
+}
+
+class RecordingWebSocket extends WsWebSocket {
+  constructor(url, protocols, options) {
+    super(url, protocols, options);
+    this._meshSock = ++socketSeq;
+    this.addEventListener("message", (ev) => record(this._meshSock, "in", ev.data));
+  }
+  send(data, ...rest) {
+    record(this._meshSock, "out", data);
+    return super.send(data, ...rest);
+  }
+}
+globalThis.WebSocket = RecordingWebSocket;
+
+// ---- client loading --------------------------------------------------------
+
+async function loadClient() {
+  const forced = process.env.MESH_CLIENT_MODULE;
+  const candidates = forced ? [forced] : ["@mesh-kit/client", "@mesh-kit/core/client"];
+  const errors = [];
+  for (const spec of candidates) {
+    let target = spec;
+    if (spec.startsWith(".") || isAbsolute(spec)) {
+      const p = resolvePath(spec);
+      if (!existsSync(p)) {
+        errors.push(`${spec}: no such file`);
+        continue;
+      }
+      target = pathToFileURL(p).href;
+    }
+    try {
+      const mod = await import(target);
+      const MeshClient = mod.MeshClient ?? mod.default?.MeshClient;
+      if (typeof MeshClient === "function") return { MeshClient, impl: spec };
+      errors.push(`${spec}: no MeshClient export`);
+    } catch (e) {
+      errors.push(`${spec}: ${e.code || e.message}`);
+    }
+  }
+  if (forced || process.env.MESH_REQUIRE_REFERENCE === "1") {
+    throw new Error(`reference Mesh client not importable: ${errors.join("; ")}`);
+  }
+  const mod = await import("./mesh_client_shim.mjs");
+  return { MeshClient: mod.MeshClient, impl: "shim", loadErrors: errors };
+}
+
+// ---- helpers ---------------------------------------------------------------
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function withTimeout(promise, ms, what) {
+  let timer;
+  return Promise.race([
+    promise.finally(() => clearTimeout(timer)),
+    new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timeout after ${ms}ms: ${what}`)), ms);
+    }),
+  ]);
+}
+
+function errInfo(e) {
+  return { message: String(e?.message ?? e), code: e?.code ?? null, name: e?.name ?? null };
+}
+
+let emitted = false;
+function emit(obj, code) {
+  if (emitted) return;
+  emitted = true;
+  realStdoutWrite(JSON.stringify(obj) + "\n", () => process.exit(code));
+}
+
+const STEP_TIMEOUT = Number(process.env.MESH_STEP_TIMEOUT_MS || 10_000);
+
+// ---- scenario --------------------------------------------------------------
+
+async function scenario(url, MeshClient, out) {
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
+  const checks = (out.checks = {});
+
+  async function step(name, fn) {
+    try {
+      const value = await withTimeout(Promise.resolve().then(fn), STEP_TIMEOUT, name);
+      steps[name] = value === undefined ? null : value;
+      return value;
+    } catch (e) {
+      steps[name] = { __error__: errInfo(e) };
+      failures.push({ step: name, ...errInfo(e) });
+      return undefined;
+    }
+  }
+
+  const opts = { shouldReconnect: false };
+  const a = new MeshClient(url, opts);
+  const events = (out.events = { a: [], b: [] });
+  for (const ev of ["connect", "disconnect", "reconnect", "reconnectfailed", "close"]) {
+    a.on(ev, () => events.a.push(ev));
+  }
+  a.on("error", () => events.a.push("error"));
+
+  await step("connect", () => a.connect());
+  out.connection_id = a.connectionId ?? null;
+  steps.connection_id = out.connection_id;
+  if (!out.connection_id) throw new Error("no connection id after connect");
+
+  const echoPayload = { hello: "world", n: [1, 2, 3] };
+  await step("echo", () => a.command("echo", echoPayload));
+  await step("noop", () => a.command("mesh/noop"));
+  await step("my_metadata_initial", () => a.getConnectionMetadata());
+  await step("set_metadata", () =>
+    a.setConnectionMetadata({ role: "moderator", name: "alice" }, { strategy: "merge" }),
+  );
+  await step("my_metadata_after_set", () => a.getConnectionMetadata());
+  await step("create_room", () =>
+    a.command("create-room", { roomName: "lobby", type: "public", maxUsers: 10 }),
+  );
+  await step("join_room", () => a.joinRoom("lobby"));
+  await step("room_metadata_after_join", () => a.getRoomMetadata("lobby"));
+  await step("update_room_topic", () => a.command("update-room-topic", { roomName: "lobby", topic: "Hi" }));
+  await step("room_metadata_after_topic", () => a.getRoomMetadata("lobby"));
+  await step("list_public_rooms", () => a.command("list-public-rooms", {}));
+
+  // server push: register the handler before asking for the broadcast
+  let pushResolve;
+  const pushPromise = new Promise((r) => (pushResolve = r));
+  const pushes = [];
+  a.on("chat", (payload) => {
+    pushes.push(payload);
+    pushResolve(payload);
+  });
+  await step("broadcast_room", () =>
+    a.command("broadcast-room", { roomName: "lobby", event: "chat", data: { text: "yo" } }),
+  );
+  await step("chat_push", () => withTimeout(pushPromise, 5_000, "push 'chat'"));
+  steps.chat_push_count = pushes.length;
+
+  await step("unknown_command", () => a.command("no-such-command"));
+  await step("leave_room", () => a.leaveRoom("lobby"));
+  await step("room_metadata_after_leave", () => a.getRoomMetadata("lobby"));
+
+  const b = new MeshClient(url, opts);
+  for (const ev of ["connect", "disconnect", "reconnect", "reconnectfailed", "close"]) {
+    b.on(ev, () => events.b.push(ev));
+  }
+  b.on("error", () => events.b.push("error"));
+  await step("second_connect", () => b.connect());
+  steps.second_connection_id = b.connectionId ?? null;
+  await step("second_reads_first_metadata", () => b.getConnectionMetadata(out.connection_id));
+  await step("second_reads_unknown_metadata", () => b.getConnectionMetadata("conn-does-not-exist"));
+  // b has no role: the demo app must refuse (error payload, the client resolves)
+  await step("second_update_topic_denied", () =>
+    b.command("update-room-topic", { roomName: "lobby", topic: "nope" }),
+  );
+
+  await step("close_a", () => a.close());
+  await step("close_b", () => b.close());
+
+  // ---- built-in checks (the Python test asserts on `steps` too) ----------
+  const s = steps;
+  const isObj = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+  const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
+  checks.connection_id_is_string = typeof out.connection_id === "string" && out.connection_id.length > 0;
+  checks.echo_roundtrip = same(s.echo, echoPayload);
+  checks.noop_true = s.noop === true;
+  checks.connected_at_set = isObj(s.my_metadata_initial) && typeof s.my_metadata_initial.connectedAt === "number";
+  checks.set_metadata_success = s.set_metadata === true;
+  checks.merge_kept_connected_at =
+    isObj(s.my_metadata_after_set) &&
+    s.my_metadata_after_set.role === "moderator" &&
+    s.my_metadata_after_set.name === "alice" &&
+    s.my_metadata_after_set.connectedAt === s.my_metadata_initial?.connectedAt;
+  checks.join_success = isObj(s.join_room) && s.join_room.success === true;
+  checks.join_present_has_self =
+    Array.isArray(s.join_room?.present) && s.join_room.present.some((p) => p && p.id === out.connection_id);
+  checks.member_count_1 = isObj(s.room_metadata_after_join) && s.room_metadata_after_join.memberCount === 1;
+  checks.topic_update_success = isObj(s.update_room_topic) && s.update_room_topic.success === true;
+  checks.list_has_lobby =
+    isObj(s.list_public_rooms) &&
+    Array.isArray(s.list_public_rooms.rooms) &&
+    s.list_public_rooms.rooms.some((r) => r && r.id === "lobby");
+  checks.push_received = same(s.chat_push, { text: "yo" });
+  checks.unknown_command_error =
+    isObj(s.unknown_command) &&
+    s.unknown_command.code === "ENOTFOUND" &&
+    s.unknown_command.name === "CommandError" &&
+    typeof s.unknown_command.error === "string";
+  checks.leave_success = isObj(s.leave_room) && s.leave_room.success === true;
+  checks.member_count_0 = isObj(s.room_metadata_after_leave) && s.room_metadata_after_leave.memberCount === 0;
+  checks.second_sees_first_metadata =
+    isObj(s.second_reads_first_metadata) &&
+    s.second_reads_first_metadata.role === "moderator" &&
+    s.second_reads_first_metadata.name === "alice";
+  checks.second_unknown_metadata_null = s.second_reads_unknown_metadata === null;
+  checks.non_moderator_denied =
+    isObj(s.second_update_topic_denied) &&
+    typeof s.second_update_topic_denied.error === "string" &&
+    s.second_update_topic_denied.error.includes("Insufficient permissions");
+  checks.no_reconnects = !events.a.includes("reconnect") && !events.b.includes("reconnect");
+  // wire-level: every frame the clients sent has an integer id and a payload
+  const sent = wire.filter((w) => w.dir === "out").map((w) => w.frame);
+  checks.sent_frames_have_int_id = sent.every((f) => Number.isInteger(f.id));
+  checks.sent_frames_have_payload = sent.every((f) => "payload" in f);
+  checks.first_frame_is_assign_id = [1, 2].every((sock) => {
+    const first = wire.find((w) => w.sock === sock && w.dir === "in");
+    return !first || first.frame.command === "mesh/assign-id";
+  });
+}
+
+// ---- idle ------------------------------------------------------------------
+
+async function idle(url, MeshClient, out, seconds, pingTimeout, maxMissedPings) {
+  const opts = {};
+  if (pingTimeout) opts.pingTimeout = pingTimeout;
+  if (maxMissedPings !== undefined) opts.maxMissedPings = maxMissedPings;
+  out.client_options = opts;
+  const c = new MeshClient(url, opts);
+  const counts = (out.counts = {
+    ping: 0,
+    latency: 0,
+    latency_request: 0,
+    connect: 0,
+    disconnect: 0,
+    reconnect: 0,
+    close: 0,
+    error: 0,
+  });
+  const latencies = (out.latencies = []);
+  c.on("ping", () => counts.ping++);
+  c.on("latency", (v) => {
+    counts.latency++;
+    latencies.push(v);
+  });
+  c.on("message", (m) => {
+    if (m && m.command === "latency:request") counts.latency_request++;
+  });
+  for (const ev of ["connect", "disconnect", "reconnect", "close", "error"]) c.on(ev, () => counts[ev]++);
+
+  await withTimeout(c.connect(), STEP_TIMEOUT, "connect");
+  out.connection_id = c.connectionId ?? null;
+  await sleep(seconds * 1000);
+  out.connection_id_after = c.connectionId ?? null;
+  out.status_after = c.status ?? null;
+  const failures = (out.failures = []);
+  try {
+    out.noop_after = await withTimeout(c.command("mesh/noop"), STEP_TIMEOUT, "noop after idle");
+  } catch (e) {
+    failures.push({ step: "noop_after", ...errInfo(e) });
+  }
+  // count the server's socket-level activity as seen on the wire
+  const inFrames = wire.filter((w) => w.dir === "in").map((w) => w.frame.command);
+  const outFrames = wire.filter((w) => w.dir === "out").map((w) => w.frame);
+  out.wire_counts = {
+    sockets_opened: socketSeq,
+    ping_in: inFrames.filter((c) => c === "ping").length,
+    pong_out: outFrames.filter((f) => f.command === "pong").length,
+    latency_request_in: inFrames.filter((c) => c === "latency:request").length,
+    latency_response_out: outFrames.filter((f) => f.command === "latency:response").length,
+    latency_in: inFrames.filter((c) => c === "latency").length,
+  };
+  try {
+    await withTimeout(c.close(), STEP_TIMEOUT, "close");
+  } catch (e) {
+    failures.push({ step: "close", ...errInfo(e) });
+  }
+  out.checks = {
+    same_connection: out.connection_id !== null && out.connection_id === out.connection_id_after,
+    one_socket: socketSeq === 1,
+    no_disconnect_before_close: counts.reconnect === 0 && counts.connect === 1,
+    noop_after_true: out.noop_after === true,
+  };
+}
+
+// ---- main ------------------------------------------------------------------
+
+async function main() {
+  const url = process.argv[2];
+  const mode = process.argv[3] || "scenario";
+  if (!url || !/^wss?:\/\//.test(url) || !["scenario", "idle"].includes(mode)) {
+    emit({ ok: false, error: "usage: reference_client.mjs ws://host:port [idle SECONDS [PING_TIMEOUT_MS [MAX_MISSED_PINGS]]]" }, 2);
+    return;
+  }
+  const out = { ok: false, mode, url, node: process.version };
+  let seconds = 0;
+  if (mode === "idle") {
+    seconds = Number(process.argv[4] ?? 10);
+    if (!(seconds >= 0)) {
+      emit({ ok: false, error: "idle SECONDS must be a number >= 0" }, 2);
+      return;
+    }
+  }
+  const watchdogMs =
+    Number(process.env.MESH_WATCHDOG_MS) || (mode === "idle" ? seconds * 1000 + 3 * STEP_TIMEOUT + 5_000 : 90_000);
+  const watchdog = setTimeout(() => {
+    out.error = `watchdog: gave up after ${watchdogMs}ms`;
+    out.wire = wire;
+    emit(out, 2);
+  }, watchdogMs);
+
+  try {
+    const { MeshClient, impl, loadErrors } = await loadClient();
+    out.client_impl = impl;
+    if (loadErrors) out.client_load_errors = loadErrors;
+    if (mode === "idle") {
+      const pingTimeout = process.argv[5] ? Number(process.argv[5]) : undefined;
+      const maxMissed = process.argv[6] !== undefined ? Number(process.argv[6]) : undefined;
+      await idle(url, MeshClient, out, seconds, pingTimeout, maxMissed);
+    } else {
+      await scenario(url, MeshClient, out);
+    }
+    out.failed_checks = Object.entries(out.checks || {})
+      .filter(([, v]) => !v)
+      .map(([k]) => k);
+    out.ok = (out.failures || []).length === 0 && out.failed_checks.length === 0;
+  } catch (e) {
+    out.error = errInfo(e);
+    out.ok = false;
+  }
+  out.wire = wire;
+  if (wireDropped) out.wire_dropped = wireDropped;
+  clearTimeout(watchdog);
+  emit(out, out.ok ? 0 : 1);
+}
+
+main();
