@@ -39,7 +39,10 @@ def run(
         try:
             await stop.wait()
         finally:
-            log.info("Shutting down: closing %d connection(s)", len(server.connections.local_connections()))
+            log.info(
+                "Shutting down: closing %d connection(s)",
+                len(server.connections.local_connections()),
+            )
             await server.close()
             log.info("Stopped")
 

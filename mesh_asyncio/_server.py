@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -151,9 +151,9 @@ class MeshServer(ServerCore):
         assert self._loop is not None
         return self._loop.time()
 
-    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         assert self._loop is not None
-        task = self._loop.create_task(fn(*args))  # type: ignore[arg-type]
+        task: asyncio.Task[Any] = self._loop.create_task(fn(*args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -87,9 +87,7 @@ def set_my_connection_metadata(connection_id: str, payload: Any) -> Steps:
     allowed = yield CheckClientWrite(connection_id, value, strategy)
     if not allowed:
         return {"success": False}
-    yield ops.UpdateMetadata(
-        "connection", connection_id, updater(strategy, value), strategy, value
-    )
+    yield ops.UpdateMetadata("connection", connection_id, updater(strategy, value), strategy, value)
     return {"success": True}
 
 

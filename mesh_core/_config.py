@@ -15,7 +15,7 @@ class ServerOptions:
 
     ``ping_interval``/``max_missed_pongs``/``latency_interval`` default to the
     reference's 30 s / 1 / 5 s: the reference client reconnects when it hears
-    no ping for ``2 × 30 s``, so pings must not be turned off (0 disables them
+    no ping for ``2 x 30 s``, so pings must not be turned off (0 disables them
     for tests and for clients that do not need them).
     """
 

@@ -152,7 +152,7 @@ class ServerConnection:
         self._out = bytearray()
         self._events: list[Event] = []
         self._held: list[RequestReceived] = []  # requests that came while OPENING
-        self._parts: list[bytes | str] = []
+        self._parts: list[bytes | str] = []  # a fragmented message so far
         self._size = 0
         self._lost = False
         # heartbeat
@@ -164,7 +164,9 @@ class ServerConnection:
         self._latency_fresh = False
         self._close_deadline: float | None = None
         self._handshake_deadline = (
-            None if now is None or options.handshake_timeout <= 0 else now + options.handshake_timeout
+            None
+            if now is None or options.handshake_timeout <= 0
+            else now + options.handshake_timeout
         )
 
     # -- what the adapter drains ---------------------------------------------
@@ -210,11 +212,13 @@ class ServerConnection:
                 self._on_request(event)
             elif isinstance(event, CloseConnection):
                 self._on_close(event)
-            elif isinstance(event, Ping):
-                if self._ws.state is WSState.OPEN:
-                    self._out += self._ws.send(event.response())
-            if self.state is State.CLOSED:
+            elif isinstance(event, Ping) and self._ws.state is WSState.OPEN:
+                self._out += self._ws.send(event.response())
+            if self._finished():
                 break
+
+    def _finished(self) -> bool:
+        return self.state is State.CLOSED
 
     def _on_request(self, event: Request) -> None:
         headers = tuple(
@@ -245,7 +249,8 @@ class ServerConnection:
     def _on_message_part(self, event: TextMessage | BytesMessage, now: float) -> None:
         if self.state not in (State.OPEN, State.OPENING):
             return
-        data = event.data
+        raw = event.data
+        data: bytes | str = bytes(raw) if isinstance(raw, bytearray) else raw
         self._size += len(data)
         if self._size > self.options.max_message_size:
             self._parts.clear()
@@ -257,10 +262,11 @@ class ServerConnection:
             return
         if self._parts:
             self._parts.append(data)
+            message: bytes | str
             if isinstance(data, str):
-                message: bytes | str = "".join(p for p in self._parts if isinstance(p, str))
+                message = "".join(p for p in self._parts if isinstance(p, str))
             else:
-                message = b"".join(p for p in self._parts if not isinstance(p, str))
+                message = b"".join(p for p in self._parts if isinstance(p, bytes))
             self._parts.clear()
         else:
             message = data

@@ -188,5 +188,6 @@ class MemoryStore:
 
 _MISSING = object()
 
+
 def _load(raw: bytes | None) -> Any:
     return None if raw is None else decode_json(raw)

@@ -9,10 +9,11 @@ task (``_spawn``) and the sockets.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from . import _ops as ops
@@ -106,17 +107,18 @@ class ConnectionsAPI:
         """Store ``value`` with a strategy (``replace``/``merge``/``deepMerge``);
         the merge is atomic. Returns the stored value."""
         return await self._server._execute(
-            ops.UpdateMetadata("connection", _cid(connection), updater(strategy, value),
-                               strategy, value)
+            ops.UpdateMetadata(
+                "connection", _cid(connection), updater(strategy, value), strategy, value
+            )
         )
 
-    async def update_metadata(
-        self, connection: ConnectionRef, update: Callable[[Any], Any]
-    ) -> Any:
+    async def update_metadata(self, connection: ConnectionRef, update: Callable[[Any], Any]) -> Any:
         """Atomic read-modify-write: store ``update(old)`` (``old`` is ``None``
         when there is none). ``update`` must be a pure function: a shared store
         may call it again if another writer got in first."""
-        return await self._server._execute(ops.UpdateMetadata("connection", _cid(connection), update))
+        return await self._server._execute(
+            ops.UpdateMetadata("connection", _cid(connection), update)
+        )
 
     async def get_metadata(self, connection: ConnectionRef) -> Any:
         (value,) = await self._server._execute(ops.GetMetadata("connection", (_cid(connection),)))
@@ -209,7 +211,7 @@ class ServerCore:
             raise TypeError(f"expected a MeshApp, got {type(app).__name__}")
         base = options or ServerOptions()
         if option_overrides:
-            fields = {name: getattr(base, name) for name in base.__slots__}  # type: ignore[attr-defined]
+            fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
             unknown = set(option_overrides) - set(fields)
             if unknown:
                 raise TypeError(f"unknown server options: {', '.join(sorted(unknown))}")
@@ -236,7 +238,7 @@ class ServerCore:
     def _now(self) -> float:
         raise NotImplementedError
 
-    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         raise NotImplementedError
 
     # -- storage --------------------------------------------------------------
@@ -380,8 +382,11 @@ class ServerCore:
             proto.respond(
                 request.id,
                 request.command,
-                {"error": f"response is not JSON-serialisable: {exc}", "code": "ESERVER",
-                 "name": "EncodeError"},
+                {
+                    "error": f"response is not JSON-serialisable: {exc}",
+                    "code": "ESERVER",
+                    "name": "EncodeError",
+                },
             )
 
     async def _run_command(self, ctx: Context) -> Any:
@@ -413,8 +418,9 @@ class ServerCore:
                 connection.proto.send_message(data)
         return remote
 
-    def _deliver_from_elsewhere(self, connection_ids: Sequence[str], command: str,
-                                payload: Any) -> None:
+    def _deliver_from_elsewhere(
+        self, connection_ids: Sequence[str], command: str, payload: Any
+    ) -> None:
         self._send_local(connection_ids, encode_push(command, payload))
 
     async def _deliver(self, connection_ids: Iterable[str], command: str, payload: Any) -> None:
@@ -450,7 +456,9 @@ class ServerCore:
 
     # -- shutdown -------------------------------------------------------------
 
-    def _close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
+    def _close_all(
+        self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
         for connection in list(self._local.values()):
             connection.proto.close(code, reason)
 

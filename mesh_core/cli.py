@@ -50,20 +50,32 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description="Mesh for Python")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a Mesh server for an app")
-    serve.add_argument("app", metavar="MODULE:ATTR", help="the MeshApp to serve, e.g. examples.demo:app")
+    serve.add_argument(
+        "app", metavar="MODULE:ATTR", help="the MeshApp to serve, e.g. examples.demo:app"
+    )
     serve.add_argument("--runtime", choices=("asyncio", "trio"), default="asyncio")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--ping-interval", type=float, default=defaults.ping_interval,
-                       metavar="SECONDS", help="0 disables pings (default %(default)s)")
+    serve.add_argument(
+        "--ping-interval",
+        type=float,
+        default=defaults.ping_interval,
+        metavar="SECONDS",
+        help="0 disables pings (default %(default)s)",
+    )
     serve.add_argument("--max-missed-pongs", type=int, default=defaults.max_missed_pongs)
-    serve.add_argument("--latency-interval", type=float, default=defaults.latency_interval,
-                       metavar="SECONDS", help="0 disables latency probes (default %(default)s)")
-    serve.add_argument("--max-message-size", type=int, default=defaults.max_message_size,
-                       metavar="BYTES")
+    serve.add_argument(
+        "--latency-interval",
+        type=float,
+        default=defaults.latency_interval,
+        metavar="SECONDS",
+        help="0 disables latency probes (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-message-size", type=int, default=defaults.max_message_size, metavar="BYTES"
+    )
     serve.add_argument("--uvloop", action="store_true", help="asyncio only: run on uvloop")
-    serve.add_argument("--log-level", default="info",
-                       choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
 

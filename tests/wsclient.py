@@ -7,6 +7,7 @@ tested against the wire, not against code that shares its assumptions.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from typing import Any
@@ -42,7 +43,7 @@ class WSClient:
         self.pushes: list[dict[str, Any]] = []
         self.responses: dict[int, dict[str, Any]] = {}
         self.closed: CloseConnection | None = None
-        self.connection_id: str | None = None
+        self.connection_id = ""  # set by mesh/assign-id
         self.auto_pong = True
         self.auto_latency = True
         self._ids = itertools.count(1)
@@ -59,7 +60,9 @@ class WSClient:
     ) -> WSClient:
         stream = await anyio.connect_tcp("127.0.0.1", port)
         ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send(ws.send(Request(host="localhost", target=target, extra_headers=headers or [])))
+        await stream.send(
+            ws.send(Request(host="localhost", target=target, extra_headers=headers or []))
+        )
         client = cls(stream, ws)
         status: int | None = None
         body = b""
@@ -82,7 +85,7 @@ class WSClient:
             if status == 101:
                 break
         if wait_id:
-            while client.connection_id is None:
+            while not client.connection_id:
                 await client._read_once()
         return client
 
@@ -102,7 +105,9 @@ class WSClient:
         if command == "mesh/assign-id":
             self.connection_id = frame["payload"]
         elif command == "ping" and self.auto_pong:
-            self._pending_out.append({"id": next(self._ids) + 10_000_000, "command": "pong", "payload": {}})
+            self._pending_out.append(
+                {"id": next(self._ids) + 10_000_000, "command": "pong", "payload": {}}
+            )
         elif command == "latency:request" and self.auto_latency:
             self._pending_out.append(
                 {"id": next(self._ids) + 10_000_000, "command": "latency:response", "payload": {}}
@@ -122,10 +127,8 @@ class WSClient:
                 self._on_text(event)
             elif isinstance(event, CloseConnection):
                 self.closed = event
-                try:
+                with contextlib.suppress(Exception):
                     await self.stream.send(self.ws.send(event.response()))
-                except Exception:
-                    pass
             elif isinstance(event, Ping):
                 await self.stream.send(self.ws.send(event.response()))
         while self._pending_out:
@@ -174,7 +177,9 @@ class WSClient:
 
     async def send_request(self, command: str, payload: Any = None) -> int:
         rid = next(self._ids)
-        await self.send_json({"id": rid, "command": command, "payload": {} if payload is None else payload})
+        await self.send_json(
+            {"id": rid, "command": command, "payload": {} if payload is None else payload}
+        )
         return rid
 
     async def response(self, rid: int, timeout: float = 5.0) -> Any:
