@@ -251,7 +251,11 @@ class ServerConnection:
             return
         raw = event.data
         data: bytes | str = bytes(raw) if isinstance(raw, bytearray) else raw
-        self._size += len(data)
+        # the limit is in bytes; wsproto hands text over already decoded
+        if isinstance(data, bytes) or data.isascii():
+            self._size += len(data)
+        else:
+            self._size += len(data.encode("utf-8", "surrogatepass"))
         if self._size > self.options.max_message_size:
             self._parts.clear()
             self._size = 0
@@ -300,6 +304,10 @@ class ServerConnection:
     def _on_close(self, event: CloseConnection) -> None:
         if self._ws.state is WSState.REMOTE_CLOSING:
             self._out += self._ws.send(event.response())
+        elif self._ws.state is WSState.OPEN:
+            # wsproto reports the peer's framing error (bad UTF-8, bad opcode,
+            # unmasked frame...) as a close with the RFC's code: send it
+            self._out += self._ws.send(CloseConnection(code=event.code, reason=event.reason))
         self._lose(event.code, event.reason or "")
         self.state = State.CLOSED
 
@@ -352,7 +360,7 @@ class ServerConnection:
     def send_message(self, payload: bytes) -> bool:
         """Queue one encoded JSON message; ``False`` if the connection is not
         open. A client whose queue passes ``max_send_buffer`` is dropped as a
-        slow consumer (close 1008) rather than let memory grow."""
+        slow consumer (code 1013, socket dropped) rather than let memory grow."""
         if self.state is not State.OPEN:
             return False
         was_idle = not self._out

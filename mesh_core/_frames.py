@@ -64,6 +64,8 @@ def decode_frame(data: bytes | str) -> Frame | Violation:
         return Violation(f"invalid JSON: {exc}")
     except RecursionError:
         return Violation("invalid JSON: nested too deeply")
+    except UnicodeError as exc:  # bad UTF-8 inside a string of a binary frame
+        return Violation(f"invalid UTF-8: {exc}")
 
 
 def encode_response(id: int, command: str, payload: Any) -> bytes:

@@ -377,7 +377,7 @@ class ServerCore:
         proto = connection.proto
         try:
             proto.respond(request.id, request.command, result)
-        except (TypeError, ValueError) as exc:  # msgspec.EncodeError is a ValueError
+        except Exception as exc:  # not JSON: unsupported type, cycle, bad str
             log.error("command %r returned a value that is not JSON: %s", request.command, exc)
             proto.respond(
                 request.id,

@@ -343,3 +343,19 @@ async def test_graceful_close_sends_1001_and_cleans_store(server_cls: Any) -> No
         )
         for c in clients:
             await c.abort()
+
+
+async def test_invalid_utf8_text_frame_closes_1007(server_cls: Any) -> None:
+    server = server_cls(make_app(), **FAST)
+    async with server.listen():
+        c = await WSClient.connect(server.port)
+        payload = b'{"command":"\xff"}'
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await c.stream.send(bytes((0x81, 0x80 | len(payload))) + mask + masked)
+        closed = await c.wait_closed()
+        assert closed.code == 1007
+        with anyio.fail_after(5):
+            while server.connections.local_connections():
+                await anyio.sleep(0.01)
+        await c.abort()
