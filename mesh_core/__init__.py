@@ -3,12 +3,23 @@
 Every rule of the Mesh protocol lives here, free of sockets, event loops and
 clocks: the frame codec, the per-connection state machine, command routing
 and error payloads, the built-in commands as operation-emitting logic, the
-merge strategies, and the runtime-neutral application and server API that
-``mesh_asyncio`` and ``mesh_trio`` bind to the network.
+merge strategies, the runtime-neutral application and server API, and the
+client role, which ``mesh_asyncio`` and ``mesh_trio`` bind to the network.
 """
 
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite
+from ._client import (
+    ClientConnection,
+    ClientCore,
+    ClientOptions,
+    CommandTimeout,
+    ConnectionRejected,
+    MeshClientError,
+    MeshCommandError,
+    MeshConnectionError,
+    Push,
+)
 from ._config import ServerOptions
 from ._connection import (
     CloseCode,
@@ -31,6 +42,15 @@ from ._strategies import STRATEGIES, apply_strategy, deep_merge, merge, replace
 
 __all__ = [
     "BUILTINS",
+    "ClientConnection",
+    "ClientCore",
+    "ClientOptions",
+    "CommandTimeout",
+    "ConnectionRejected",
+    "MeshClientError",
+    "MeshCommandError",
+    "MeshConnectionError",
+    "Push",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "STRATEGIES",
     "UNCHANGED",
