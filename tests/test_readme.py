@@ -41,6 +41,21 @@ def test_quick_starts_run(marker: str) -> None:
     assert re.search(r"listening on port \d+", proc.stdout)
 
 
+def test_client_example_runs() -> None:
+    (block,) = [b for b in BLOCKS if b.startswith("# example: client on asyncio")]
+    proc = subprocess.run(
+        [sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("connected as conn-")
+    assert lines[1] == "{'hello': 'world'}"
+    assert "'name': 'alice'" in lines[2] and "connectedAt" in lines[2]
+    assert lines[3] == "None"  # the lobby has no metadata
+    assert "chat: hi" in lines
+    assert "ESERVER MeshError Insufficient permissions" in lines
+
+
 @pytest.mark.anyio
 async def test_metadata_snippets_do_what_they_say(server_cls: Any) -> None:
     conn_ns = namespace_of("async def identify")
