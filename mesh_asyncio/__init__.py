@@ -1,5 +1,7 @@
 """Mesh for Python on asyncio: ``MeshServer`` and ``MeshClient``."""
 
+from typing import TYPE_CHECKING, Any
+
 from mesh_core import (
     CommandError,
     CommandTimeout,
@@ -22,6 +24,19 @@ from ._client import MeshClient
 from ._run import run
 from ._server import MeshServer
 
+if TYPE_CHECKING:
+    from ._redis import RedisStore
+
+
+def __getattr__(name: str) -> Any:
+    # the Redis driver needs the optional Redis dependencies: import on use
+    if name == "RedisStore":
+        from ._redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CommandError",
     "CommandTimeout",
@@ -37,6 +52,7 @@ __all__ = [
     "MeshError",
     "MeshServer",
     "Push",
+    "RedisStore",
     "Reject",
     "ServerOptions",
     "UpgradeRequest",

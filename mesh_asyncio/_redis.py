@@ -1,0 +1,51 @@
+"""The Redis storage driver on asyncio: the core's logic on redis-py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from mesh_core._redis import RedisStoreCore
+
+from ._redis_transport import AsyncioRedisTransport
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger("mesh_asyncio.redis")
+
+
+class RedisStore(RedisStoreCore):
+    """``MeshServer(app, storage=RedisStore("redis://localhost:6379/0"))``.
+
+    Options: ``command_timeout`` (how long a request may wait for Redis
+    before it is answered with an ``EUNAVAILABLE`` error payload),
+    ``heartbeat_interval``/``heartbeat_ttl``, ``sweep_interval``.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        command_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
+        **options: Any,
+    ) -> None:
+        transport = AsyncioRedisTransport(
+            url, command_timeout=command_timeout, connect_timeout=connect_timeout
+        )
+        super().__init__(
+            transport, now_ms=lambda: int(time.time() * 1000), new_event=asyncio.Event, **options
+        )
+        self.url = url
+
+    async def run(self) -> None:
+        """Heartbeats and sweeps for as long as the server runs."""
+        next_sweep = asyncio.get_running_loop().time() + self.sweep_interval
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            await self._duty(self.heartbeat)
+            if asyncio.get_running_loop().time() >= next_sweep:
+                next_sweep += self.sweep_interval
+                await self._duty(self.sweep)

@@ -1,0 +1,448 @@
+"""asyncio I/O layer under the Redis storage driver, on redis-py's asyncio client.
+
+Uses redis-py's connection pool, connections and hiredis parser, but drives
+them directly (``get_connection`` / ``send_packed_command`` /
+``read_response`` / ``release``) instead of ``Redis.execute_command``: replies
+stay raw (no response callbacks), there is no hidden retry of
+non-idempotent commands, and the per-command overhead is lower. Commands are
+encoded by ``hiredis.pack_command`` exactly as in the trio transport.
+
+* ``command_timeout`` bounds a whole ``execute()`` / ``pipeline()`` call,
+  including waiting for a pooled connection and any reconnect; a connect
+  attempt alone is bounded by ``connect_timeout``. A timed-out or cancelled
+  command closes its connection (redis-py does that), so no reply is ever
+  read by the wrong caller.
+* ``auto_pipeline=True`` coalesces the ``execute()`` calls issued in the same
+  event-loop iteration into one pipelined round trip (up to ``max_batch``
+  commands each); results and error replies still go to each caller.
+* Pub/sub uses one dedicated connection, re-connected with exponential
+  backoff and re-subscribed after an outage; a PING every
+  ``health_check_interval`` seconds detects silently dead connections.
+
+URL forms (redis-py's): ``redis://[[user]:password@]host[:port][/db]``,
+``rediss://...`` (``?ssl_cert_reqs=none`` etc.), ``unix:///path?db=N&password=...``.
+Sentinel and Cluster are not supported by this transport yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, cast
+
+import hiredis
+import redis.asyncio as aredis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
+
+__all__ = ["AsyncioRedisTransport", "RedisReplyError", "RedisUnavailable"]
+
+Arg = bytes | str | int | float
+
+_log = logging.getLogger("mesh_asyncio.redis")
+
+# hiredis' stub types the argument as a 1-tuple; it takes any tuple of str/bytes/int/float.
+_pack_command = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
+_PING = _pack_command(("PING",))
+
+# Everything that means "Redis is not reachable right now" (redis-py's
+# ConnectionError, TimeoutError, AuthenticationError, BusyLoadingError... are
+# RedisErrors; error *replies* to our commands are handled before this).
+_UNAVAILABLE = (RedisError, OSError, TimeoutError)
+
+
+def _pack(args: Sequence[Arg]) -> bytes:
+    if not args:
+        raise ValueError("empty Redis command")
+    try:
+        return _pack_command(tuple(args))
+    except TypeError:
+        fixed: list[Arg] = []
+        for a in args:
+            if isinstance(a, bytearray | memoryview):
+                fixed.append(bytes(a))
+            elif isinstance(a, bytes | str | float) or (
+                isinstance(a, int) and not isinstance(a, bool)
+            ):
+                fixed.append(a)
+            else:
+                kind = type(a).__name__
+                raise TypeError(
+                    f"Redis command arguments must be bytes, str, int or float, not {kind}"
+                ) from None
+        return _pack_command(tuple(fixed))
+
+
+def _reply_error(exc: ResponseError) -> RedisReplyError:
+    """The full error text: redis-py strips known prefixes (``NOSCRIPT``, ``ERR``...)."""
+    message = str(exc.args[0]) if exc.args else str(exc)
+    status = getattr(exc, "status_code", None)
+    if status and not message.startswith(f"{status} "):
+        message = f"{status} {message}"
+    return RedisReplyError(message)
+
+
+def _fix_nested_errors(reply: list[Any]) -> list[Any]:
+    """Error replies nested in arrays (``EXEC``, Lua tables) as ``RedisReplyError`` too."""
+    for i, item in enumerate(reply):
+        if isinstance(item, ResponseError):
+            reply[i] = _reply_error(item)
+        elif type(item) is list:
+            _fix_nested_errors(item)
+    return reply
+
+
+def _unavailable(exc: BaseException, what: str) -> RedisUnavailable:
+    return RedisUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class AsyncioRedisTransport:
+    """Raw-command Redis transport for asyncio (implements the ``RedisTransport`` protocol).
+
+    ``execute()`` returns raw replies (bytes, int, list, None), raises
+    ``RedisReplyError`` for an error reply and ``RedisUnavailable`` when Redis
+    cannot be reached or does not answer within ``command_timeout`` seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        command_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
+        max_connections: int = 32,
+        auto_pipeline: bool = True,
+        max_batch: int = 1000,
+        health_check_interval: float | None = 10.0,
+        reconnect_backoff: tuple[float, float] = (0.05, 2.0),
+        **connection_kwargs: Any,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
+        self._auto_pipeline = auto_pipeline
+        self._max_batch = max_batch
+        self._health_check_interval = health_check_interval
+        self._backoff_min, self._backoff_max = reconnect_backoff
+        kwargs: dict[str, Any] = {
+            "socket_timeout": None,  # bounded per call by command_timeout instead
+            "socket_connect_timeout": connect_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+            "decode_responses": False,
+            **connection_kwargs,
+        }
+        if not url.lower().startswith("unix:"):
+            kwargs.setdefault("socket_keepalive", True)
+        self._pool: aredis.ConnectionPool = aredis.ConnectionPool.from_url(
+            url, max_connections=max_connections, **kwargs
+        )
+        self._slots = asyncio.Semaphore(max_connections)
+        self._pubsub_pool: aredis.ConnectionPool = aredis.ConnectionPool.from_url(
+            url, max_connections=1, **kwargs
+        )
+        self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # auto-pipelining
+        self._batch: list[tuple[bytes, asyncio.Future[Any] | None]] | None = None
+        # pub/sub
+        self._subs: dict[bytes, Callable[[bytes], None]] = {}
+        self._confirm: dict[bytes, asyncio.Event] = {}
+        self._pubsub_task: asyncio.Task[None] | None = None
+        self._pubsub_conn: AbstractConnection | None = None
+        self._pubsub_lock = asyncio.Lock()
+        self._pubsub_rx = 0
+        self._pubsub_stale = False
+
+    # -- lifecycle
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RedisUnavailable("Redis transport is closed")
+
+    async def connect(self) -> None:
+        """Verify that Redis answers (PING); raise ``RedisUnavailable`` if not."""
+        await self.execute("PING")
+
+    async def __aenter__(self) -> AsyncioRedisTransport:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection and end every background task."""
+        self._closed = True
+        batch, self._batch = self._batch or [], None
+        for _, fut in batch:
+            if fut is not None and not fut.done():
+                fut.set_exception(RedisUnavailable("Redis transport is closed"))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._pubsub_conn = None
+        await self._pool.disconnect()
+        await self._pubsub_pool.disconnect()
+
+    # -- commands
+
+    async def _roundtrip(self, data: bytes, count: int) -> list[Any]:
+        """Send ``count`` packed commands on one pooled connection, read ``count`` replies."""
+        self._check_open()
+        pool = self._pool
+        try:
+            async with asyncio.timeout(self._command_timeout), self._slots:
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                try:
+                    await conn.send_packed_command(data, check_health=False)
+                    replies: list[Any] = []
+                    for _ in range(count):
+                        try:
+                            reply = await conn.read_response()
+                        except ResponseError as exc:
+                            reply = _reply_error(exc)
+                        else:
+                            if type(reply) is list:
+                                reply = _fix_nested_errors(reply)
+                        replies.append(reply)
+                    return replies
+                finally:
+                    await pool.release(conn)
+        except _UNAVAILABLE as exc:
+            if isinstance(exc, TimeoutError) and not isinstance(exc, RedisTimeoutError):
+                raise RedisUnavailable(
+                    f"Redis did not answer within {self._command_timeout}s"
+                ) from exc
+            raise _unavailable(exc, "Redis unavailable") from exc
+
+    async def execute(self, *args: Arg) -> Any:
+        """Run one raw command and return its raw reply."""
+        self._check_open()
+        data = _pack(args)
+        if self._auto_pipeline:
+            reply = await self._execute_batched(data)
+        else:
+            reply = (await self._roundtrip(data, 1))[0]
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return reply
+
+    async def _execute_batched(self, data: bytes) -> Any:
+        """Auto-pipelining: the first caller of a loop iteration leads a batch.
+
+        The leader yields once; every execute() issued meanwhile joins its
+        batch. Alone, the leader just runs its command (no extra task); with
+        followers, one task sends the batch as a pipeline and hands each
+        caller its reply.
+        """
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is not None:
+            fut: asyncio.Future[Any] = loop.create_future()
+            batch.append((data, fut))
+            if len(batch) >= self._max_batch:
+                self._batch = None  # full: the next caller leads a new batch
+            return await fut
+        batch = self._batch = [(data, None)]
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            if self._batch is batch:
+                self._batch = None
+            followers = [(d, f) for d, f in batch[1:] if f is not None]
+            if followers:
+                self._spawn(self._run_batch(followers))
+            raise
+        if self._batch is batch:
+            self._batch = None
+        if len(batch) == 1:
+            return (await self._roundtrip(data, 1))[0]
+        fut = loop.create_future()
+        batch[0] = (data, fut)
+        self._spawn(self._run_batch(cast(list[tuple[bytes, asyncio.Future[Any]]], batch)))
+        return await fut
+
+    async def _run_batch(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:
+                replies = await self._roundtrip(batch[0][0], 1)
+            else:
+                replies = await self._roundtrip(b"".join([d for d, _ in batch]), len(batch))
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    if isinstance(exc, RedisUnavailable):
+                        err: BaseException = RedisUnavailable(str(exc))
+                        err.__cause__ = exc.__cause__
+                    elif isinstance(exc, Exception):
+                        err = exc
+                    else:
+                        err = RedisUnavailable("Redis transport is closed")
+                    fut.set_exception(err)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, fut), reply in zip(batch, replies, strict=True):
+            if not fut.done():
+                fut.set_result(reply)
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Run commands in one round trip (not a transaction).
+
+        Error replies come back as ``RedisReplyError`` instances in the list.
+        """
+        self._check_open()
+        if not commands:
+            await asyncio.sleep(0)
+            return []
+        return await self._roundtrip(b"".join([_pack(c) for c in commands]), len(commands))
+
+    # -- pub/sub
+
+    async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None:
+        """SUBSCRIBE ``channel`` on the pub/sub connection; ``callback(data)`` per message.
+
+        One callback per channel (subscribing again replaces it). Returns once
+        Redis confirmed the subscription; raises ``RedisUnavailable`` (and drops
+        the subscription) if that does not happen within ``connect_timeout +
+        command_timeout``. After a Redis outage the subscription is
+        re-established automatically (messages published during the outage
+        are lost, as always with pub/sub).
+        """
+        self._check_open()
+        ch = channel.encode()
+        self._subs[ch] = callback
+        confirmed = self._confirm[ch] = asyncio.Event()
+        try:
+            async with asyncio.timeout(self._connect_timeout + self._command_timeout):
+                if self._pubsub_task is None:
+                    self._pubsub_task = self._spawn(self._pubsub_loop())
+                else:
+                    # if this fails, the pub/sub loop reconnects and subscribes everything
+                    with contextlib.suppress(*_UNAVAILABLE):
+                        await self._pubsub_send(_pack(("SUBSCRIBE", ch)))
+                await confirmed.wait()
+        except TimeoutError:
+            if self._confirm.get(ch) is confirmed:
+                del self._confirm[ch]
+            if self._subs.get(ch) is callback:
+                del self._subs[ch]
+            raise RedisUnavailable(f"could not subscribe to {channel!r}") from None
+
+    async def _pubsub_send(self, data: bytes) -> None:
+        """Write on the current pub/sub connection, if any; on failure, replace it."""
+        async with self._pubsub_lock:
+            conn = self._pubsub_conn
+            if conn is None:
+                return  # the pub/sub loop (re)subscribes everything once connected
+            try:
+                await conn.send_packed_command(data, check_health=False)
+            except BaseException:
+                # A failed or interrupted write leaves the connection unusable:
+                # make the pub/sub loop reconnect and subscribe everything.
+                self._kill_pubsub_session(conn)
+                raise
+
+    def _kill_pubsub_session(self, conn: AbstractConnection) -> None:
+        if self._pubsub_conn is conn and self._pubsub_task is not None:
+            self._pubsub_stale = True
+            self._pubsub_task.cancel()
+
+    async def _pubsub_loop(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        backoff = self._backoff_min
+        while True:
+            try:
+                if await self._pubsub_connect_and_serve():
+                    backoff = self._backoff_min
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, self._backoff_max)
+            except asyncio.CancelledError:
+                if self._closed or not self._pubsub_stale:
+                    raise
+                me.uncancel()  # our own "replace this connection" signal
+                _log.debug("pub/sub connection stale; reconnecting")
+            except Exception:
+                _log.exception("pub/sub loop error; reconnecting")
+            self._pubsub_stale = False
+
+    async def _pubsub_connect_and_serve(self) -> bool:
+        """Connect, subscribe, deliver until the connection breaks; True if it got subscribed."""
+        conn = self._pubsub_pool.make_connection()  # type: ignore[no-untyped-call]
+        pinger: asyncio.Task[None] | None = None
+        subscribed = False
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await conn.connect()
+            async with self._pubsub_lock:
+                self._pubsub_conn = conn
+                if self._subs:
+                    async with asyncio.timeout(self._command_timeout):
+                        await conn.send_packed_command(
+                            _pack(("SUBSCRIBE", *self._subs)), check_health=False
+                        )
+            if self._health_check_interval is not None:
+                pinger = self._spawn(self._pubsub_pinger(conn))
+            while True:
+                msg = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+                self._pubsub_rx += 1
+                if not isinstance(msg, list) or len(msg) < 2:
+                    continue
+                kind = msg[0]
+                if kind == b"message" and len(msg) == 3:
+                    cb = self._subs.get(msg[1])
+                    if cb is not None:
+                        try:
+                            cb(msg[2])
+                        except Exception:
+                            _log.exception("pub/sub callback for %r failed", msg[1])
+                elif kind == b"subscribe":
+                    subscribed = True
+                    ev = self._confirm.pop(msg[1], None)
+                    if ev is not None:
+                        ev.set()
+        except _UNAVAILABLE as exc:
+            _log.debug("pub/sub connection lost or refused: %r", exc)
+        finally:
+            self._pubsub_conn = None
+            if pinger is not None:
+                pinger.cancel()
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+        return subscribed
+
+    async def _pubsub_pinger(self, conn: AbstractConnection) -> None:
+        assert self._health_check_interval is not None
+        pinged_at = -1
+        while self._pubsub_conn is conn:
+            await asyncio.sleep(self._health_check_interval)
+            if pinged_at == self._pubsub_rx:
+                # nothing at all (not even the PONG) since the last PING
+                self._kill_pubsub_session(conn)
+                return
+            pinged_at = self._pubsub_rx
+            try:
+                async with asyncio.timeout(self._command_timeout):
+                    await self._pubsub_send(_PING)
+            except Exception:
+                return  # _pubsub_send already replaced the connection

@@ -1,0 +1,657 @@
+"""The Redis storage driver's logic, runtime-neutral (PROTOCOL.md section 8).
+
+Which keys hold what, the commands each storage operation becomes, the
+atomic metadata update, the cross-instance message format, heartbeats and
+the dead-instance sweep are written once, here. Talking to Redis is left to
+a :class:`RedisTransport` (``mesh_asyncio`` wraps redis-py, ``mesh_trio`` a
+trio-native client), and the clock is passed in, so this module does no I/O
+of its own.
+
+Atomic updates are optimistic: read the stored JSON, compute the new value
+in Python (so JSON stays exact: ``[]`` stays ``[]``, numbers keep their
+value), then write it with a compare-and-set script that succeeds only if
+the stored text is still the one read; on a conflict, read again and retry.
+Writers on any number of instances never lose each other's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from . import _ops as ops
+from ._redis_errors import RedisReplyError, RedisUnavailable
+from ._storage import DeliverCallback
+
+__all__ = ["RedisStoreCore", "RedisTransport", "keys"]
+
+log = logging.getLogger("mesh_core.redis")
+
+Arg = bytes | str | int | float
+
+
+class RedisTransport(Protocol):
+    """The I/O a runtime supplies: raw commands in, raw replies out."""
+
+    async def connect(self) -> None: ...
+
+    async def execute(self, *args: Arg) -> Any: ...
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]: ...
+
+    async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Event(Protocol):
+    """What ``asyncio.Event`` and ``trio.Event`` both are."""
+
+    def set(self) -> None: ...
+
+    async def wait(self) -> Any: ...
+
+
+class _Update:
+    """One writer's update of a metadata value, waiting its turn."""
+
+    __slots__ = ("done", "error", "fn", "leads", "result")
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+        self.done: _Event | None = None
+        self.leads = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class keys:
+    """The shared layout; byte-compatible with reference instances."""
+
+    CONNECTIONS = "mesh:connections"
+    CONNECTION_META = "mesh:connection-meta"
+    INSTANCES = "mesh:instances"
+    CLEANUP_LOCK = "mesh:cleanup:lock"
+    ROOM_PREFIX = "mesh:room:"
+    ROOMMETA_PREFIX = "mesh:roommeta:"
+
+    @staticmethod
+    def instance_connections(instance_id: str) -> str:
+        return f"mesh:connections:{instance_id}"
+
+    @staticmethod
+    def room(room: str) -> str:
+        return f"mesh:room:{room}"
+
+    @staticmethod
+    def connection_rooms(connection_id: str) -> str:
+        return f"mesh:connection:{connection_id}:rooms"
+
+    @staticmethod
+    def roommeta(room: str) -> str:
+        return f"mesh:roommeta:{room}"
+
+    @staticmethod
+    def heartbeat(instance_id: str) -> str:
+        return f"mesh:instance:{instance_id}:heartbeat"
+
+    @staticmethod
+    def pubsub(instance_id: str) -> str:
+        return f"mesh:pubsub:{instance_id}"
+
+
+class _Delivery(msgspec.Struct):
+    command: str
+    payload: Any = None
+
+
+class _Envelope(msgspec.Struct):
+    """What one instance publishes to another (PROTOCOL.md section 8)."""
+
+    targetConnectionIds: list[str]
+    command: _Delivery
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+
+
+def _load(raw: bytes | None) -> Any:
+    return None if raw is None else msgspec.json.decode(raw)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+# Compare-and-set of one hash field. KEYS[1] hash, ARGV[1] field,
+# ARGV[2] "1" if the value read was absent, ARGV[3] the value read,
+# ARGV[4] the new value (ARGV[2] "blind": write without comparing);
+# KEYS[2] (optional) a hash that must contain ARGV[1] (the connection
+# registry: metadata of a gone connection is not revived).
+# Returns 1 on success, 0 on conflict, -1 when the connection is unknown.
+_CAS = """
+if KEYS[2] and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return -1 end
+if ARGV[2] ~= 'blind' then
+  local cur = redis.call('HGET', KEYS[1], ARGV[1])
+  if ARGV[2] == '1' then
+    if cur then return 0 end
+  elseif cur ~= ARGV[3] then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+return 1
+"""
+
+# Release the cleanup lock only if this instance still holds it.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class _Script:
+    def __init__(self, source: str) -> None:
+        import hashlib
+
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(
+        self, transport: RedisTransport, keys_: Sequence[str], args: Sequence[Arg]
+    ) -> Any:
+        try:
+            return await transport.execute("EVALSHA", self.sha, len(keys_), *keys_, *args)
+        except RedisReplyError as exc:
+            if "NOSCRIPT" not in str(exc):
+                raise
+            return await transport.execute("EVAL", self.source, len(keys_), *keys_, *args)
+
+
+class RedisStoreCore:
+    """A storage driver on a shared Redis; see the module docstring.
+
+    The runtime adapters subclass it to supply the transport, a wall clock
+    (``now_ms``), their event type (``new_event``) and the background loops
+    that call :meth:`heartbeat` every ``heartbeat_interval`` and
+    :meth:`sweep` every ``sweep_interval``.
+    """
+
+    def __init__(
+        self,
+        transport: RedisTransport,
+        *,
+        now_ms: Callable[[], int],
+        new_event: Callable[[], _Event],
+        heartbeat_interval: float = 15.0,
+        heartbeat_ttl: int = 120,
+        sweep_interval: float = 60.0,
+        cleanup_lock_ttl: int = 10,
+        max_update_attempts: int = 100,
+        scan_count: int = 500,
+    ) -> None:
+        self.transport = transport
+        self.now_ms = now_ms
+        self.new_event = new_event
+        self._writers: dict[tuple[str, str], list[_Update]] = {}
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_ttl = heartbeat_ttl
+        self.sweep_interval = sweep_interval
+        self.cleanup_lock_ttl = cleanup_lock_ttl
+        self.max_update_attempts = max_update_attempts
+        self.scan_count = scan_count
+        self.instance_id = ""
+        self._deliver: DeliverCallback | None = None
+        # connections this instance registered: re-registered if Redis lost
+        # them (a restart without persistence), dropped on unregister
+        self._registered: dict[str, Any] = {}
+        # unregistrations that could not reach Redis, retried by heartbeat()
+        self._pending_unregister: set[str] = set()
+        self._cas = _Script(_CAS)
+        self._unlock = _Script(_UNLOCK)
+        self._handlers: dict[type[ops.Op], Callable[[Any], Any]] = {
+            ops.RegisterConnection: self._register,
+            ops.UnregisterConnection: self._unregister,
+            ops.GetMetadata: self._get_metadata,
+            ops.GetAllMetadata: self._get_all_metadata,
+            ops.UpdateMetadata: self._update_metadata,
+            ops.DeleteRoomMetadata: self._delete_room_metadata,
+            ops.AddToRoom: self._add_to_room,
+            ops.RemoveFromRoom: self._remove_from_room,
+            ops.IsInRoom: self._is_in_room,
+            ops.GetRoomMembers: self._get_room_members,
+            ops.GetRoomMembersMetadata: self._get_room_members_metadata,
+            ops.GetConnectionRooms: self._get_connection_rooms,
+            ops.GetAllRooms: self._get_all_rooms,
+            ops.GetAllConnectionIds: self._get_all_connection_ids,
+            ops.ClearRoom: self._clear_room,
+            ops.DeleteRoom: self._delete_room,
+            ops.Publish: self._publish,
+        }
+
+    # -- the Storage contract -------------------------------------------------
+
+    async def start(self, instance_id: str, deliver: DeliverCallback) -> None:
+        self.instance_id = instance_id
+        self._deliver = deliver
+        await self.transport.connect()
+        await self.heartbeat()
+        await self.transport.subscribe(keys.pubsub(instance_id), self._on_message)
+
+    async def stop(self) -> None:
+        """Leave the shared state as if this instance had never been: its
+        remaining connections are unregistered, then the instance itself."""
+        try:
+            if self.instance_id:
+                for cid in list(self._registered):
+                    await self._unregister(ops.UnregisterConnection(cid, self.instance_id))
+                await self.transport.pipeline(
+                    [
+                        ("SREM", keys.INSTANCES, self.instance_id),
+                        ("DEL", keys.heartbeat(self.instance_id)),
+                        ("DEL", keys.instance_connections(self.instance_id)),
+                    ]
+                )
+        except RedisUnavailable:
+            log.warning(
+                "Redis unavailable at shutdown: the sweep of another instance will clean up"
+            )
+        finally:
+            await self.transport.aclose()
+
+    async def execute(self, op: ops.Op) -> Any:
+        return await self._handlers[type(op)](op)
+
+    # -- instance liveness ----------------------------------------------------
+
+    async def _duty(self, duty: Callable[[], Any]) -> None:
+        """Run a periodic duty; a Redis outage is logged, not raised, so the
+        loop goes on and the next round retries."""
+        try:
+            await duty()
+        except RedisUnavailable as exc:
+            log.warning("Redis unavailable (%s); will retry", exc)
+        except Exception:
+            log.exception("periodic Redis duty failed")
+
+    async def heartbeat(self) -> None:
+        """Refresh this instance's heartbeat; if Redis lost our state (it
+        restarted empty), register the instance and its connections again;
+        retry unregistrations that failed while Redis was away."""
+        instance = self.instance_id
+        replies = await self.transport.pipeline(
+            [
+                (
+                    "SET",
+                    keys.heartbeat(instance),
+                    str(self.now_ms()),
+                    "EX",
+                    self.heartbeat_ttl,
+                    "GET",
+                ),
+                ("SADD", keys.INSTANCES, instance),
+            ]
+        )
+        if replies[0] is None and self._registered:
+            log.info("re-registering %d connection(s) with Redis", len(self._registered))
+            commands: list[Sequence[Arg]] = []
+            for cid, metadata in self._registered.items():
+                commands += self._register_commands(cid, instance, metadata, only_if_missing=True)
+            await self.transport.pipeline(commands)
+        for cid in list(self._pending_unregister):
+            await self._unregister(ops.UnregisterConnection(cid, instance))
+            self._pending_unregister.discard(cid)
+
+    async def sweep(self) -> list[str]:
+        """Under the cleanup lock, remove instances whose heartbeat expired
+        (and everything they held). Returns the instances removed."""
+        instance = self.instance_id
+        got = await self.transport.execute(
+            "SET", keys.CLEANUP_LOCK, instance, "NX", "EX", self.cleanup_lock_ttl
+        )
+        if got is None:
+            return []
+        try:
+            members, owners = await self.transport.pipeline(
+                [("SMEMBERS", keys.INSTANCES), ("HVALS", keys.CONNECTIONS)]
+            )
+            candidates = sorted({_text(i) for i in [*members, *owners]} - {instance})
+            if not candidates:
+                return []
+            alive = await self.transport.pipeline(
+                [("EXISTS", keys.heartbeat(i)) for i in candidates]
+            )
+            dead = [i for i, exists in zip(candidates, alive, strict=True) if not exists]
+            for gone in dead:
+                await self._remove_instance(gone)
+            if dead:
+                log.info("swept dead instance(s): %s", ", ".join(dead))
+            return dead
+        finally:
+            await self._unlock(self.transport, [keys.CLEANUP_LOCK], [instance])
+
+    async def _remove_instance(self, instance: str) -> None:
+        listed, everyone = await self.transport.pipeline(
+            [("SMEMBERS", keys.instance_connections(instance)), ("HGETALL", keys.CONNECTIONS)]
+        )
+        held = {_text(c) for c in listed}
+        for cid, owner in zip(everyone[::2], everyone[1::2], strict=True):
+            if _text(owner) == instance:
+                held.add(_text(cid))
+        for cid in sorted(held):
+            await self._unregister(ops.UnregisterConnection(cid, instance), owned=False)
+        await self.transport.pipeline(
+            [
+                ("DEL", keys.instance_connections(instance)),
+                ("SREM", keys.INSTANCES, instance),
+            ]
+        )
+
+    # -- delivery -------------------------------------------------------------
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            envelope = _decode_envelope(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("ignoring a malformed message on %s", keys.pubsub(self.instance_id))
+            return
+        if self._deliver is not None:
+            self._deliver(
+                envelope.targetConnectionIds, envelope.command.command, envelope.command.payload
+            )
+
+    async def _publish(self, op: ops.Publish) -> None:
+        ids = list(op.connection_ids)
+        if not ids:
+            return
+        owners = await self.transport.execute("HMGET", keys.CONNECTIONS, *ids)
+        by_owner: defaultdict[str, list[str]] = defaultdict(list)
+        for cid, owner in zip(ids, owners, strict=True):
+            if owner is not None:
+                by_owner[_text(owner)].append(cid)
+        local = by_owner.pop(self.instance_id, None)
+        if local and self._deliver is not None:
+            self._deliver(local, op.command, op.payload)
+        if by_owner:
+            await self.transport.pipeline(
+                [
+                    (
+                        "PUBLISH",
+                        keys.pubsub(owner),
+                        _encode(_Envelope(targets, _Delivery(op.command, op.payload))),
+                    )
+                    for owner, targets in by_owner.items()
+                ]
+            )
+
+    # -- connections ----------------------------------------------------------
+
+    def _register_commands(
+        self, cid: str, instance: str, metadata: Any, *, only_if_missing: bool = False
+    ) -> list[Sequence[Arg]]:
+        commands: list[Sequence[Arg]] = [
+            ("HSET", keys.CONNECTIONS, cid, instance),
+            ("SADD", keys.instance_connections(instance), cid),
+        ]
+        if metadata is not None:
+            verb = "HSETNX" if only_if_missing else "HSET"
+            commands.append((verb, keys.CONNECTION_META, cid, _encode(metadata)))
+        return commands
+
+    async def _register(self, op: ops.RegisterConnection) -> None:
+        commands = self._register_commands(op.connection_id, op.instance_id, op.metadata)
+        await self.transport.pipeline(commands)
+        if op.instance_id == self.instance_id:
+            self._registered[op.connection_id] = op.metadata
+
+    async def _unregister(self, op: ops.UnregisterConnection, *, owned: bool = True) -> list[str]:
+        cid = op.connection_id
+        try:
+            rooms = [
+                _text(r)
+                for r in await self.transport.execute("SMEMBERS", keys.connection_rooms(cid))
+            ]
+            commands: list[Sequence[Arg]] = [("SREM", keys.room(room), cid) for room in rooms]
+            commands += [
+                ("DEL", keys.connection_rooms(cid)),
+                ("HDEL", keys.CONNECTION_META, cid),
+                ("HDEL", keys.CONNECTIONS, cid),
+                ("SREM", keys.instance_connections(op.instance_id), cid),
+            ]
+            await self.transport.pipeline(commands)
+        except RedisUnavailable:
+            if owned:
+                self._pending_unregister.add(cid)  # retried by heartbeat()
+            raise
+        finally:
+            if owned:
+                self._registered.pop(cid, None)
+        return rooms
+
+    async def _get_all_connection_ids(self, op: ops.GetAllConnectionIds) -> list[tuple[str, str]]:
+        flat = await self.transport.execute("HGETALL", keys.CONNECTIONS)
+        return [(_text(c), _text(i)) for c, i in zip(flat[::2], flat[1::2], strict=True)]
+
+    # -- metadata -------------------------------------------------------------
+
+    def _location(self, scope: ops.Scope, key: str) -> tuple[str, str]:
+        """(hash, field) that holds a metadata value."""
+        if scope == "connection":
+            return keys.CONNECTION_META, key
+        return keys.roommeta(key), "data"
+
+    async def _get_metadata(self, op: ops.GetMetadata) -> list[Any]:
+        if not op.keys:
+            return []
+        if op.scope == "connection":
+            raw = await self.transport.execute("HMGET", keys.CONNECTION_META, *op.keys)
+        else:
+            raw = await self.transport.pipeline(
+                [("HGET", keys.roommeta(room), "data") for room in op.keys]
+            )
+        return [_load(value) for value in raw]
+
+    async def _get_all_metadata(self, op: ops.GetAllMetadata) -> list[tuple[str, Any]]:
+        if op.scope == "connection":
+            registered, stored = await self.transport.pipeline(
+                [("HKEYS", keys.CONNECTIONS), ("HGETALL", keys.CONNECTION_META)]
+            )
+            meta = {_text(k): v for k, v in zip(stored[::2], stored[1::2], strict=True)}
+            return [(_text(c), _load(meta.get(_text(c)))) for c in registered]
+        names = await self._scan(keys.ROOMMETA_PREFIX)
+        if not names:
+            return []
+        raw = await self.transport.pipeline([("HGET", keys.roommeta(n), "data") for n in names])
+        return [(n, _load(v)) for n, v in zip(names, raw, strict=True) if v is not None]
+
+    async def _update_metadata(self, op: ops.UpdateMetadata) -> Any:
+        hash_key, field = self._location(op.scope, op.key)
+        guard = keys.CONNECTIONS if op.scope == "connection" else ""
+        if op.strategy == "replace":
+            new = op.update(None)
+            result = await self._cas_write(hash_key, field, guard, None, new, blind=True)
+            if result == -1:
+                raise ops.UnknownConnection(f"Connection {op.key!r} is not connected")
+            self._remember(op, new)
+            return new
+        # Writers of one key on this instance take turns: the one at the head
+        # applies every update queued behind it in one compare-and-set, so
+        # local contention costs one round trip per batch, not a retry storm;
+        # only writers on other instances can make a compare-and-set fail.
+        me = _Update(op.update)
+        queue = self._writers.get((hash_key, field))
+        if queue is None:
+            queue = self._writers[(hash_key, field)] = []
+        else:
+            me.done = self.new_event()
+            queue.append(me)
+            await me.done.wait()
+            if not me.leads:
+                return me.outcome()
+        batch = [me, *queue]
+        queue.clear()
+        try:
+            await self._apply_batch(op, hash_key, field, guard, batch)
+        except Exception as exc:
+            for update in batch:
+                update.error = exc
+        finally:
+            if queue:
+                successor = queue.pop(0)
+                successor.leads = True
+                assert successor.done is not None
+                successor.done.set()
+            else:
+                del self._writers[(hash_key, field)]
+            for update in batch[1:]:
+                assert update.done is not None
+                update.done.set()
+        return me.outcome()
+
+    async def _apply_batch(
+        self, op: ops.UpdateMetadata, hash_key: str, field: str, guard: str, batch: list[_Update]
+    ) -> None:
+        for _ in range(self.max_update_attempts):
+            raw = await self.transport.execute("HGET", hash_key, field)
+            value = _load(raw)
+            changed = False
+            for update in batch:
+                update.error = None
+                try:
+                    new = update.fn(value)
+                except Exception as exc:  # one writer's bad function fails only that writer
+                    update.error = exc
+                    continue
+                if new is not ops.UNCHANGED:
+                    value, changed = new, True
+                update.result = value
+            if not changed:
+                if guard and not await self.transport.execute("HEXISTS", guard, field):
+                    raise ops.UnknownConnection(f"Connection {op.key!r} is not connected")
+                return
+            result = await self._cas_write(hash_key, field, guard, raw, value)
+            if result == 1:
+                self._remember(op, value)
+                return
+            if result == -1:
+                raise ops.UnknownConnection(f"Connection {op.key!r} is not connected")
+        raise RedisUnavailable(
+            f"metadata of {op.key!r} kept changing: "
+            f"gave up after {self.max_update_attempts} attempts"
+        )
+
+    def _remember(self, op: ops.UpdateMetadata, value: Any) -> None:
+        # the last value this instance wrote for its own connection, restored
+        # by heartbeat() if Redis comes back empty
+        if op.scope == "connection" and op.key in self._registered:
+            self._registered[op.key] = value
+
+    async def _cas_write(
+        self,
+        hash_key: str,
+        field: str,
+        guard: str,
+        old: bytes | None,
+        new: Any,
+        *,
+        blind: bool = False,
+    ) -> int:
+        encoded = _encode(new)
+        if blind and not guard:
+            await self.transport.execute("HSET", hash_key, field, encoded)
+            return 1
+        if blind:
+            # a replace needs no read, only the registry check
+            script_keys = [hash_key, guard]
+            result = await self._cas(self.transport, script_keys, [field, "blind", b"", encoded])
+            return int(result)
+        script_keys = [hash_key, guard] if guard else [hash_key]
+        absent = "1" if old is None else "0"
+        result = await self._cas(
+            self.transport, script_keys, [field, absent, old if old is not None else b"", encoded]
+        )
+        return int(result)
+
+    async def _delete_room_metadata(self, op: ops.DeleteRoomMetadata) -> bool:
+        return bool(await self.transport.execute("DEL", keys.roommeta(op.room)))
+
+    # -- rooms ----------------------------------------------------------------
+
+    async def _add_to_room(self, op: ops.AddToRoom) -> bool:
+        added, _ = await self.transport.pipeline(
+            [
+                ("SADD", keys.room(op.room), op.connection_id),
+                ("SADD", keys.connection_rooms(op.connection_id), op.room),
+            ]
+        )
+        return bool(added)
+
+    async def _remove_from_room(self, op: ops.RemoveFromRoom) -> bool:
+        removed, _ = await self.transport.pipeline(
+            [
+                ("SREM", keys.room(op.room), op.connection_id),
+                ("SREM", keys.connection_rooms(op.connection_id), op.room),
+            ]
+        )
+        return bool(removed)
+
+    async def _is_in_room(self, op: ops.IsInRoom) -> bool:
+        return bool(await self.transport.execute("SISMEMBER", keys.room(op.room), op.connection_id))
+
+    async def _get_room_members(self, op: ops.GetRoomMembers) -> list[str]:
+        return [_text(m) for m in await self.transport.execute("SMEMBERS", keys.room(op.room))]
+
+    async def _get_room_members_metadata(
+        self, op: ops.GetRoomMembersMetadata
+    ) -> list[tuple[str, Any]]:
+        members = await self._get_room_members(ops.GetRoomMembers(op.room))
+        if not members:
+            return []
+        raw = await self.transport.execute("HMGET", keys.CONNECTION_META, *members)
+        return [(m, _load(v)) for m, v in zip(members, raw, strict=True)]
+
+    async def _get_connection_rooms(self, op: ops.GetConnectionRooms) -> list[str]:
+        rooms = await self.transport.execute("SMEMBERS", keys.connection_rooms(op.connection_id))
+        return [_text(r) for r in rooms]
+
+    async def _get_all_rooms(self, op: ops.GetAllRooms) -> list[str]:
+        return await self._scan(keys.ROOM_PREFIX)
+
+    async def _clear_room(self, op: ops.ClearRoom) -> list[str]:
+        members = await self._get_room_members(ops.GetRoomMembers(op.room))
+        commands: list[Sequence[Arg]] = [("DEL", keys.room(op.room))]
+        commands += [("SREM", keys.connection_rooms(m), op.room) for m in members]
+        await self.transport.pipeline(commands)
+        return members
+
+    async def _delete_room(self, op: ops.DeleteRoom) -> list[str]:
+        members = await self._clear_room(ops.ClearRoom(op.room))
+        await self.transport.execute("DEL", keys.roommeta(op.room))
+        return members
+
+    async def _scan(self, prefix: str) -> list[str]:
+        """Names after ``prefix`` of every key matching it: SCAN, never KEYS."""
+        pattern = _glob_escape(prefix) + "*"
+        cursor: bytes | int = 0
+        names: set[str] = set()
+        while True:
+            cursor, found = await self.transport.execute(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", self.scan_count
+            )
+            names.update(_text(k)[len(prefix) :] for k in found)
+            if int(cursor) == 0:
+                return sorted(names)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,52 @@
+"""The Redis storage driver on trio: the core's logic on a trio-native client."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from mesh_core._redis import RedisStoreCore
+
+from ._redis_transport import TrioRedisTransport
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger("mesh_trio.redis")
+
+
+class RedisStore(RedisStoreCore):
+    """``MeshServer(app, storage=RedisStore("redis://localhost:6379/0"))``.
+
+    Options: ``command_timeout`` (how long a request may wait for Redis
+    before it is answered with an ``EUNAVAILABLE`` error payload),
+    ``heartbeat_interval``/``heartbeat_ttl``, ``sweep_interval``.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        command_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
+        **options: Any,
+    ) -> None:
+        transport = TrioRedisTransport(
+            url, command_timeout=command_timeout, connect_timeout=connect_timeout
+        )
+        super().__init__(
+            transport, now_ms=lambda: int(time.time() * 1000), new_event=trio.Event, **options
+        )
+        self.url = url
+
+    async def run(self) -> None:
+        """Heartbeats and sweeps for as long as the server runs."""
+        next_sweep = trio.current_time() + self.sweep_interval
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            await self._duty(self.heartbeat)
+            if trio.current_time() >= next_sweep:
+                next_sweep += self.sweep_interval
+                await self._duty(self.sweep)

@@ -1,0 +1,688 @@
+"""trio I/O layer under the Redis storage driver: a small RESP2 client on trio streams.
+
+redis-py has no trio support, and coredis (which runs on trio through anyio)
+has no public "run this raw command" entry point (its command objects are keyed
+by a table of known command names) and needs an ``async with`` lifetime that
+does not fit ``connect()``/``aclose()``. So this module speaks RESP itself:
+commands are encoded by ``hiredis.pack_command`` and replies parsed by
+``hiredis.Reader`` (the robust, C-implemented parts); all that is here is the
+connection handling.
+
+Design:
+
+* Command connections are *multiplexed*: any number of tasks write commands on
+  one connection and replies come back in order (FIFO). Commands submitted in
+  the same scheduler batch are coalesced by a per-connection writer task into
+  one ``send_all`` (automatic pipelining). A pool grows lazily up to
+  ``max_connections`` connections while the existing ones are busy.
+* ``pipeline()`` writes its commands contiguously, so ``MULTI ... EXEC`` inside
+  one pipeline is atomic. Blocking commands (``BLPOP``, ...) and ``WATCH``
+  would stall / leak across the multiplexed connections: do not use them.
+* Pub/sub uses one dedicated connection, re-connected with exponential backoff
+  and re-subscribed to every channel after an outage; a PING every
+  ``health_check_interval`` seconds detects silently dead connections.
+* Background tasks run in a nursery passed as ``nursery=`` or, by default, in
+  a trio system task owned by the transport; ``aclose()`` ends all of them.
+
+URL forms: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...``
+(TLS; ``?ssl_cert_reqs=none|optional|required&ssl_ca_certs=/path``),
+``unix:///path/to/socket?db=N&password=...``. Sentinel and Cluster are not
+supported by this transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+import trio
+
+from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
+
+__all__ = ["RedisReplyError", "RedisUnavailable", "TrioRedisTransport"]
+
+Arg = bytes | str | int | float
+
+_log = logging.getLogger("mesh_trio.redis")
+
+_READ_SIZE = 65536
+# hiredis' stub types the argument as a 1-tuple; it takes any tuple of str/bytes/int/float.
+_pack_command = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
+_PING = _pack_command(("PING",))
+
+# Errors that mean "the connection is gone" (ssl.SSLError is an OSError).
+_CONN_ERRORS = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    hiredis.ProtocolError,
+    EOFError,
+)
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _pack(args: Sequence[Arg]) -> bytes:
+    if not args:
+        raise ValueError("empty Redis command")
+    try:
+        return _pack_command(tuple(args))
+    except TypeError:
+        fixed: list[Arg] = []
+        for a in args:
+            if isinstance(a, bytearray | memoryview):
+                fixed.append(bytes(a))
+            elif isinstance(a, bytes | str | float) or (
+                isinstance(a, int) and not isinstance(a, bool)
+            ):
+                fixed.append(a)
+            else:
+                kind = type(a).__name__
+                raise TypeError(
+                    f"Redis command arguments must be bytes, str, int or float, not {kind}"
+                ) from None
+        return _pack_command(tuple(fixed))
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    host: str = "localhost"
+    port: int = 6379
+    unix_path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ssl_cert_reqs: str = "required"
+    ssl_ca_certs: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+
+
+def _parse_url(url: str) -> _Endpoint:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"unsupported Redis URL scheme {scheme!r} (redis://, rediss://, unix://)")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items() if v}
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    password = query.get("password", password)
+    username = query.get("username", username)
+    db_text = query.get("db")
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"unix Redis URL without a socket path: {url!r}")
+        return _Endpoint(
+            unix_path=unquote(parts.path),
+            db=int(db_text or 0),
+            username=username,
+            password=password,
+        )
+    path = parts.path.lstrip("/")
+    if db_text is None and path:
+        db_text = path
+    return _Endpoint(
+        host=parts.hostname or "localhost",
+        port=parts.port or 6379,
+        db=int(db_text or 0),
+        username=username,
+        password=password,
+        tls=scheme == "rediss",
+        ssl_cert_reqs=query.get("ssl_cert_reqs", "required").lower(),
+        ssl_ca_certs=query.get("ssl_ca_certs"),
+    )
+
+
+def _ssl_context(ep: _Endpoint) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ep.ssl_ca_certs)
+    if ep.ssl_cert_reqs == "none":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif ep.ssl_cert_reqs == "optional":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+class _Waiter:
+    """One execute() / pipeline() call waiting for ``expected`` replies."""
+
+    __slots__ = ("error", "event", "expected", "replies")
+
+    def __init__(self, expected: int) -> None:
+        self.event = trio.Event()
+        self.expected = expected
+        self.replies: list[Any] = []
+        self.error: RedisUnavailable | None = None
+
+
+class _Conn:
+    """A multiplexed command connection: one reader task, one writer task."""
+
+    def __init__(self, stream: trio.abc.Stream, reader: hiredis.Reader, label: str) -> None:
+        self.stream = stream
+        self.reader = reader
+        self.label = label
+        self.pending: deque[_Waiter] = deque()
+        self.outbuf: list[bytes] = []
+        self.lot = trio.lowlevel.ParkingLot()
+        self.replies_seen = 0
+        self.sending = False
+        self.error: RedisUnavailable | None = None
+        self.reader_scope = trio.CancelScope()
+        self.writer_scope = trio.CancelScope()
+
+    async def submit(self, data: bytes, waiter: _Waiter, send_timeout: float) -> None:
+        """Queue ``data`` (whose replies ``waiter`` collects) for sending, in order.
+
+        When nothing else is being sent the caller writes directly (saving a
+        task switch); the write is shielded from cancellation, so a command is
+        never half-written, and bounded by ``send_timeout`` (a socket that
+        accepts nothing for that long means a stuck connection).
+        """
+        if self.error is not None:
+            waiter.error = self.error
+            waiter.event.set()
+            return
+        self.pending.append(waiter)
+        if self.sending or self.outbuf:
+            self.outbuf.append(data)
+            if len(self.outbuf) == 1 and not self.sending:
+                self.lot.unpark_all()
+            return
+        self.sending = True
+        try:
+            with trio.CancelScope(
+                shield=True, deadline=trio.current_time() + send_timeout
+            ) as scope:
+                await self.stream.send_all(data)
+            if scope.cancelled_caught:
+                self.fail(RedisUnavailable(f"Redis at {self.label} does not accept data"))
+        except _CONN_ERRORS as exc:
+            self.fail(RedisUnavailable(f"Redis connection to {self.label} lost: {exc!r}"))
+        finally:
+            self.sending = False
+            if self.outbuf:
+                self.lot.unpark_all()
+
+    def fail(self, error: RedisUnavailable) -> None:
+        if self.error is not None:
+            return
+        self.error = error
+        self.reader_scope.cancel()
+        self.writer_scope.cancel()
+        self.outbuf.clear()
+        while self.pending:
+            w = self.pending.popleft()
+            w.error = error
+            w.event.set()
+
+    async def write_loop(self) -> None:
+        with self.writer_scope:
+            try:
+                while True:
+                    if not self.outbuf or self.sending:
+                        await self.lot.park()
+                        continue
+                    data = self.outbuf[0] if len(self.outbuf) == 1 else b"".join(self.outbuf)
+                    self.outbuf.clear()
+                    self.sending = True
+                    try:
+                        await self.stream.send_all(data)
+                    finally:
+                        self.sending = False
+            except _CONN_ERRORS as exc:
+                self.fail(RedisUnavailable(f"Redis connection to {self.label} lost: {exc!r}"))
+            except Exception as exc:
+                _log.exception("Redis connection writer failed")
+                self.fail(RedisUnavailable(f"Redis connection to {self.label} failed: {exc!r}"))
+
+    async def read_loop(self) -> None:
+        with self.reader_scope:
+            try:
+                while True:
+                    data = await self.stream.receive_some(_READ_SIZE)
+                    if not data:
+                        raise EOFError("connection closed by Redis")
+                    self.reader.feed(data)  # type: ignore[arg-type]  # any buffer works
+                    gets = self.reader.gets
+                    pending = self.pending
+                    while (reply := gets()) is not False:
+                        self.replies_seen += 1
+                        w = pending[0]
+                        w.replies.append(reply)
+                        if len(w.replies) == w.expected:
+                            pending.popleft()
+                            w.event.set()
+            except _CONN_ERRORS as exc:
+                self.fail(RedisUnavailable(f"Redis connection to {self.label} lost: {exc!r}"))
+            except IndexError:  # a reply nobody asked for: the stream is out of sync
+                self.fail(RedisUnavailable(f"Redis connection to {self.label}: unexpected reply"))
+            except Exception as exc:
+                _log.exception("Redis connection reader failed")
+                self.fail(RedisUnavailable(f"Redis connection to {self.label} failed: {exc!r}"))
+
+
+class _Attempt:
+    """A single-flight connection attempt shared by every caller waiting for it."""
+
+    __slots__ = ("conn", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.conn: _Conn | None = None
+        self.error: RedisUnavailable | None = None
+
+
+# ------------------------------------------------------------------- transport
+
+
+class TrioRedisTransport:
+    """Raw-command Redis transport for trio (implements the ``RedisTransport`` protocol).
+
+    ``execute()`` returns raw replies (bytes, int, list, None), raises
+    ``RedisReplyError`` for an error reply and ``RedisUnavailable`` when Redis
+    cannot be reached or does not answer within ``command_timeout`` seconds
+    (the bound covers any reconnect; a connect attempt alone is bounded by
+    ``connect_timeout``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        command_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
+        max_connections: int = 4,
+        health_check_interval: float | None = 10.0,
+        reconnect_backoff: tuple[float, float] = (0.05, 2.0),
+        ssl_context: ssl.SSLContext | None = None,
+        nursery: trio.Nursery | None = None,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        self._ep = _parse_url(url)
+        self._ssl_context = ssl_context
+        self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._health_check_interval = health_check_interval
+        self._backoff_min, self._backoff_max = reconnect_backoff
+        self._user_nursery = nursery
+        self._conns: list[_Conn] = []
+        self._attempt: _Attempt | None = None
+        self._nursery: trio.Nursery | None = None
+        self._started: trio.Event | None = None
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        self._closed = False
+        # pub/sub state
+        self._subs: dict[bytes, Callable[[bytes], None]] = {}
+        self._confirm: dict[bytes, trio.Event] = {}
+        self._pubsub_running = False
+        self._pubsub_current: tuple[trio.abc.Stream, trio.CancelScope] | None = None
+        self._pubsub_lock = trio.Lock()
+
+    # -- lifecycle
+
+    async def _ensure_started(self) -> trio.Nursery:
+        if self._nursery is not None:
+            return self._nursery
+        if self._closed:
+            raise RedisUnavailable("Redis transport is closed")
+        if self._started is None:
+            self._started = trio.Event()
+            if self._user_nursery is not None:
+                self._user_nursery.start_soon(self._supervise)
+            else:
+                trio.lowlevel.spawn_system_task(self._supervise, name="mesh-redis-transport")
+        await self._started.wait()
+        if self._nursery is None:
+            raise RedisUnavailable("Redis transport is closed")
+        return self._nursery
+
+    async def _supervise(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    assert self._started is not None
+                    self._started.set()
+                    await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            closed = RedisUnavailable("Redis transport is closed")
+            for conn in self._conns:
+                conn.fail(closed)
+            self._conns.clear()
+            if self._started is not None:
+                self._started.set()
+            self._done.set()
+
+    async def connect(self) -> None:
+        """Verify that Redis answers (PING); raise ``RedisUnavailable`` if not."""
+        await self.execute("PING")
+
+    async def __aenter__(self) -> TrioRedisTransport:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection and end every background task."""
+        self._closed = True
+        self._scope.cancel()
+        if self._started is not None:
+            with trio.CancelScope(shield=True):
+                await self._done.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    # -- connections
+
+    async def _open_stream(self) -> tuple[trio.abc.Stream, hiredis.Reader]:
+        ep = self._ep
+        stream: trio.abc.Stream
+        try:
+            if ep.unix_path is not None:
+                stream = await trio.open_unix_socket(ep.unix_path)
+            else:
+                sock_stream = await trio.open_tcp_stream(ep.host, ep.port)
+                sock_stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                stream = sock_stream
+        except OSError as exc:
+            raise RedisUnavailable(f"cannot connect to Redis at {ep.label}: {exc}") from exc
+        try:
+            if ep.tls:
+                ctx = self._ssl_context or _ssl_context(ep)
+                tls_stream = trio.SSLStream(stream, ctx, server_hostname=ep.host)
+                await tls_stream.do_handshake()
+                stream = tls_stream
+            reader = hiredis.Reader(replyError=RedisReplyError)
+            hello: list[tuple[Arg, ...]] = []
+            if ep.password is not None:
+                if ep.username:
+                    hello.append(("AUTH", ep.username, ep.password))
+                else:
+                    hello.append(("AUTH", ep.password))
+            if ep.db:
+                hello.append(("SELECT", ep.db))
+            if hello:
+                await stream.send_all(b"".join(_pack(c) for c in hello))
+                for cmd in hello:
+                    reply = reader.gets()
+                    while reply is False:
+                        data = await stream.receive_some(_READ_SIZE)
+                        if not data:
+                            raise EOFError("connection closed by Redis")
+                        reader.feed(data)  # type: ignore[arg-type]  # any buffer works
+                        reply = reader.gets()
+                    if isinstance(reply, RedisReplyError):
+                        raise RedisUnavailable(f"Redis at {ep.label} refused {cmd[0]!r}: {reply}")
+            return stream, reader
+        except BaseException as exc:
+            await trio.aclose_forcefully(stream)
+            if isinstance(exc, _CONN_ERRORS):
+                raise RedisUnavailable(f"cannot connect to Redis at {ep.label}: {exc!r}") from exc
+            raise
+
+    async def _connect_attempt(self, attempt: _Attempt) -> None:
+        try:
+            with trio.fail_after(self._connect_timeout):
+                stream, reader = await self._open_stream()
+        except trio.TooSlowError:
+            attempt.error = RedisUnavailable(
+                f"connecting to Redis at {self._ep.label} timed out after {self._connect_timeout}s"
+            )
+        except RedisUnavailable as exc:
+            attempt.error = exc
+        except Exception as exc:
+            _log.exception("connecting to Redis failed")
+            attempt.error = RedisUnavailable(
+                f"cannot connect to Redis at {self._ep.label}: {exc!r}"
+            )
+        else:
+            conn = _Conn(stream, reader, self._ep.label)
+            attempt.conn = conn
+            self._conns.append(conn)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_conn, conn)
+        finally:
+            self._attempt = None
+            attempt.done.set()
+
+    async def _run_conn(self, conn: _Conn) -> None:
+        try:
+            assert self._nursery is not None
+            self._nursery.start_soon(conn.write_loop)
+            await conn.read_loop()
+        finally:
+            conn.fail(RedisUnavailable(f"Redis connection to {conn.label} closed"))
+            if conn in self._conns:
+                self._conns.remove(conn)
+            await trio.aclose_forcefully(conn.stream)
+
+    async def _get_conn(self) -> _Conn:
+        joined_earlier_attempt = False
+        while True:
+            best: _Conn | None = None
+            for c in self._conns:
+                if c.error is None and (best is None or len(c.pending) < len(best.pending)):
+                    best = c
+            if best is not None and (not best.pending or len(self._conns) >= self._max_connections):
+                return best
+            if self._closed:
+                raise RedisUnavailable("Redis transport is closed")
+            attempt = self._attempt
+            if attempt is None:
+                nursery = self._nursery or await self._ensure_started()
+                attempt = self._attempt = _Attempt()
+                nursery.start_soon(self._connect_attempt, attempt)
+                fresh = True
+            else:
+                fresh = False
+            if best is not None:
+                return best  # busy but usable; the new connection serves later calls
+            await attempt.done.wait()
+            if attempt.conn is not None and attempt.conn.error is None:
+                return attempt.conn
+            if attempt.error is not None:
+                if fresh or joined_earlier_attempt:
+                    raise RedisUnavailable(str(attempt.error)) from attempt.error
+                # The attempt we joined began before this call (Redis may have come
+                # back since): make one attempt of our own before giving up.
+                joined_earlier_attempt = True
+
+    async def _roundtrip(self, data: bytes, expected: int) -> list[Any]:
+        waiter = _Waiter(expected)
+        conn: _Conn | None = None
+        seen = 0
+        with trio.move_on_after(self._command_timeout) as scope:
+            conn = await self._get_conn()
+            seen = conn.replies_seen
+            await conn.submit(data, waiter, self._command_timeout)
+            await waiter.event.wait()
+        if scope.cancelled_caught:
+            if conn is not None and conn.replies_seen == seen:
+                # Not a single reply on this connection for a whole timeout: it is stuck.
+                conn.fail(RedisUnavailable(f"Redis at {conn.label} stopped answering"))
+            raise RedisUnavailable(
+                f"Redis at {self._ep.label} did not answer within {self._command_timeout}s"
+            )
+        if waiter.error is not None:
+            raise RedisUnavailable(str(waiter.error)) from waiter.error
+        return waiter.replies
+
+    # -- commands
+
+    async def execute(self, *args: Arg) -> Any:
+        """Run one raw command and return its raw reply."""
+        reply = (await self._roundtrip(_pack(args), 1))[0]
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return reply
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Run commands in one round trip (not a transaction).
+
+        Error replies come back as ``RedisReplyError`` instances in the list.
+        """
+        if not commands:
+            await trio.lowlevel.checkpoint()
+            return []
+        data = b"".join([_pack(c) for c in commands])
+        return await self._roundtrip(data, len(commands))
+
+    # -- pub/sub
+
+    async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None:
+        """SUBSCRIBE ``channel`` on the pub/sub connection; ``callback(data)`` per message.
+
+        One callback per channel (subscribing again replaces it). Returns once
+        Redis confirmed the subscription; raises ``RedisUnavailable`` (and drops
+        the subscription) if that does not happen within ``connect_timeout +
+        command_timeout``. After a Redis outage the subscription is
+        re-established automatically (messages published during the outage
+        are lost, as always with pub/sub).
+        """
+        nursery = await self._ensure_started()
+        ch = channel.encode()
+        self._subs[ch] = callback
+        confirmed = self._confirm[ch] = trio.Event()
+        with trio.move_on_after(self._connect_timeout + self._command_timeout):
+            if not self._pubsub_running:
+                self._pubsub_running = True
+                nursery.start_soon(self._pubsub_loop)
+            else:
+                await self._pubsub_send(_pack(("SUBSCRIBE", ch)))
+            await confirmed.wait()
+        if not confirmed.is_set():
+            if self._confirm.get(ch) is confirmed:
+                del self._confirm[ch]
+            if self._subs.get(ch) is callback:
+                del self._subs[ch]
+            raise RedisUnavailable(f"could not subscribe to {channel!r} on {self._ep.label}")
+
+    async def _pubsub_send(self, data: bytes) -> None:
+        """Write on the current pub/sub connection, if any.
+
+        A failed or interrupted write leaves the connection unusable: the
+        session is then ended, and the pub/sub loop reconnects and subscribes
+        every channel again.
+        """
+        async with self._pubsub_lock:
+            current = self._pubsub_current
+            if current is None:
+                return  # the pub/sub loop subscribes everything once connected
+            stream, session_scope = current
+            try:
+                await stream.send_all(data)
+            except BaseException as exc:
+                session_scope.cancel()
+                if not isinstance(exc, _CONN_ERRORS):
+                    raise
+
+    async def _pubsub_loop(self) -> None:
+        backoff = self._backoff_min
+        while True:
+            try:
+                with trio.fail_after(self._connect_timeout):
+                    stream, reader = await self._open_stream()
+            except (trio.TooSlowError, RedisUnavailable) as exc:
+                _log.debug("pub/sub connect failed: %r", exc)
+            except Exception:
+                _log.exception("pub/sub connect failed")
+            else:
+                try:
+                    if await self._pubsub_session(stream, reader):
+                        backoff = self._backoff_min
+                except Exception:
+                    _log.exception("pub/sub session error; reconnecting")
+                finally:
+                    self._pubsub_current = None
+                    await trio.aclose_forcefully(stream)
+            await trio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self._backoff_max)
+
+    async def _pubsub_session(self, stream: trio.abc.Stream, reader: hiredis.Reader) -> bool:
+        """Serve one pub/sub connection until it breaks; True if it got subscribed."""
+        subscribed = False
+        state = {"rx": 0, "pinged_at_rx": -1}
+        pinger_scope = trio.CancelScope()
+        with trio.CancelScope() as session_scope:
+            try:
+                async with self._pubsub_lock:
+                    self._pubsub_current = (stream, session_scope)
+                    if self._subs:
+                        with trio.move_on_after(self._command_timeout) as send_scope:
+                            await stream.send_all(_pack(("SUBSCRIBE", *self._subs)))
+                        if send_scope.cancelled_caught:
+                            return False
+                if self._health_check_interval is not None and self._nursery is not None:
+                    self._nursery.start_soon(
+                        self._pubsub_pinger, state, session_scope, pinger_scope
+                    )
+                while True:
+                    data = await stream.receive_some(_READ_SIZE)
+                    if not data:
+                        raise EOFError("connection closed by Redis")
+                    state["rx"] += 1
+                    reader.feed(data)  # type: ignore[arg-type]  # any buffer works
+                    while (msg := reader.gets()) is not False:
+                        if not isinstance(msg, list) or len(msg) < 2:
+                            continue
+                        kind = msg[0]
+                        if kind == b"message" and len(msg) == 3:
+                            cb = self._subs.get(msg[1])
+                            if cb is not None:
+                                try:
+                                    cb(msg[2])
+                                except Exception:
+                                    _log.exception("pub/sub callback for %r failed", msg[1])
+                        elif kind == b"subscribe":
+                            subscribed = True
+                            ev = self._confirm.pop(msg[1], None)
+                            if ev is not None:
+                                ev.set()
+            except _CONN_ERRORS as exc:
+                _log.debug("pub/sub connection lost: %r", exc)
+            finally:
+                self._pubsub_current = None
+                pinger_scope.cancel()
+        return subscribed
+
+    async def _pubsub_pinger(
+        self,
+        state: dict[str, int],
+        session_scope: trio.CancelScope,
+        pinger_scope: trio.CancelScope,
+    ) -> None:
+        assert self._health_check_interval is not None
+        with pinger_scope:
+            while True:
+                await trio.sleep(self._health_check_interval)
+                if state["pinged_at_rx"] == state["rx"]:
+                    # nothing at all (not even the PONG) since the last PING
+                    _log.debug("pub/sub connection did not answer PING; reconnecting")
+                    session_scope.cancel()
+                    return
+                state["pinged_at_rx"] = state["rx"]
+                with trio.move_on_after(self._command_timeout) as scope:
+                    await self._pubsub_send(_PING)
+                if scope.cancelled_caught:
+                    session_scope.cancel()
+                    return
