@@ -1,0 +1,1 @@
+"""Mesh for Python's benchmarks: ``python -m benchmarks --help``."""
