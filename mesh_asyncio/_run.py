@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from mesh_core import MeshApp, ServerOptions, Storage
@@ -21,17 +22,21 @@ def run(
     *,
     host: str = "127.0.0.1",
     port: int = 8765,
-    storage: Storage | None = None,
+    storage: Storage | Callable[[], Storage] | None = None,
     options: ServerOptions | None = None,
     use_uvloop: bool = False,
+    reuse_port: bool = False,
     **option_overrides: Any,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM; every client then gets a close
-    frame and every connection is cleaned out of the store."""
+    frame and every connection is cleaned out of the store. ``storage`` may
+    be a factory, called inside the event loop (the Redis store's client
+    belongs to the loop that runs it)."""
 
     async def main() -> None:
-        server = MeshServer(app, storage=storage, options=options, **option_overrides)
-        await server.start(host, port)
+        store = storage() if callable(storage) and not isinstance(storage, Storage) else storage
+        server = MeshServer(app, storage=store, options=options, **option_overrides)
+        await server.start(host, port, reuse_port=reuse_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

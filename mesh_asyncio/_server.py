@@ -5,16 +5,19 @@ straight from ``data_received`` into the core, and everything the core queued
 during one loop iteration (responses, broadcasts) leaves in one
 ``transport.write``. Back-pressure comes from ``pause_writing``: while the
 socket is full, output stays in the core, whose bound drops slow consumers.
+The other way round, while the core has too many of a client's requests
+waiting (``reading_paused``), the transport stops reading from it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from mesh_core import ServerConnection, ServerCore, State
 
@@ -28,6 +31,7 @@ class _WebSocketProtocol(asyncio.Protocol):
         "_flush_pending",
         "_loop",
         "_paused",
+        "_reading_paused",
         "_server",
         "_timer",
         "_timer_at",
@@ -42,17 +46,18 @@ class _WebSocketProtocol(asyncio.Protocol):
         self.proto: ServerConnection
         self._flush_pending = False
         self._paused = False
+        self._reading_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
-        self.proto = ServerConnection(self._server.options, peer=peer, now=self._loop.time())
+        self.proto = self._server._new_protocol(peer, self._loop.time())
         self.proto.wake = self._wake
         self._server._protocols.add(self)
         self._pump()
@@ -102,6 +107,12 @@ class _WebSocketProtocol(asyncio.Protocol):
             data = proto.data_to_send()
             if data:
                 transport.write(data)
+        if proto.reading_paused != self._reading_paused:
+            self._reading_paused = proto.reading_paused
+            if self._reading_paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
         if proto.state is State.CLOSED:
             if proto.aborted:
                 transport.abort()
@@ -143,6 +154,7 @@ class MeshServer(ServerCore):
         self._protocols: set[_WebSocketProtocol] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed: asyncio.Event | None = None
+        self._storage_task: asyncio.Task[Any] | None = None
         self._closing = False
 
     # -- runtime hooks for the core -------------------------------------------
@@ -181,6 +193,8 @@ class MeshServer(ServerCore):
         self._closed = asyncio.Event()
         self._closing = False
         await self._start_storage()
+        duties = getattr(self.storage, "run", None)  # heartbeats, sweeps (Redis)
+        self._storage_task = loop.create_task(duties()) if callable(duties) else None
 
         def factory() -> _WebSocketProtocol:
             return _WebSocketProtocol(self, loop)
@@ -233,6 +247,11 @@ class MeshServer(ServerCore):
         await self._wait_until(lambda: not self._tasks, loop.time() + 1.0)
         for task in list(self._tasks):
             task.cancel()
+        if self._storage_task is not None:
+            self._storage_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._storage_task
+            self._storage_task = None
         await self._stop_storage()
         await self._listener.wait_closed()
         self._listener = None

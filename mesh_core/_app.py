@@ -23,6 +23,8 @@ __all__ = [
     "Handler",
     "MeshApp",
     "Middleware",
+    "ReadGuard",
+    "ReadPolicy",
     "WriteGuard",
     "WritePolicy",
 ]
@@ -51,6 +53,10 @@ Authenticator = Callable[[UpgradeRequest], Awaitable[Any]]
 #: ``guard(connection, value, strategy)``: may a client write this metadata?
 WriteGuard = Callable[["Connection", Any, str], Awaitable[bool] | bool]
 WritePolicy = Literal["allow", "deny"] | WriteGuard
+#: ``guard(connection, target_id)``: may this client read another
+#: connection's metadata?
+ReadGuard = Callable[["Connection", str], Awaitable[bool] | bool]
+ReadPolicy = Literal["allow", "deny"] | ReadGuard
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,9 +67,21 @@ class MeshApp:
     ``client_metadata_writes`` decides ``mesh/set-my-connection-metadata``:
     ``"allow"`` (the reference's behaviour, the default), ``"deny"``, or a
     guard ``(connection, value, strategy) -> bool`` (sync or async).
+
+    ``client_metadata_reads`` decides what built-ins show a client about
+    *other* connections (``mesh/get-connection-metadata``, the ``present``
+    list of ``mesh/join-room``): ``"allow"`` (the reference's behaviour, the
+    default), ``"deny"``, or a guard ``(connection, target_id) -> bool``.
+    Metadata a client may not read comes back as ``null``; its own is always
+    readable.
     """
 
-    def __init__(self, *, client_metadata_writes: WritePolicy = "allow") -> None:
+    def __init__(
+        self,
+        *,
+        client_metadata_writes: WritePolicy = "allow",
+        client_metadata_reads: ReadPolicy = "allow",
+    ) -> None:
         self.commands: dict[str, Handler] = {}
         self.global_middleware: list[Middleware] = []
         self.command_middleware: dict[str, list[Middleware]] = {}
@@ -71,6 +89,7 @@ class MeshApp:
         self.disconnection_hooks: list[ConnectionHook] = []
         self.authenticator: Authenticator | None = None
         self.client_metadata_writes: WritePolicy = client_metadata_writes
+        self.client_metadata_reads: ReadPolicy = client_metadata_reads
 
     # -- commands -------------------------------------------------------------
 

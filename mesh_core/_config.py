@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ._frames import DEFAULT_MAX_MESSAGE_SIZE
@@ -17,12 +18,35 @@ class ServerOptions:
     reference's 30 s / 1 / 5 s: the reference client reconnects when it hears
     no ping for ``2 x 30 s``, so pings must not be turned off (0 disables them
     for tests and for clients that do not need them).
+
+    The limits default to values no ordinary client reaches, so that one
+    hostile client cannot take more than its share; the README's hardening
+    table says what happens past each one.
     """
 
     ping_interval: float = 30.0
     max_missed_pongs: int = 1
     latency_interval: float = 5.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    #: arrays/objects nested deeper than this (the frame itself is level 1)
+    #: make the message a violation
+    max_json_depth: int = 64
+    #: encoded JSON size of one connection's or room's metadata (0: no limit)
+    max_metadata_size: int = 64 * 1024
+    #: requests of one connection running at once; later ones wait their turn
+    max_requests_in_flight: int = 64
+    #: requests of one connection waiting for a slot before the server stops
+    #: reading from it (TCP back-pressure on the flooding client)
+    max_queued_requests: int = 1024
+    #: WebSocket connections one server holds; more are refused with HTTP 503
+    #: (0: no limit)
+    max_connections: int = 10_000
+    #: invalid frames one connection may send; one more closes it with 1008
+    max_violations: int = 100
+    #: ``Origin`` header values allowed to upgrade, e.g.
+    #: ``["https://app.example.com"]`` (``None``: any; ``"*"`` in the list:
+    #: any, including none); stored as a normalised tuple
+    allowed_origins: Sequence[str] | None = None
     #: bytes queued for one client before it is dropped as a slow consumer
     max_send_buffer: int = 16 * 1024 * 1024
     #: a socket that has not completed the upgrade by then is dropped
@@ -41,3 +65,29 @@ class ServerOptions:
             raise ValueError("max_message_size must be at least 1024 bytes")
         if self.max_send_buffer < self.max_message_size:
             raise ValueError("max_send_buffer must be at least max_message_size")
+        if self.max_json_depth < 0 or 0 < self.max_json_depth < 2:
+            raise ValueError("max_json_depth must be 0 (no limit) or at least 2")
+        if self.max_requests_in_flight < 1 or self.max_queued_requests < 1:
+            raise ValueError("max_requests_in_flight and max_queued_requests must be >= 1")
+        for name in ("max_metadata_size", "max_connections", "max_violations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.allowed_origins is not None:
+            object.__setattr__(self, "allowed_origins", _origins(self.allowed_origins))
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Is an upgrade with this ``Origin`` header (``None``: absent) allowed?"""
+        allowed = self.allowed_origins
+        if allowed is None or "*" in allowed:
+            return True
+        return origin is not None and _normal(origin) in allowed
+
+
+def _normal(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()
+
+
+def _origins(value: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    return tuple(_normal(origin) for origin in value)

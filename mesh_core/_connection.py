@@ -15,12 +15,19 @@ States::
 
 ``ConnectionLost`` is emitted exactly once, when a connection that was
 accepted stops being usable; that is the adapter's cue to clean it up.
+
+Requests are released as ``RequestReceived`` events at most
+``max_requests_in_flight`` at a time; the server reports each one finished
+with :meth:`~ServerConnection.request_done`. The rest wait in a queue, and
+while that queue is full :attr:`~ServerConnection.reading_paused` tells the
+adapter to stop reading the socket, so a flood pushes back on its sender.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +49,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from ._config import ServerOptions
 from ._frames import Frame, decode_frame, encode_push, encode_response
 from ._handshake import UpgradeRequest
+from ._metrics import Metrics, bump
 
 __all__ = [
     "CloseCode",
@@ -134,9 +142,12 @@ class ServerConnection:
         *,
         peer: tuple[str, int] | None = None,
         now: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.options = options
         self.peer = peer
+        #: counters shared with the server (a private set when standalone)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.state = State.HANDSHAKE
         self.id: str | None = None
         self.wake: Callable[[], None] = _noop
@@ -151,7 +162,10 @@ class ServerConnection:
         self._ws = WSConnection(ConnectionType.SERVER)
         self._out = bytearray()
         self._events: list[Event] = []
-        self._held: list[RequestReceived] = []  # requests that came while OPENING
+        # requests not released yet: those that came while OPENING, and
+        # those past max_requests_in_flight
+        self._queued: deque[RequestReceived] = deque()
+        self._running = 0  # released requests not yet reported done
         self._parts: list[bytes | str] = []  # a fragmented message so far
         self._size = 0
         self._lost = False
@@ -178,7 +192,22 @@ class ServerConnection:
     def data_to_send(self) -> bytes:
         data = bytes(self._out)
         self._out.clear()
+        self.metrics.bytes_out += len(data)
         return data
+
+    @property
+    def reading_paused(self) -> bool:
+        """Too many requests wait for a slot: stop reading until this is
+        false again (the core wakes the adapter when a slot frees up)."""
+        return len(self._queued) >= self.options.max_queued_requests
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self._running
+
+    @property
+    def requests_queued(self) -> int:
+        return len(self._queued)
 
     @property
     def pending_bytes(self) -> int:
@@ -198,6 +227,7 @@ class ServerConnection:
             self._lose(CloseCode.ABNORMAL, "connection lost")
             self.state = State.CLOSED
             return
+        self.metrics.bytes_in += len(data)
         try:
             self._ws.receive_data(data)
         except RemoteProtocolError as exc:  # a malformed HTTP request
@@ -232,6 +262,7 @@ class ServerConnection:
     def _reject_bad_request(self, exc: RemoteProtocolError) -> None:
         hint = exc.event_hint
         if self.state is State.HANDSHAKE and isinstance(hint, RejectConnection):
+            bump(self.metrics.handshake_rejections, hint.status_code)
             body = str(exc).encode()
             try:
                 self._out += self._ws.send(
@@ -278,9 +309,9 @@ class ServerConnection:
         self._on_message(message, now)
 
     def _on_message(self, message: bytes | str, now: float) -> None:
-        frame = decode_frame(message)
+        frame = decode_frame(message, self.options.max_json_depth)
         if not isinstance(frame, Frame):
-            self.violations += 1
+            self._violation()
             return
         command = frame.command
         if command == "pong":
@@ -296,10 +327,38 @@ class ServerConnection:
         if frame.id is None:
             return  # the reference drops id-less frames silently
         request = RequestReceived(frame.id, command, frame.payload)
-        if self.state is State.OPENING:
-            self._held.append(request)
-        else:
+        if self._queued or self.state is State.OPENING:
+            self._queued.append(request)
+        elif self._running < self.options.max_requests_in_flight:
+            self._running += 1
             self._events.append(request)
+        else:
+            self._queued.append(request)
+
+    def _violation(self) -> None:
+        self.violations += 1
+        self.metrics.violations += 1
+        if self.violations > self.options.max_violations:
+            self.close(CloseCode.POLICY_VIOLATION, "too many protocol violations")
+
+    def request_done(self) -> None:
+        """The server answered (or dropped) one ``RequestReceived``: release
+        the next queued request, if any."""
+        if self._running > 0:
+            self._running -= 1
+        self._release()
+
+    def _release(self) -> None:
+        if self.state is not State.OPEN or not self._queued:
+            return
+        limit = self.options.max_requests_in_flight
+        released = False
+        while self._queued and self._running < limit:
+            self._running += 1
+            self._events.append(self._queued.popleft())
+            released = True
+        if released:
+            self.wake()
 
     def _on_close(self, event: CloseConnection) -> None:
         if self._ws.state is WSState.REMOTE_CLOSING:
@@ -325,6 +384,7 @@ class ServerConnection:
     def reject(self, status: int = 401, reason: str = "Unauthorized") -> None:
         if self.state is not State.HANDSHAKE:
             return
+        bump(self.metrics.handshake_rejections, status)
         body = reason.encode()
         self._out += self._ws.send(
             RejectConnection(
@@ -351,8 +411,7 @@ class ServerConnection:
             self._next_ping = now + self.options.ping_interval
         if self.options.latency_interval > 0:
             self._next_latency = now + self.options.latency_interval
-        self._events.extend(self._held)
-        self._held.clear()
+        self._release()
         self.wake()
 
     # -- output ---------------------------------------------------------------
@@ -370,6 +429,7 @@ class ServerConnection:
             # backlog it ignores, so drop the socket instead
             self._out.clear()
             self.aborted = True
+            self.metrics.slow_consumer_closes += 1
             self._lose(CloseCode.TRY_AGAIN_LATER, "slow consumer: send buffer full")
             self.state = State.CLOSED
             self.wake()
@@ -402,7 +462,8 @@ class ServerConnection:
         self._lost = True
         self.close_code = code
         self.close_reason = reason
-        self._held.clear()
+        self._queued.clear()
+        bump(self.metrics.closes, code)
         self._events.append(ConnectionLost(code, reason))
 
     # -- timers ---------------------------------------------------------------

@@ -7,7 +7,7 @@ value, so the connection can count it and carry on (PROTOCOL.md section 2).
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -25,13 +25,17 @@ __all__ = [
 #: that one client cannot make the server buffer the reference's 100 MiB.
 DEFAULT_MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
 
+#: Request ids must fit a signed 64-bit integer: every JSON library (and the
+#: reference's Redis layout) can echo those back; larger ones are violations.
+RequestId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
 
 class Frame(msgspec.Struct, frozen=True):
     """One decoded client message. ``id`` is present on requests only."""
 
     command: str
     payload: Any = None
-    id: int | None = None
+    id: RequestId | None = None
 
 
 class _Response(msgspec.Struct):
@@ -55,9 +59,11 @@ _decoder: Final = msgspec.json.Decoder(Frame)
 _encoder: Final = msgspec.json.Encoder()
 
 
-def decode_frame(data: bytes | str) -> Frame | Violation:
+def decode_frame(data: bytes | str, max_depth: int = 0) -> Frame | Violation:
+    """Decode one message. ``max_depth`` (0: no limit) bounds the nesting of
+    arrays and objects, the frame object itself counting as 1."""
     try:
-        return _decoder.decode(data)
+        frame = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         return Violation(f"invalid frame: {exc}")
     except msgspec.DecodeError as exc:
@@ -66,6 +72,36 @@ def decode_frame(data: bytes | str) -> Frame | Violation:
         return Violation("invalid JSON: nested too deeply")
     except UnicodeError as exc:  # bad UTF-8 inside a string of a binary frame
         return Violation(f"invalid UTF-8: {exc}")
+    # nesting n deep needs 2n bytes: short messages (most) skip the check
+    if max_depth and len(data) > 2 * max_depth and _too_deep(data, frame, max_depth):
+        return Violation(f"nested deeper than {max_depth} levels")
+    return frame
+
+
+def _too_deep(data: bytes | str, frame: Frame, max_depth: int) -> bool:
+    """Nesting ``n`` deep needs ``n`` opening brackets, counted in C, so flat
+    messages skip the walk; brackets inside strings only make it a "maybe"."""
+    if isinstance(data, str):
+        brackets = data.count("{") + data.count("[")
+    else:
+        brackets = data.count(b"{") + data.count(b"[")
+    return brackets > max_depth and _deeper_than(frame.payload, max_depth - 1)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Does ``value`` nest arrays/objects more than ``limit`` levels deep?"""
+    if not isinstance(value, (dict, list)):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            return True
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
 
 
 def encode_response(id: int, command: str, payload: Any) -> bytes:

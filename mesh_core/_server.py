@@ -23,9 +23,11 @@ from ._config import ServerOptions
 from ._connection import CloseCode, ConnectionLost, Event, HandshakeReceived, RequestReceived
 from ._connection import ServerConnection as Protocol
 from ._errors import MeshError, error_payload, not_found_payload
-from ._frames import encode_push
+from ._frames import encode_json, encode_push
 from ._handshake import Reject, UpgradeRequest
 from ._memory import MemoryStore
+from ._metrics import UNKNOWN_COMMAND, Metrics, bump, prometheus_text
+from ._redis_errors import RedisUnavailable
 from ._storage import Storage
 from ._strategies import updater
 
@@ -222,6 +224,7 @@ class ServerCore:
         self.instance_id = instance_id or f"inst-{secrets.token_hex(8)}"
         self._local: dict[str, Connection] = {}
         self._inflight = 0  # requests being handled, for graceful shutdown
+        self._metrics = Metrics()
         self.connections = ConnectionsAPI(self)
         self.rooms = RoomsAPI(self)
         # the reference's names, on the server itself
@@ -241,24 +244,100 @@ class ServerCore:
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         raise NotImplementedError
 
+    def _new_protocol(self, peer: tuple[str, int] | None, now: float) -> Protocol:
+        """The state machine for a socket the adapter just accepted."""
+        return Protocol(self.options, peer=peer, now=now, metrics=self._metrics)
+
+    # -- observability --------------------------------------------------------
+
+    def metrics(self) -> dict[str, Any]:
+        """The server's counters as a plain dict: connections (current and
+        total), requests by command, errors by code, violations, bytes in and
+        out, slow-consumer closes, closes by code, refused upgrades."""
+        return self._metrics.snapshot(len(self._local), self._inflight)
+
+    def metrics_prometheus(self, prefix: str = "mesh") -> str:
+        """The same counters in the Prometheus text exposition format, ready
+        to serve from a ``/metrics`` endpoint (no dependency needed)."""
+        return prometheus_text(self.metrics(), prefix)
+
     # -- storage --------------------------------------------------------------
 
     async def _execute(self, op: ops.Op) -> Any:
         if isinstance(op, CheckClientWrite):
             return await self._check_client_write(op)
+        if isinstance(op, ops.UpdateMetadata) and self.options.max_metadata_size:
+            op = self._bounded(op)
         return await self.storage.execute(op)
 
-    async def _drive(self, steps: Steps) -> Any:
+    async def _drive(self, steps: Steps, reader: Connection | None = None) -> Any:
         """Run a built-in: execute each operation it yields, resume it with
-        the result, return what it returns."""
+        the result, return what it returns. With a ``reader`` (the client the
+        built-in runs for), what it reads about other connections passes the
+        app's read policy first."""
+        guarded = reader is not None and self.app.client_metadata_reads != "allow"
         try:
             op = next(steps)
             while True:
-                op = steps.send(await self._execute(op))
+                result = await self._execute(op)
+                if guarded:
+                    assert reader is not None
+                    result = await self._guard_read(reader, op, result)
+                op = steps.send(result)
         except StopIteration as stop:
             return stop.value
         finally:
             steps.close()
+
+    # -- policies -------------------------------------------------------------
+
+    def _bounded(self, op: ops.UpdateMetadata) -> ops.UpdateMetadata:
+        """Refuse (``ETOOLARGE``, nothing stored) metadata whose JSON is over
+        ``max_metadata_size``: checked inside the atomic update, on the value
+        that would be stored, and up front for ``replace`` (which a driver
+        may store without calling ``update``)."""
+        limit = self.options.max_metadata_size
+        scope, key, update, value = op.scope, op.key, op.update, op.value
+        replacing = op.strategy == "replace"
+        if replacing:
+            _check_size(scope, key, value, limit)
+
+        def checked(old: Any) -> Any:
+            new = update(old)
+            if new is not ops.UNCHANGED and not (replacing and new is value):
+                _check_size(scope, key, new, limit)
+            return new
+
+        return ops.UpdateMetadata(scope, key, checked, op.strategy, value)
+
+    async def _guard_read(self, reader: Connection, op: ops.Op, result: Any) -> Any:
+        """Blank (``None``) the metadata of other connections that the
+        ``client_metadata_reads`` policy does not let ``reader`` see."""
+        if isinstance(op, ops.GetMetadata) and op.scope == "connection":
+            return [
+                value if await self._may_read(reader, key) else None
+                for key, value in zip(op.keys, result, strict=True)
+            ]
+        if isinstance(op, ops.GetRoomMembersMetadata) or (
+            isinstance(op, ops.GetAllMetadata) and op.scope == "connection"
+        ):
+            return [
+                (cid, value if await self._may_read(reader, cid) else None) for cid, value in result
+            ]
+        return result
+
+    async def _may_read(self, reader: Connection, target_id: str) -> bool:
+        if target_id == reader.id:
+            return True  # a client may always read its own metadata
+        policy = self.app.client_metadata_reads
+        if policy == "allow":
+            return True
+        if policy == "deny" or not callable(policy):
+            return False
+        verdict = policy(reader, target_id)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return bool(verdict)
 
     async def _check_client_write(self, op: CheckClientWrite) -> bool:
         policy = self.app.client_metadata_writes
@@ -290,6 +369,8 @@ class ServerCore:
                 connection = self._local.get(proto.id or "")
                 if connection is not None:
                     self._spawn(self._handle_request, connection, event)
+                else:
+                    proto.request_done()
             elif isinstance(event, ConnectionLost):
                 connection = self._local.get(proto.id or "")
                 if connection is not None:
@@ -297,7 +378,18 @@ class ServerCore:
             elif isinstance(event, HandshakeReceived):
                 self._spawn(self._handshake, proto, event.request)
 
+    def _full(self) -> bool:
+        limit = self.options.max_connections
+        return bool(limit) and len(self._local) >= limit
+
     async def _handshake(self, proto: Protocol, request: UpgradeRequest) -> None:
+        if not self.options.origin_allowed(request.header("origin")):
+            log.debug("refused an upgrade from origin %r", request.header("origin"))
+            proto.reject(403, "Forbidden: origin not allowed")
+            return
+        if self._full():
+            proto.reject(503, "Service Unavailable: too many connections")
+            return
         metadata: Any = None
         authenticate = self.app.authenticator
         if authenticate is not None:
@@ -313,9 +405,13 @@ class ServerCore:
             if not metadata:
                 proto.reject(401, "Unauthorized")
                 return
+            if self._full():  # others got in while this one authenticated
+                proto.reject(503, "Service Unavailable: too many connections")
+                return
         proto.accept(f"conn-{secrets.token_hex(12)}")
         if proto.id is None:  # the peer left during authentication
             return
+        self._metrics.connections_total += 1
         connection = Connection(self, proto, request)
         self._local[connection.id] = connection
         await self._open(connection, metadata)
@@ -362,45 +458,60 @@ class ServerCore:
 
     async def _handle_request(self, connection: Connection, request: RequestReceived) -> None:
         ctx = Context(request.command, request.payload, connection, self, request.id)
+        proto = connection.proto
         self._inflight += 1
         try:
-            result = await self._run_command(ctx)
-        except MeshError as exc:
-            result = error_payload(exc)
-        except ops.UnknownConnection as exc:
-            result = error_payload(exc)
-        except Exception as exc:
-            log.exception("command %r failed", request.command)
-            result = error_payload(exc)
+            try:
+                result = await self._run_command(ctx)
+            except (MeshError, ops.UnknownConnection) as exc:  # expected: the client's doing
+                result = error_payload(exc)
+                bump(self._metrics.errors, result["code"])
+            except RedisUnavailable as exc:  # an outage: no traceback per request
+                log.warning("command %r: %s", request.command, exc)
+                result = error_payload(exc)
+                bump(self._metrics.errors, result["code"])
+            except Exception as exc:
+                log.exception("command %r failed", request.command)
+                result = error_payload(exc)
+                bump(self._metrics.errors, result["code"])
+            try:
+                proto.respond(request.id, request.command, result)
+            except Exception as exc:  # not JSON: unsupported type, cycle, bad str
+                log.error("command %r returned a value that is not JSON: %s", request.command, exc)
+                bump(self._metrics.errors, "ESERVER")
+                proto.respond(
+                    request.id,
+                    request.command,
+                    {
+                        "error": f"response is not JSON-serialisable: {exc}",
+                        "code": "ESERVER",
+                        "name": "EncodeError",
+                    },
+                )
         finally:
+            # also when cancelled: the slot frees, the next queued request runs
             self._inflight -= 1
-        proto = connection.proto
-        try:
-            proto.respond(request.id, request.command, result)
-        except Exception as exc:  # not JSON: unsupported type, cycle, bad str
-            log.error("command %r returned a value that is not JSON: %s", request.command, exc)
-            proto.respond(
-                request.id,
-                request.command,
-                {
-                    "error": f"response is not JSON-serialisable: {exc}",
-                    "code": "ESERVER",
-                    "name": "EncodeError",
-                },
-            )
+            proto.request_done()
 
     async def _run_command(self, ctx: Context) -> Any:
         name = ctx.command
         handler = self.app.commands.get(name)
         builtin = BUILTINS.get(name) if handler is None else None
         if handler is None and builtin is None:
+            bump(self._metrics.requests, UNKNOWN_COMMAND)
+            bump(self._metrics.errors, "ENOTFOUND")
             return not_found_payload(name)
+        counts = self._metrics.requests
+        if name in counts:
+            counts[name] += 1
+        else:
+            bump(counts, name)
         for middleware in self.app.global_middleware:
             await middleware(ctx)
         for middleware in self.app.command_middleware.get(name, ()):
             await middleware(ctx)
         if builtin is not None:
-            return await self._drive(builtin(ctx.connection.id, ctx.payload))
+            return await self._drive(builtin(ctx.connection.id, ctx.payload), ctx.connection)
         assert handler is not None
         return await handler(ctx)
 
@@ -461,6 +572,16 @@ class ServerCore:
     ) -> None:
         for connection in list(self._local.values()):
             connection.proto.close(code, reason)
+
+
+def _check_size(scope: str, key: str, value: Any, limit: int) -> None:
+    size = len(encode_json(value))
+    if size > limit:
+        raise MeshError(
+            f"{scope} metadata for {key!r} is {size} bytes, over the limit of {limit}",
+            code="ETOOLARGE",
+            name="MetadataTooLarge",
+        )
 
 
 def _id_set(exclude: ConnectionRef | Iterable[ConnectionRef]) -> set[str]:

@@ -17,7 +17,7 @@ from typing import Any
 from ._app import MeshApp
 from ._config import ServerOptions
 
-__all__ = ["load_app", "main"]
+__all__ = ["load_app", "main", "options_from_args"]
 
 
 def load_app(spec: str) -> MeshApp:
@@ -71,34 +71,210 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="0 disables latency probes (default %(default)s)",
     )
-    serve.add_argument(
-        "--max-message-size", type=int, default=defaults.max_message_size, metavar="BYTES"
+    limits = serve.add_argument_group("limits (see the README's hardening table)")
+    limits.add_argument(
+        "--max-message-size",
+        type=int,
+        default=defaults.max_message_size,
+        metavar="BYTES",
+        help="larger messages close the connection with 1009 (default %(default)s)",
     )
+    limits.add_argument(
+        "--max-json-depth",
+        type=int,
+        default=defaults.max_json_depth,
+        metavar="N",
+        help="deeper JSON nesting is a violation; 0: no limit (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-metadata-size",
+        type=int,
+        default=defaults.max_metadata_size,
+        metavar="BYTES",
+        help="larger connection/room metadata is refused; 0: no limit (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-requests-in-flight",
+        type=int,
+        default=defaults.max_requests_in_flight,
+        metavar="N",
+        help="requests of one connection run at once; more wait (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=defaults.max_queued_requests,
+        metavar="N",
+        help="waiting requests before reading pauses (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        metavar="N",
+        help="more are refused with HTTP 503; 0: no limit (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-violations",
+        type=int,
+        default=defaults.max_violations,
+        metavar="N",
+        help="invalid frames a connection may send before 1008 (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-send-buffer",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help=f"bytes queued for a client that does not read before it is dropped "
+        f"(default {defaults.max_send_buffer}, at least --max-message-size)",
+    )
+    limits.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=defaults.handshake_timeout,
+        metavar="SECONDS",
+        help="drop sockets that do not complete the upgrade in time (default %(default)s)",
+    )
+    limits.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=defaults.shutdown_timeout,
+        metavar="SECONDS",
+        help="how long shutdown lets requests in flight finish (default %(default)s)",
+    )
+    limits.add_argument(
+        "--allowed-origin",
+        action="append",
+        dest="allowed_origins",
+        metavar="ORIGIN",
+        help="repeat for each Origin allowed to connect, e.g. https://app.example.com "
+        "(default: any)",
+    )
+    shared = serve.add_argument_group("many instances (Redis)")
+    shared.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share state through Redis (redis://host:port/db, rediss://, unix:///path); "
+        "default: the in-memory store of this process",
+    )
+    shared.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N server processes on one port (SO_REUSEPORT); needs --redis",
+    )
+    shared.add_argument(
+        "--redis-command-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="a request waits this long for Redis before EUNAVAILABLE",
+    )
+    shared.add_argument("--redis-heartbeat-interval", type=float, default=15.0, metavar="SECONDS")
+    shared.add_argument("--redis-heartbeat-ttl", type=int, default=120, metavar="SECONDS")
+    shared.add_argument("--redis-sweep-interval", type=float, default=60.0, metavar="SECONDS")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--uvloop", action="store_true", help="asyncio only: run on uvloop")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
 
+def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    """The :class:`ServerOptions` that parsed ``mesh serve`` flags ask for."""
+    send_buffer = args.max_send_buffer
+    if send_buffer is None:
+        send_buffer = max(ServerOptions().max_send_buffer, args.max_message_size)
+    try:
+        return ServerOptions(
+            ping_interval=args.ping_interval,
+            max_missed_pongs=args.max_missed_pongs,
+            latency_interval=args.latency_interval,
+            max_message_size=args.max_message_size,
+            max_json_depth=args.max_json_depth,
+            max_metadata_size=args.max_metadata_size,
+            max_requests_in_flight=args.max_requests_in_flight,
+            max_queued_requests=args.max_queued_requests,
+            max_connections=args.max_connections,
+            max_violations=args.max_violations,
+            max_send_buffer=send_buffer,
+            handshake_timeout=args.handshake_timeout,
+            shutdown_timeout=args.shutdown_timeout,
+            allowed_origins=tuple(args.allowed_origins) if args.allowed_origins else None,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    options = options_from_args(args)
+    if args.uvloop and args.runtime != "asyncio":
+        raise SystemExit("error: --uvloop needs --runtime asyncio")
+    if args.workers < 1:
+        raise SystemExit("error: --workers must be at least 1")
+    if args.workers > 1:
+        if not args.redis:
+            raise SystemExit(
+                "error: --workers above 1 needs --redis: the in-memory store lives in one "
+                "process, so workers would not see each other's connections and rooms"
+            )
+        load_app(args.app)  # fail here, once, rather than in every worker
+        raise SystemExit(_supervise(argv, args.workers))
     app = load_app(args.app)
-    options = ServerOptions(
-        ping_interval=args.ping_interval,
-        max_missed_pongs=args.max_missed_pongs,
-        latency_interval=args.latency_interval,
-        max_message_size=args.max_message_size,
-        max_send_buffer=max(ServerOptions().max_send_buffer, args.max_message_size),
-    )
     runtime = importlib.import_module(f"mesh_{args.runtime}")
     kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "options": options}
+    if args.redis:
+        store_class = runtime.RedisStore
+        url = args.redis
+        store_options = {
+            "command_timeout": args.redis_command_timeout,
+            "heartbeat_interval": args.redis_heartbeat_interval,
+            "heartbeat_ttl": args.redis_heartbeat_ttl,
+            "sweep_interval": args.redis_sweep_interval,
+        }
+        kwargs["storage"] = lambda: store_class(url, **store_options)
+    if args.reuse_port:
+        kwargs["reuse_port"] = True
     if args.uvloop:
-        if args.runtime != "asyncio":
-            raise SystemExit("error: --uvloop needs --runtime asyncio")
         kwargs["use_uvloop"] = True
     runtime.run(app, **kwargs)
+
+
+def _worker(argv: list[str]) -> None:
+    main(argv)
+
+
+def _supervise(argv: list[str], workers: int) -> int:
+    """Run ``workers`` copies of this server on one port and wait for them;
+    SIGINT/SIGTERM are passed on, so each shuts down cleanly."""
+    import multiprocessing
+    import signal
+
+    child_argv = [*argv, "--workers", "1", "--reuse-port"]
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(target=_worker, args=(child_argv,), name=f"mesh-worker-{i}")
+        for i in range(workers)
+    ]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for child in children:
+        child.join()
+    return max((child.exitcode or 0) for child in children)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Each connection is two tasks: a reader that feeds the core and a writer that
 flushes what the core queued and runs its timers (the writer sleeps until the
 core's next deadline or until the core wakes it). Request handlers run in the
-server's nursery, so a slow handler never blocks a connection's reads.
+server's nursery, so a slow handler never blocks a connection's reads. While
+the core has too many of a client's requests waiting (``reading_paused``),
+the reader waits for a wake-up instead of reading.
 """
 
 from __future__ import annotations
@@ -28,17 +30,19 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 class _Link:
     """One accepted socket and its core state machine."""
 
-    __slots__ = ("proto", "send_scope", "stream", "wakeup")
+    __slots__ = ("proto", "readable", "send_scope", "stream", "wakeup")
 
     def __init__(self, stream: trio.SocketStream, proto: ServerConnection) -> None:
         self.stream = stream
         self.proto = proto
         self.wakeup = trio.Event()
+        self.readable = trio.Event()
         self.send_scope: trio.CancelScope | None = None
         proto.wake = self.wake
 
     def wake(self) -> None:
         self.wakeup.set()
+        self.readable.set()
         if self.proto.aborted and self.send_scope is not None:
             self.send_scope.cancel()  # the peer is not reading: stop waiting on it
 
@@ -78,6 +82,7 @@ class MeshServer(ServerCore):
         host: str = "127.0.0.1",
         port: int = 8765,
         *,
+        reuse_port: bool = False,
         task_status: trio.TaskStatus[MeshServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen and run until :meth:`close`. With ``nursery.start`` it
@@ -88,7 +93,10 @@ class MeshServer(ServerCore):
         self._stopped = trio.Event()
         try:
             await self._start_storage()
-            self._listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+            if reuse_port:
+                self._listeners = [await _reuse_port_listener(host, port)]
+            else:
+                self._listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
             for listener in self._listeners:
                 name = listener.socket.getsockname()
                 log.info("Mesh server (trio) listening on ws://%s:%d", name[0], name[1])
@@ -96,6 +104,9 @@ class MeshServer(ServerCore):
                 self._nursery = nursery
                 accepting = trio.CancelScope()
                 nursery.start_soon(self._accept, accepting)
+                duties = getattr(self.storage, "run", None)  # heartbeats, sweeps (Redis)
+                if callable(duties):
+                    nursery.start_soon(duties)
                 task_status.started(self)
                 await self._stop_requested.wait()
                 accepting.cancel()
@@ -156,7 +167,7 @@ class MeshServer(ServerCore):
             address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
         except OSError:
             address = None
-        link = _Link(stream, ServerConnection(self.options, peer=address, now=trio.current_time()))
+        link = _Link(stream, self._new_protocol(address, trio.current_time()))
         self._links.add(link)
         try:
             async with trio.open_nursery() as nursery:
@@ -181,6 +192,9 @@ class MeshServer(ServerCore):
     async def _read(self, link: _Link) -> None:
         proto = link.proto
         while True:
+            while proto.reading_paused:
+                link.readable = trio.Event()
+                await link.readable.wait()
             try:
                 data = await link.stream.receive_some(65536)
             except _GONE:
@@ -220,3 +234,19 @@ class MeshServer(ServerCore):
 async def _close(stream: trio.SocketStream) -> None:
     with trio.move_on_after(1.0):
         await stream.aclose()
+
+
+async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """One listening socket with SO_REUSEPORT, so several worker processes
+    can accept on the same port (``mesh serve --workers``)."""
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)

@@ -77,6 +77,7 @@ class ServerThread:
             self.port = server.port
             loop = asyncio.get_running_loop()
             stopped = asyncio.Event()
+
             def stop() -> None:
                 loop.call_soon_threadsafe(stopped.set)
 
