@@ -50,6 +50,7 @@ from ._config import ServerOptions
 from ._frames import Frame, decode_frame, encode_push, encode_response
 from ._handshake import UpgradeRequest
 from ._metrics import Metrics, bump
+from ._wsframes import FAST, INCOMPLETE, scan
 
 __all__ = [
     "CloseCode",
@@ -133,6 +134,17 @@ def _noop() -> None:
     pass
 
 
+_SCANNING = (State.OPEN, State.OPENING)
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # wsproto answers it with 1007
+    return True
+
+
 class ServerConnection:
     """One WebSocket connection, server side."""
 
@@ -167,6 +179,7 @@ class ServerConnection:
         self._queued: deque[RequestReceived] = deque()
         self._running = 0  # released requests not yet reported done
         self._parts: list[bytes | str] = []  # a fragmented message so far
+        self._inbuf = bytearray()  # bytes of frames not yet complete
         self._size = 0
         self._lost = False
         # heartbeat
@@ -228,6 +241,49 @@ class ServerConnection:
             self.state = State.CLOSED
             return
         self.metrics.bytes_in += len(data)
+        if self.state in _SCANNING and self._ws.state is WSState.OPEN:
+            self._inbuf += data
+            self._scan_frames(now)
+            return
+        if self._inbuf:  # closing: what the scanner held back is wsproto's now
+            data = bytes(self._inbuf) + data
+            self._inbuf.clear()
+        self._feed_ws(data, now)
+
+    def _scan_frames(self, now: float) -> None:
+        """Take whole masked data frames off the buffer ourselves (the common
+        case, see :mod:`mesh_core._wsframes`) and hand every other frame to
+        wsproto whole, in order."""
+        buf = self._inbuf
+        limit = self.options.max_message_size
+        pos = 0
+        while True:
+            if self.state not in _SCANNING:
+                rest = bytes(buf[pos:])
+                buf.clear()
+                if rest:
+                    self._feed_ws(rest, now)
+                return
+            kind, end, opcode, payload, length = scan(buf, pos)
+            if length > limit:  # refused before it is buffered
+                buf.clear()
+                self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                return
+            if kind == INCOMPLETE:
+                break
+            if (
+                kind == FAST
+                and payload is not None
+                and not self._parts
+                and (opcode == 2 or payload.isascii() or _is_utf8(payload))
+            ):
+                self._on_message(payload, now)
+            else:  # control frames, fragments, bad UTF-8, anything odd
+                self._feed_ws(bytes(buf[pos:end]), now)
+            pos = end
+        del buf[:pos]
+
+    def _feed_ws(self, data: bytes, now: float) -> None:
         try:
             self._ws.receive_data(data)
         except RemoteProtocolError as exc:  # a malformed HTTP request

@@ -367,16 +367,34 @@ class ServerCore:
         for event in events:
             if isinstance(event, RequestReceived):
                 connection = self._local.get(proto.id or "")
-                if connection is not None:
-                    self._spawn(self._handle_request, connection, event)
-                else:
+                if connection is None:
                     proto.request_done()
+                elif self._runs_inline(event.command):
+                    _run_inline(self._handle_request(connection, event))
+                else:
+                    self._spawn(self._handle_request, connection, event)
             elif isinstance(event, ConnectionLost):
                 connection = self._local.get(proto.id or "")
                 if connection is not None:
                     self._connection_lost(connection)
             elif isinstance(event, HandshakeReceived):
                 self._spawn(self._handshake, proto, event.request)
+
+    def _runs_inline(self, command: str) -> bool:
+        """Whether a request can be answered without a task of its own: a
+        built-in on the in-memory store, with no application code (middleware,
+        policy functions) on its path, never waits, so it runs right here.
+        That is most traffic, and a task per request is most of its cost."""
+        app = self.app
+        return (
+            command in BUILTINS
+            and command not in app.commands
+            and type(self.storage) is MemoryStore
+            and not app.global_middleware
+            and command not in app.command_middleware
+            and not (callable(app.client_metadata_writes) and command in _WRITES_POLICED)
+            and not (callable(app.client_metadata_reads) and command in _READS_POLICED)
+        )
 
     def _full(self) -> bool:
         limit = self.options.max_connections
@@ -588,3 +606,23 @@ def _id_set(exclude: ConnectionRef | Iterable[ConnectionRef]) -> set[str]:
     if isinstance(exclude, (Connection, str)):
         return {_cid(exclude)}
     return {_cid(item) for item in exclude}
+
+
+#: built-ins on whose path a policy function of the application runs
+_WRITES_POLICED = frozenset({"mesh/set-my-connection-metadata"})
+_READS_POLICED = frozenset({"mesh/get-connection-metadata", "mesh/join-room"})
+
+
+def _run_inline(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run a coroutine that cannot suspend to completion, right now.
+
+    Only for requests :meth:`ServerCore._runs_inline` vouches for: their
+    whole path awaits nothing that waits. (A coroutine that did suspend here
+    would have started waiting on behalf of whichever task called us, so it
+    cannot be handed to a task afterwards: that is a bug, said loudly.)"""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("a request run inline suspended; it must run in a task")

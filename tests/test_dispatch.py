@@ -837,3 +837,49 @@ async def test_connection_lost_runs_disconnection_hooks_then_cleans_up() -> None
     # a second loss report changes nothing
     server._handle_events(client.proto, [mesh_core.ConnectionLost(1006, "again")])
     assert server.spawned == []
+
+
+# -- built-ins answered inline ------------------------------------------------------
+
+
+async def test_builtins_on_the_memory_store_are_answered_without_a_task() -> None:
+    server = make()
+    client = await connect(server)
+    server._handle_events(client.proto, [RequestReceived(7, "mesh/noop", {})])
+    server._handle_events(client.proto, [RequestReceived(8, "mesh/join-room", {"roomName": "r"})])
+    assert server.spawned == []
+    frames = client.frames()
+    assert [(f["id"], f["payload"]) for f in frames] == [
+        (7, True),
+        (8, {"success": True, "present": [{"id": "conn-1", "metadata": None}]}),
+    ]
+    assert server._inflight == 0
+
+
+async def test_application_code_on_the_path_means_a_task() -> None:
+    app = MeshApp()
+    seen: list[str] = []
+
+    async def mw(ctx: Context) -> None:
+        seen.append(ctx.command)
+
+    app.use_middleware_with_command("mesh/noop", mw)
+
+    async def guard(connection: Connection, value: Any, strategy: str) -> bool:
+        return True
+
+    app.client_metadata_writes = guard
+    server = make(app)
+    client = await connect(server)
+    server._handle_events(client.proto, [RequestReceived(1, "mesh/noop", {})])
+    server._handle_events(
+        client.proto,
+        [RequestReceived(2, "mesh/set-my-connection-metadata", {"metadata": {"a": 1}})],
+    )
+    server._handle_events(client.proto, [RequestReceived(3, "mesh/get-room-metadata", {})])
+    assert len(server.spawned) == 2  # noop (middleware) and the guarded write
+    frames = client.frames()
+    assert [f["id"] for f in frames] == [3]  # no application code: inline
+    await server.run_spawned()
+    assert sorted(f["id"] for f in client.frames()) == [1, 2]
+    assert seen == ["mesh/noop"]
