@@ -34,7 +34,6 @@ import random
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
-import hiredis
 import redis.asyncio as aredis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -43,6 +42,8 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
+from mesh_core._resp import PING as _PING
+from mesh_core._resp import pack as _pack
 
 __all__ = ["AsyncioRedisTransport", "RedisReplyError", "RedisUnavailable"]
 
@@ -50,36 +51,11 @@ Arg = bytes | str | int | float
 
 _log = logging.getLogger("mesh_asyncio.redis")
 
-# hiredis' stub types the argument as a 1-tuple; it takes any tuple of str/bytes/int/float.
-_pack_command = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
-_PING = _pack_command(("PING",))
 
 # Everything that means "Redis is not reachable right now" (redis-py's
 # ConnectionError, TimeoutError, AuthenticationError, BusyLoadingError... are
 # RedisErrors; error *replies* to our commands are handled before this).
 _UNAVAILABLE = (RedisError, OSError, TimeoutError)
-
-
-def _pack(args: Sequence[Arg]) -> bytes:
-    if not args:
-        raise ValueError("empty Redis command")
-    try:
-        return _pack_command(tuple(args))
-    except TypeError:
-        fixed: list[Arg] = []
-        for a in args:
-            if isinstance(a, bytearray | memoryview):
-                fixed.append(bytes(a))
-            elif isinstance(a, bytes | str | float) or (
-                isinstance(a, int) and not isinstance(a, bool)
-            ):
-                fixed.append(a)
-            else:
-                kind = type(a).__name__
-                raise TypeError(
-                    f"Redis command arguments must be bytes, str, int or float, not {kind}"
-                ) from None
-        return _pack_command(tuple(fixed))
 
 
 def _reply_error(exc: ResponseError) -> RedisReplyError:

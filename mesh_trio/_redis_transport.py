@@ -39,13 +39,15 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 import trio
 
 from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
+from mesh_core._resp import PING as _PING
+from mesh_core._resp import pack as _pack
 
 __all__ = ["RedisReplyError", "RedisUnavailable", "TrioRedisTransport"]
 
@@ -54,9 +56,6 @@ Arg = bytes | str | int | float
 _log = logging.getLogger("mesh_trio.redis")
 
 _READ_SIZE = 65536
-# hiredis' stub types the argument as a 1-tuple; it takes any tuple of str/bytes/int/float.
-_pack_command = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
-_PING = _pack_command(("PING",))
 
 # Errors that mean "the connection is gone" (ssl.SSLError is an OSError).
 _CONN_ERRORS = (
@@ -69,28 +68,6 @@ _CONN_ERRORS = (
 
 
 # --------------------------------------------------------------------- helpers
-
-
-def _pack(args: Sequence[Arg]) -> bytes:
-    if not args:
-        raise ValueError("empty Redis command")
-    try:
-        return _pack_command(tuple(args))
-    except TypeError:
-        fixed: list[Arg] = []
-        for a in args:
-            if isinstance(a, bytearray | memoryview):
-                fixed.append(bytes(a))
-            elif isinstance(a, bytes | str | float) or (
-                isinstance(a, int) and not isinstance(a, bool)
-            ):
-                fixed.append(a)
-            else:
-                kind = type(a).__name__
-                raise TypeError(
-                    f"Redis command arguments must be bytes, str, int or float, not {kind}"
-                ) from None
-        return _pack_command(tuple(fixed))
 
 
 @dataclass(frozen=True)
