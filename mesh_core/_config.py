@@ -45,8 +45,9 @@ class ServerOptions:
     max_violations: int = 100
     #: ``Origin`` header values allowed to upgrade, e.g.
     #: ``["https://app.example.com"]`` (``None``: any; ``"*"`` in the list:
-    #: any, including none); stored as a normalised tuple
-    allowed_origins: Sequence[str] | None = None
+    #: any, including none; ``None`` in the list: requests without an
+    #: ``Origin``, i.e. non-browser clients); stored as a normalised tuple
+    allowed_origins: Sequence[str | None] | None = None
     #: bytes queued for one client before it is dropped as a slow consumer
     max_send_buffer: int = 16 * 1024 * 1024
     #: a socket that has not completed the upgrade by then is dropped
@@ -80,14 +81,16 @@ class ServerOptions:
         allowed = self.allowed_origins
         if allowed is None or "*" in allowed:
             return True
-        return origin is not None and _normal(origin) in allowed
+        if origin is None:
+            return None in allowed
+        return _normal(origin) in allowed
 
 
 def _normal(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
 
 
-def _origins(value: Iterable[str] | str) -> tuple[str, ...]:
+def _origins(value: Iterable[str | None] | str) -> tuple[str | None, ...]:
     if isinstance(value, str):
         value = (value,)
-    return tuple(_normal(origin) for origin in value)
+    return tuple(None if origin is None else _normal(origin) for origin in value)

@@ -148,8 +148,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         dest="allowed_origins",
         metavar="ORIGIN",
-        help="repeat for each Origin allowed to connect, e.g. https://app.example.com "
-        "(default: any)",
+        help="repeat for each Origin allowed to connect, e.g. https://app.example.com; "
+        "'none' admits clients that send no Origin (non-browser) (default: any)",
     )
     shared = serve.add_argument_group("many instances (Redis)")
     shared.add_argument(
@@ -201,7 +201,11 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
             max_send_buffer=send_buffer,
             handshake_timeout=args.handshake_timeout,
             shutdown_timeout=args.shutdown_timeout,
-            allowed_origins=tuple(args.allowed_origins) if args.allowed_origins else None,
+            allowed_origins=(
+                tuple(None if o.lower() == "none" else o for o in args.allowed_origins)
+                if args.allowed_origins
+                else None
+            ),
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None

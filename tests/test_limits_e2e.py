@@ -212,6 +212,15 @@ async def test_allowed_origins(server_cls: Any) -> None:
             assert refused.value.status == 403
         assert len(server.connections.local_connections()) == 1
         await ok.close()
+    # None in the list admits clients that send no Origin (services, bots)
+    server = server_cls(make_app(), allowed_origins=["https://app.example", None], **FAST)
+    async with server.listen():
+        service = await WSClient.connect(server.port)
+        assert await service.request("mesh/noop") is True
+        with pytest.raises(Rejected) as refused:
+            await WSClient.connect(server.port, headers=[(b"Origin", b"https://evil.example")])
+        assert refused.value.status == 403
+        await service.close()
 
 
 # -- read and write policies -----------------------------------------------------------
