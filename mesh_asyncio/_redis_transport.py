@@ -43,6 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
 from mesh_core._resp import PING as _PING
+from mesh_core._resp import on_pubsub_reply
 from mesh_core._resp import pack as _pack
 
 __all__ = ["AsyncioRedisTransport", "RedisReplyError", "RedisUnavailable"]
@@ -382,21 +383,8 @@ class AsyncioRedisTransport:
             while True:
                 msg = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
                 self._pubsub_rx += 1
-                if not isinstance(msg, list) or len(msg) < 2:
-                    continue
-                kind = msg[0]
-                if kind == b"message" and len(msg) == 3:
-                    cb = self._subs.get(msg[1])
-                    if cb is not None:
-                        try:
-                            cb(msg[2])
-                        except Exception:
-                            _log.exception("pub/sub callback for %r failed", msg[1])
-                elif kind == b"subscribe":
+                if on_pubsub_reply(msg, self._subs, self._confirm, _log):
                     subscribed = True
-                    ev = self._confirm.pop(msg[1], None)
-                    if ev is not None:
-                        ev.set()
         except _UNAVAILABLE as exc:
             _log.debug("pub/sub connection lost or refused: %r", exc)
         finally:

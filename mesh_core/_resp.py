@@ -6,12 +6,13 @@ that only users of the Redis store need it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import cast
+import logging
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any, Protocol, TypeVar, cast
 
 import hiredis
 
-__all__ = ["PING", "Arg", "pack"]
+__all__ = ["PING", "Arg", "on_pubsub_reply", "pack"]
 
 Arg = bytes | str | int | float
 
@@ -40,3 +41,38 @@ def pack(args: Sequence[Arg]) -> bytes:
                     f"Redis command arguments must be bytes, str, int or float, not {kind}"
                 ) from None
         return _pack_command(tuple(fixed))
+
+
+class _Settable(Protocol):
+    def set(self) -> None: ...
+
+
+E = TypeVar("E", bound=_Settable)
+
+
+def on_pubsub_reply(
+    msg: Any,
+    subscribers: Mapping[bytes, Callable[[bytes], None]],
+    waiting: MutableMapping[bytes, E],
+    log: logging.Logger,
+) -> bool:
+    """Route one reply read on a pub/sub connection: a message to its
+    channel's callback (a failing callback is logged, delivery goes on), a
+    subscribe confirmation to whoever waits for it. True for a confirmation."""
+    if not isinstance(msg, list) or len(msg) < 2:
+        return False
+    kind = msg[0]
+    if kind == b"message" and len(msg) == 3:
+        callback = subscribers.get(msg[1])
+        if callback is not None:
+            try:
+                callback(msg[2])
+            except Exception:
+                log.exception("pub/sub callback for %r failed", msg[1])
+        return False
+    if kind == b"subscribe":
+        event = waiting.pop(msg[1], None)
+        if event is not None:
+            event.set()
+        return True
+    return False

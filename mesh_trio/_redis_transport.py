@@ -47,6 +47,7 @@ import trio
 
 from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
 from mesh_core._resp import PING as _PING
+from mesh_core._resp import on_pubsub_reply
 from mesh_core._resp import pack as _pack
 
 __all__ = ["RedisReplyError", "RedisUnavailable", "TrioRedisTransport"]
@@ -620,21 +621,8 @@ class TrioRedisTransport:
                     state["rx"] += 1
                     reader.feed(data)  # type: ignore[arg-type]  # any buffer works
                     while (msg := reader.gets()) is not False:
-                        if not isinstance(msg, list) or len(msg) < 2:
-                            continue
-                        kind = msg[0]
-                        if kind == b"message" and len(msg) == 3:
-                            cb = self._subs.get(msg[1])
-                            if cb is not None:
-                                try:
-                                    cb(msg[2])
-                                except Exception:
-                                    _log.exception("pub/sub callback for %r failed", msg[1])
-                        elif kind == b"subscribe":
+                        if on_pubsub_reply(msg, self._subs, self._confirm, _log):
                             subscribed = True
-                            ev = self._confirm.pop(msg[1], None)
-                            if ev is not None:
-                                ev.set()
             except _CONN_ERRORS as exc:
                 _log.debug("pub/sub connection lost: %r", exc)
             finally:
