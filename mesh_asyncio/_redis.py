@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
@@ -12,8 +11,6 @@ from mesh_core._redis import RedisStoreCore
 from ._redis_transport import AsyncioRedisTransport
 
 __all__ = ["RedisStore"]
-
-log = logging.getLogger("mesh_asyncio.redis")
 
 
 class RedisStore(RedisStoreCore):
@@ -36,16 +33,10 @@ class RedisStore(RedisStoreCore):
             url, command_timeout=command_timeout, connect_timeout=connect_timeout
         )
         super().__init__(
-            transport, now_ms=lambda: int(time.time() * 1000), new_event=asyncio.Event, **options
+            transport,
+            now_ms=lambda: int(time.time() * 1000),
+            new_event=asyncio.Event,
+            sleep=asyncio.sleep,
+            **options,
         )
         self.url = url
-
-    async def run(self) -> None:
-        """Heartbeats and sweeps for as long as the server runs."""
-        next_sweep = asyncio.get_running_loop().time() + self.sweep_interval
-        while True:
-            await asyncio.sleep(self.heartbeat_interval)
-            await self._duty(self.heartbeat)
-            if asyncio.get_running_loop().time() >= next_sweep:
-                next_sweep += self.sweep_interval
-                await self._duty(self.sweep)

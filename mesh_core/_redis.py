@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -182,9 +182,9 @@ class RedisStoreCore:
     """A storage driver on a shared Redis; see the module docstring.
 
     The runtime adapters subclass it to supply the transport, a wall clock
-    (``now_ms``), their event type (``new_event``) and the background loops
-    that call :meth:`heartbeat` every ``heartbeat_interval`` and
-    :meth:`sweep` every ``sweep_interval``.
+    (``now_ms``), and their event type and sleep (``new_event``, ``sleep``);
+    the server runs :meth:`run`, which calls :meth:`heartbeat` every
+    ``heartbeat_interval`` and :meth:`sweep` every ``sweep_interval``.
     """
 
     def __init__(
@@ -193,6 +193,7 @@ class RedisStoreCore:
         *,
         now_ms: Callable[[], int],
         new_event: Callable[[], _Event],
+        sleep: Callable[[float], Awaitable[Any]],
         heartbeat_interval: float = 15.0,
         heartbeat_ttl: int = 120,
         sweep_interval: float = 60.0,
@@ -203,6 +204,7 @@ class RedisStoreCore:
         self.transport = transport
         self.now_ms = now_ms
         self.new_event = new_event
+        self.sleep = sleep
         self._writers: dict[tuple[str, str], list[_Update]] = {}
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl = heartbeat_ttl
@@ -273,6 +275,18 @@ class RedisStoreCore:
         return await self._handlers[type(op)](op)
 
     # -- instance liveness ----------------------------------------------------
+
+    async def run(self) -> None:
+        """Heartbeats, and a sweep every ``sweep_interval``, for as long as
+        the server runs (the server runs this beside its listener)."""
+        beats_per_sweep = max(1, round(self.sweep_interval / self.heartbeat_interval))
+        beats = 0
+        while True:
+            await self.sleep(self.heartbeat_interval)
+            await self._duty(self.heartbeat)
+            beats += 1
+            if beats % beats_per_sweep == 0:
+                await self._duty(self.sweep)
 
     async def _duty(self, duty: Callable[[], Any]) -> None:
         """Run a periodic duty; a Redis outage is logged, not raised, so the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -13,8 +12,6 @@ from mesh_core._redis import RedisStoreCore
 from ._redis_transport import TrioRedisTransport
 
 __all__ = ["RedisStore"]
-
-log = logging.getLogger("mesh_trio.redis")
 
 
 class RedisStore(RedisStoreCore):
@@ -37,16 +34,10 @@ class RedisStore(RedisStoreCore):
             url, command_timeout=command_timeout, connect_timeout=connect_timeout
         )
         super().__init__(
-            transport, now_ms=lambda: int(time.time() * 1000), new_event=trio.Event, **options
+            transport,
+            now_ms=lambda: int(time.time() * 1000),
+            new_event=trio.Event,
+            sleep=trio.sleep,
+            **options,
         )
         self.url = url
-
-    async def run(self) -> None:
-        """Heartbeats and sweeps for as long as the server runs."""
-        next_sweep = trio.current_time() + self.sweep_interval
-        while True:
-            await trio.sleep(self.heartbeat_interval)
-            await self._duty(self.heartbeat)
-            if trio.current_time() >= next_sweep:
-                next_sweep += self.sweep_interval
-                await self._duty(self.sweep)
