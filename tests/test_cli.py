@@ -4,55 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from tests.server_process import ROOT, free_port, start_server
 from tests.wsclient import WSClient
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(runtime: str, port: int, *extra: str) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "mesh_core.cli",
-        "serve",
-        "examples.demo:app",
-        "--runtime",
-        runtime,
-        "--port",
-        str(port),
-        *extra,
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                output = proc.stdout.read() if proc.stdout else ""
-                raise AssertionError(f"server exited early: {output}") from None
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("server did not start listening")
 
 
 @pytest.mark.parametrize("runtime", ["asyncio", "trio"])

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,10 +19,10 @@ import pytest
 from examples.demo import app as demo_app
 
 from .redis_server import RedisServer
+from .server_process import ROOT, free_port, start_server
 from .server_thread import ServerThread
 from .wsclient import WSClient
 
-ROOT = Path(__file__).resolve().parent.parent
 QUIET = {"ping_interval": 0, "latency_interval": 0}
 
 
@@ -222,46 +220,16 @@ def test_raw_keys_match_the_shared_layout(redis_server: RedisServer) -> None:
     assert r.exists(b"mesh:instance:" + instance + b":heartbeat") == 0
 
 
-def _serve_subprocess(port: int, url: str) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "mesh_core.cli",
-        "serve",
-        "examples.demo:app",
-        "--port",
-        str(port),
-        "--redis",
-        url,
-        "--ping-interval",
-        "0",
-        "--latency-interval",
-        "0",
-        "--redis-heartbeat-interval",
-        "0.3",
-        "--redis-heartbeat-ttl",
-        "1",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("server did not start")
-
-
 @pytest.mark.parametrize("survivor_runtime", ["asyncio", "trio"])
 def test_killed_instance_is_swept_by_the_survivor(
     redis_server: RedisServer, survivor_runtime: str
 ) -> None:
-    port = _free_port()
-    doomed = _serve_subprocess(port, redis_server.url)
+    port = free_port()
+    doomed = start_server(
+        "asyncio", port, "--redis", redis_server.url, "--ping-interval", "0",
+        "--latency-interval", "0", "--redis-heartbeat-interval", "0.3",
+        "--redis-heartbeat-ttl", "1",
+    )  # fmt: skip
     store = redis_store(
         survivor_runtime,
         redis_server.url,
@@ -306,12 +274,6 @@ def test_killed_instance_is_swept_by_the_survivor(
     finally:
         if doomed.poll() is None:
             doomed.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("runtime", ["asyncio", "trio"])
@@ -380,7 +342,7 @@ def test_workers_need_redis() -> None:
 
 @pytest.mark.parametrize("runtime", ["asyncio", "trio"])
 def test_workers_share_one_port_and_one_state(redis_server: RedisServer, runtime: str) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "mesh_core.cli", "serve", "examples.demo:app", "--port", str(port),
         "--runtime", runtime, "--redis", redis_server.url, "--workers", "2",
