@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from examples.demo import app
+from tests.server_thread import ServerThread
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 NODE = shutil.which("node")
@@ -27,60 +26,6 @@ pytestmark = pytest.mark.skipif(
     NODE is None or not (NODE_DIR / "node_modules" / "ws").is_dir(),
     reason="needs node and `npm ci` in tests/node",
 )
-
-
-def serve_in_thread(runtime: str, **options: Any) -> Iterator[int]:
-    """Run a server for the demo app on its own event loop in a thread."""
-    ready = threading.Event()
-    state: dict[str, Any] = {}
-
-    if runtime == "asyncio":
-        import asyncio
-
-        from mesh_asyncio import MeshServer as AsyncioServer
-
-        async def main_asyncio() -> None:
-            server = AsyncioServer(app, **options)
-            await server.start("127.0.0.1", 0)
-            state["port"] = server.port
-            state["stop"] = asyncio.Event()
-            state["loop"] = asyncio.get_running_loop()
-            ready.set()
-            await state["stop"].wait()
-            await server.close()
-
-        thread = threading.Thread(target=asyncio.run, args=(main_asyncio(),), daemon=True)
-        thread.start()
-        ready.wait(10)
-        try:
-            yield state["port"]
-        finally:
-            state["loop"].call_soon_threadsafe(state["stop"].set)
-            thread.join(15)
-    else:
-        import trio
-
-        from mesh_trio import MeshServer as TrioServer
-
-        async def main_trio() -> None:
-            server = TrioServer(app, **options)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve, "127.0.0.1", 0)
-                state["port"] = server.port
-                state["token"] = trio.lowlevel.current_trio_token()
-                state["stop"] = trio.Event()
-                ready.set()
-                await state["stop"].wait()
-                await server.close()
-
-        thread = threading.Thread(target=trio.run, args=(main_trio,), daemon=True)
-        thread.start()
-        ready.wait(10)
-        try:
-            yield state["port"]
-        finally:
-            trio.from_thread.run_sync(state["stop"].set, trio_token=state["token"])
-            thread.join(15)
 
 
 def run_harness(*args: str, timeout: float = 60) -> dict[str, Any]:
@@ -101,7 +46,8 @@ def run_harness(*args: str, timeout: float = 60) -> dict[str, Any]:
 
 @pytest.mark.parametrize("runtime", ["asyncio", "trio"])
 def test_js_client_scenario_against_demo(runtime: str) -> None:
-    for port in serve_in_thread(runtime):
+    with ServerThread(runtime, app) as server:
+        port = server.port
         result = run_harness(f"ws://127.0.0.1:{port}")
         steps = result["steps"]
         assert result["ok"] is True and not result["failed_checks"]
@@ -121,7 +67,8 @@ def test_js_client_scenario_against_demo(runtime: str) -> None:
 def test_js_client_stays_connected_when_idle(runtime: str) -> None:
     # the client requires pings: with a 1 s ping timeout, a server that did not
     # ping every second would make it reconnect within the 4 s idle window
-    for port in serve_in_thread(runtime, ping_interval=0.5, latency_interval=0.3):
+    with ServerThread(runtime, app, ping_interval=0.5, latency_interval=0.3) as server:
+        port = server.port
         result = run_harness(f"ws://127.0.0.1:{port}", "idle", "4", "1000", "1")
         assert result["ok"] is True
         assert result["counts"]["reconnect"] == 0
