@@ -1,17 +1,26 @@
 """The trio binding of the core: sockets, timers and tasks.
 
-Each connection is two tasks: a reader that feeds the core and a writer that
-flushes what the core queued and runs its timers (the writer sleeps until the
-core's next deadline or until the core wakes it). Request handlers run in the
-server's nursery, so a slow handler never blocks a connection's reads. While
-the core has too many of a client's requests waiting (``reading_paused``),
-the reader waits for a wake-up instead of reading.
+Each connection is one task on a plain non-blocking socket: it waits (through
+``trio.lowlevel``) until the socket is readable, its next timer is due, or
+the core woke it, and feeds the core what it read. Output does not need a
+task of its own: whatever the core queues is written straight away with a
+non-blocking ``send``, by the connection's task when it produced the output
+itself, and otherwise by one flusher task for the whole server, so a room
+broadcast to a thousand members costs one task switch, not a thousand. Only
+when a socket is full does its task wait for it to drain (and stop reading
+from it meanwhile: the core drops consumers that fall too far behind).
+
+Request handlers run in the server's nursery, so a slow handler never blocks
+a connection's reads. While the core has too many of a client's requests
+waiting (``reading_paused``), the connection's task stops reading.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,27 +33,61 @@ __all__ = ["MeshServer"]
 
 log = logging.getLogger("mesh_trio")
 
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+_READ_SIZE = 65536
+# what a connection's task waits for (besides its next timer and a wake-up)
+_RUN, _READABLE, _WRITABLE, _TIMER = range(4)
+# accept() errors that mean "out of resources right now": wait and retry
+# (as trio.serve_listeners does), instead of ending the accept loop
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 class _Link:
-    """One accepted socket and its core state machine."""
+    """One accepted socket, its core state machine, and what is left to send."""
 
-    __slots__ = ("proto", "readable", "send_scope", "stream", "wakeup")
+    __slots__ = (
+        "closed_at",
+        "dirty",
+        "done",
+        "eof",
+        "out",
+        "proto",
+        "scope",
+        "server",
+        "sock",
+        "waiting_for",
+        "woken",
+    )
 
-    def __init__(self, stream: trio.SocketStream, proto: ServerConnection) -> None:
-        self.stream = stream
+    def __init__(self, server: MeshServer, sock: socket.socket, proto: ServerConnection) -> None:
+        self.server = server
+        self.sock = sock
         self.proto = proto
-        self.wakeup = trio.Event()
-        self.readable = trio.Event()
-        self.send_scope: trio.CancelScope | None = None
+        # the wait the connection's task is in (None while it runs)
+        self.scope: trio.CancelScope | None = None
+        self.out: memoryview | None = None  # output the socket did not take yet
+        self.dirty = False  # queued for the flusher
+        self.woken = False  # the core queued something since the last pump
+        self.done = False  # the socket is closed
+        self.eof = False  # the peer sent everything it will send
+        self.closed_at: float | None = None  # when the core reached CLOSED
+        self.waiting_for = _RUN
         proto.wake = self.wake
 
+    def wanted(self) -> int:
+        """What the connection's task has to wait for next."""
+        if self.out is not None:
+            return _WRITABLE
+        if self.eof or self.proto.reading_paused or self.proto.state is State.CLOSED:
+            return _TIMER
+        return _READABLE
+
     def wake(self) -> None:
-        self.wakeup.set()
-        self.readable.set()
-        if self.proto.aborted and self.send_scope is not None:
-            self.send_scope.cancel()  # the peer is not reading: stop waiting on it
+        self.woken = True
+        if self.scope is not None and not self.dirty:
+            # the task is waiting: the flusher writes for it
+            self.dirty = True
+            self.server._to_flush.append(self)
+            self.server._flush_needed.set()
 
 
 class MeshServer(ServerCore):
@@ -54,8 +97,10 @@ class MeshServer(ServerCore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._nursery: trio.Nursery | None = None
-        self._listeners: list[trio.SocketListener] = []
+        self._listeners: list[socket.socket] = []
         self._links: set[_Link] = set()
+        self._to_flush: list[_Link] = []
+        self._flush_needed = trio.Event()
         self._stop_requested: trio.Event | None = None
         self._stopped: trio.Event | None = None
 
@@ -75,7 +120,7 @@ class MeshServer(ServerCore):
         """The port actually bound (useful after listening on port 0)."""
         if not self._listeners:
             raise RuntimeError("the server is not listening")
-        return int(self._listeners[0].socket.getsockname()[1])
+        return int(self._listeners[0].getsockname()[1])
 
     async def serve(
         self,
@@ -94,40 +139,74 @@ class MeshServer(ServerCore):
         try:
             await self._start_storage()
             if reuse_port:
-                self._listeners = [await _reuse_port_listener(host, port)]
+                self._listeners = [_reuse_port_socket(host, port)]
             else:
-                self._listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
-            for listener in self._listeners:
-                name = listener.socket.getsockname()
+                self._listeners = [
+                    _plain(listener.socket)
+                    for listener in await trio.open_tcp_listeners(port, host=host, backlog=1024)
+                ]
+            for sock in self._listeners:
+                name = sock.getsockname()
                 log.info("Mesh server (trio) listening on ws://%s:%d", name[0], name[1])
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 accepting = trio.CancelScope()
-                nursery.start_soon(self._accept, accepting)
+                nursery.start_soon(self._accept_all, accepting)
+                nursery.start_soon(self._flusher)
                 duties = getattr(self.storage, "run", None)  # heartbeats, sweeps (Redis)
                 if callable(duties):
                     nursery.start_soon(duties)
                 task_status.started(self)
                 await self._stop_requested.wait()
                 accepting.cancel()
-                for listener in self._listeners:
-                    await listener.aclose()
+                self._close_listeners()
                 await self._shutdown()
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
-            self._listeners = []
+            self._close_listeners()
             with trio.CancelScope(shield=True):
                 await self._stop_storage()
             self._stopped.set()
             self._stop_requested = None
 
-    async def _accept(self, scope: trio.CancelScope) -> None:
-        assert self._nursery is not None
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        self._listeners = []
+
+    async def _accept_all(self, scope: trio.CancelScope) -> None:
         with scope:
-            await trio.serve_listeners(
-                self._handle_stream, self._listeners, handler_nursery=self._nursery
-            )
+            async with trio.open_nursery() as nursery:
+                for sock in self._listeners:
+                    nursery.start_soon(self._accept, sock)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        nursery = self._nursery
+        assert nursery is not None
+        while True:
+            if listener.fileno() == -1:
+                return  # closed before this task first ran
+            try:
+                await trio.lowlevel.wait_readable(listener)
+            except trio.ClosedResourceError:
+                return
+            for _ in range(64):  # a burst of connections does not starve the others
+                try:
+                    sock, peer = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_RETRY:
+                        raise
+                    log.error("accept() failed: %s; retrying in 100 ms", exc)
+                    await trio.sleep(0.1)
+                    break
+                sock.setblocking(False)
+                if sock.family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nursery.start_soon(self._serve_link, sock, peer)
 
     async def _shutdown(self) -> None:
         deadline = trio.current_time() + self.options.shutdown_timeout
@@ -159,94 +238,137 @@ class MeshServer(ServerCore):
             finally:
                 await self.close()
 
+    # -- output ---------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        """Writes for connections whose task is waiting (broadcasts, replies
+        from handler tasks): one task switch for any number of them."""
+        while True:
+            await self._flush_needed.wait()
+            self._flush_needed = trio.Event()
+            links, self._to_flush = self._to_flush, []
+            for link in links:
+                link.dirty = False
+                if link.scope is None or link.done:
+                    continue  # its own task is running and pumps it
+                deadline = self._pump(link)
+                scope = link.scope
+                if link.wanted() != link.waiting_for or link.proto.state is State.CLOSED:
+                    scope.cancel()  # its task has to wait for another thing
+                elif scope.deadline != deadline:
+                    scope.deadline = deadline
+
+    def _pump(self, link: _Link) -> float:
+        """Feed the core's events to the server, write what the core queued
+        (as far as the socket takes it without blocking); return the time at
+        which the core's next timer is due."""
+        proto = link.proto
+        while True:
+            link.woken = False
+            events = proto.events()
+            if events:
+                self._handle_events(proto, events)
+            if link.out is None and not link.done:
+                data = proto.data_to_send()
+                if data:
+                    self._send(link, data)
+            if not link.woken:
+                break
+        deadline = proto.next_deadline()
+        return math.inf if deadline is None else deadline
+
+    def _send(self, link: _Link, data: bytes | memoryview) -> None:
+        try:
+            sent = link.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            link.out = None
+            link.proto.receive_data(None, trio.current_time())  # the peer is gone
+            link.woken = True
+            return
+        link.out = memoryview(data)[sent:] if sent < len(data) else None
+
     # -- one connection -------------------------------------------------------
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        try:
-            peer = stream.socket.getpeername()
-            address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
-        except OSError:
-            address = None
-        link = _Link(stream, self._new_protocol(address, trio.current_time()))
+    async def _serve_link(self, sock: socket.socket, peer: Any) -> None:
+        address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        link = _Link(self, sock, self._new_protocol(address, trio.current_time()))
+        proto = link.proto
         self._links.add(link)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read, link)
-                await self._write(link)
-                nursery.cancel_scope.cancel()
+            while True:
+                deadline = self._pump(link)
+                now = trio.current_time()
+                if proto.state is State.CLOSED:
+                    if link.out is None or proto.aborted:
+                        return
+                    # flush the close frame, but not for longer than close_timeout
+                    if link.closed_at is None:
+                        link.closed_at = now
+                    deadline = min(deadline, link.closed_at + self.options.close_timeout)
+                    if deadline <= now:
+                        return
+                elif deadline <= now:
+                    proto.tick(now)
+                    continue
+                wanted = link.wanted()
+                with trio.CancelScope(deadline=deadline) as scope:
+                    link.scope = scope
+                    link.waiting_for = wanted
+                    try:
+                        if wanted == _READABLE:
+                            await trio.lowlevel.wait_readable(sock)
+                        elif wanted == _WRITABLE:
+                            await trio.lowlevel.wait_writable(sock)
+                        else:
+                            await trio.sleep_forever()
+                    finally:
+                        link.scope = None
+                        link.waiting_for = _RUN
+                if scope.cancelled_caught:
+                    continue  # a timer is due, or the flusher wants another wait
+                if wanted == _WRITABLE:
+                    if link.out is not None:
+                        self._send(link, link.out)
+                    continue
+                try:
+                    data = sock.recv(_READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    link.eof = True
+                proto.receive_data(data or None, trio.current_time())
         finally:
             self._links.discard(link)
-            link.proto.receive_data(None, trio.current_time())
-            self._feed(link)
-            with trio.CancelScope(shield=True):
-                if link.proto.aborted:
-                    await trio.aclose_forcefully(stream)
-                else:
-                    await _close(stream)
-
-    def _feed(self, link: _Link) -> None:
-        events = link.proto.events()
-        if events:
-            self._handle_events(link.proto, events)
-
-    async def _read(self, link: _Link) -> None:
-        proto = link.proto
-        while True:
-            while proto.reading_paused:
-                link.readable = trio.Event()
-                await link.readable.wait()
-            try:
-                data = await link.stream.receive_some(65536)
-            except _GONE:
-                data = b""
-            proto.receive_data(data or None, trio.current_time())
-            self._feed(link)
-            link.wake()
-            if not data:
-                return
-
-    async def _write(self, link: _Link) -> None:
-        proto = link.proto
-        while True:
-            self._feed(link)
-            data = proto.data_to_send()
-            if data:
-                with trio.CancelScope() as scope:
-                    link.send_scope = scope
-                    try:
-                        await link.stream.send_all(data)
-                    except _GONE:
-                        proto.receive_data(None, trio.current_time())
-                link.send_scope = None
-                continue
-            if proto.state is State.CLOSED:
-                return
-            now = trio.current_time()
-            deadline = proto.next_deadline()
-            if deadline is not None and deadline <= now:
-                proto.tick(now)
-                continue
-            link.wakeup = trio.Event()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await link.wakeup.wait()
+            proto.receive_data(None, trio.current_time())
+            link.done = True
+            self._pump(link)
+            sock.close()
 
 
-async def _close(stream: trio.SocketStream) -> None:
-    with trio.move_on_after(1.0):
-        await stream.aclose()
+def _plain(sock: trio.socket.SocketType) -> socket.socket:
+    """The listening socket as a plain non-blocking socket (trio sockets own
+    their file descriptor; ``detach`` hands it over)."""
+    plain = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    plain.setblocking(False)
+    return plain
 
 
-async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
     """One listening socket with SO_REUSEPORT, so several worker processes
     can accept on the same port (``mesh serve --workers``)."""
-    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
-    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
-        await sock.bind((host, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
         sock.listen(1024)
+        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return sock
