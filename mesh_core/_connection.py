@@ -476,10 +476,15 @@ class ServerConnection:
         """Queue one encoded JSON message; ``False`` if the connection is not
         open. A client whose queue passes ``max_send_buffer`` is dropped as a
         slow consumer (code 1013, socket dropped) rather than let memory grow."""
+        return self.send_frame(text_frame(payload))
+
+    def send_frame(self, frame: bytes) -> bool:
+        """:meth:`send_message` for a message already framed by
+        :func:`text_frame`, so a broadcast is framed once for every member."""
         if self.state is not State.OPEN:
             return False
         was_idle = not self._out
-        self._out += text_frame(payload)
+        self._out += frame
         if len(self._out) > self.options.max_send_buffer:
             # the client is not reading: a close frame would queue behind the
             # backlog it ignores, so drop the socket instead

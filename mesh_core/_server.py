@@ -20,7 +20,14 @@ from . import _ops as ops
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
 from ._config import ServerOptions
-from ._connection import CloseCode, ConnectionLost, Event, HandshakeReceived, RequestReceived
+from ._connection import (
+    CloseCode,
+    ConnectionLost,
+    Event,
+    HandshakeReceived,
+    RequestReceived,
+    text_frame,
+)
 from ._connection import ServerConnection as Protocol
 from ._errors import MeshError, error_payload, not_found_payload
 from ._frames import encode_json, encode_push
@@ -382,14 +389,15 @@ class ServerCore:
 
     def _runs_inline(self, command: str) -> bool:
         """Whether a request can be answered without a task of its own: a
-        built-in on the in-memory store, with no application code (middleware,
-        policy functions) on its path, never waits, so it runs right here.
-        That is most traffic, and a task per request is most of its cost."""
+        built-in on the in-memory store (or one that touches no store), with
+        no application code (middleware, policy functions) on its path, never
+        waits, so it runs right here. That is most traffic, and a task per
+        request is most of its cost."""
         app = self.app
         return (
             command in BUILTINS
             and command not in app.commands
-            and type(self.storage) is MemoryStore
+            and (type(self.storage) is MemoryStore or command in _STORELESS)
             and not app.global_middleware
             and command not in app.command_middleware
             and not (callable(app.client_metadata_writes) and command in _WRITES_POLICED)
@@ -539,12 +547,15 @@ class ServerCore:
         """Send to the ids held here; return the ids held elsewhere."""
         remote = []
         local = self._local
+        frame = None
         for cid in connection_ids:
             connection = local.get(cid)
             if connection is None:
                 remote.append(cid)
             else:
-                connection.proto.send_message(data)
+                if frame is None:
+                    frame = text_frame(data)
+                connection.proto.send_frame(frame)
         return remote
 
     def _deliver_from_elsewhere(
@@ -608,6 +619,8 @@ def _id_set(exclude: ConnectionRef | Iterable[ConnectionRef]) -> set[str]:
     return {_cid(item) for item in exclude}
 
 
+#: built-ins that yield no storage operation: inline on any store
+_STORELESS = frozenset({"mesh/noop"})
 #: built-ins on whose path a policy function of the application runs
 _WRITES_POLICED = frozenset({"mesh/set-my-connection-metadata"})
 _READS_POLICED = frozenset({"mesh/get-connection-metadata", "mesh/join-room"})

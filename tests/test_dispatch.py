@@ -883,3 +883,27 @@ async def test_application_code_on_the_path_means_a_task() -> None:
     await server.run_spawned()
     assert sorted(f["id"] for f in client.frames()) == [1, 2]
     assert seen == ["mesh/noop"]
+
+
+class _OtherStore(MemoryStore):
+    """Any store but the in-memory one: its operations may wait."""
+
+
+async def test_on_other_stores_only_builtins_without_storage_are_inline() -> None:
+    server = FakeServer(MeshApp(), storage=_OtherStore(), instance_id="inst-test")
+    client = await connect(server)
+    server._handle_events(client.proto, [RequestReceived(1, "mesh/noop", {})])
+    server._handle_events(client.proto, [RequestReceived(2, "mesh/get-room-metadata", {})])
+    assert [(f["id"], f["payload"]) for f in client.frames()] == [(1, True)]
+    assert len(server.spawned) == 1  # the read waits on the store: a task
+    await server.run_spawned()
+    assert [f["id"] for f in client.frames()] == [2]
+
+
+def test_storeless_builtins_yield_no_operation() -> None:
+    from mesh_core._builtins import BUILTINS
+    from mesh_core._server import _STORELESS
+
+    for name in _STORELESS:
+        with pytest.raises(StopIteration):
+            next(BUILTINS[name]("conn-1", {}))
