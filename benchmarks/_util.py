@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +132,38 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
 
 def python() -> str:
     return sys.executable
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A throw-away ``redis-server`` on a free port (no persistence), stopped
+    by pid: the benchmarks never write into a Redis someone else runs."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt install redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-redis-") as tmp:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+                "--loglevel",
+                "warning",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(port, proc)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            stop_process(proc)
