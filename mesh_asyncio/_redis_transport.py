@@ -19,9 +19,20 @@ encoded by ``hiredis.pack_command`` exactly as in the trio transport.
   backoff and re-subscribed after an outage; a PING every
   ``health_check_interval`` seconds detects silently dead connections.
 
-URL forms (redis-py's): ``redis://[[user]:password@]host[:port][/db]``,
-``rediss://...`` (``?ssl_cert_reqs=none`` etc.), ``unix:///path?db=N&password=...``.
-Sentinel and Cluster are not supported by this transport yet.
+* Sentinel (``redis+sentinel://``): both the command pool and the pub/sub
+  pool are redis-py ``SentinelConnectionPool`` s, whose connections ask the
+  sentinels for the master's address on every (re)connect; a ``READONLY``
+  reply (the master was demoted) drops that connection, is reported as
+  ``RedisUnavailable``, and the next command asks the sentinels again.
+
+URL forms (checked by ``mesh_core._redis_url``; plain URLs are then read by
+redis-py, which knows more query options): ``redis://[[user]:password@]host[:port][/db]``,
+``rediss://...`` (``?ssl_cert_reqs=none`` etc.), ``unix:///path?db=N&password=...``,
+``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``
+``[?sentinel_password=...&sentinel_username=...]`` (sentinel port 26379 by
+default; the credentials before ``@`` are the master's) and
+``rediss+sentinel://...`` (TLS to the master, clear text to the sentinels).
+Cluster is not supported by this transport yet.
 """
 
 from __future__ import annotations
@@ -37,11 +48,13 @@ from typing import Any, cast
 import redis.asyncio as aredis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
+from mesh_core._redis_url import SentinelEndpoint, parse_redis_url
 from mesh_core._resp import PING as _PING
 from mesh_core._resp import on_pubsub_reply
 from mesh_core._resp import pack as _pack
@@ -76,6 +89,11 @@ def _fix_nested_errors(reply: list[Any]) -> list[Any]:
         elif type(item) is list:
             _fix_nested_errors(item)
     return reply
+
+
+#: a command or pipeline that joined an auto-pipelined batch: its packed
+#: commands, how many replies it expects, and where they go
+_Joined = tuple[bytes, int, "asyncio.Future[list[Any]]"]
 
 
 def _unavailable(exc: BaseException, what: str) -> RedisUnavailable:
@@ -119,19 +137,27 @@ class AsyncioRedisTransport:
             "decode_responses": False,
             **connection_kwargs,
         }
+        target = parse_redis_url(url)  # one parser for both runtimes: same errors, same forms
         if not url.lower().startswith("unix:"):
             kwargs.setdefault("socket_keepalive", True)
-        self._pool: aredis.ConnectionPool = aredis.ConnectionPool.from_url(
-            url, max_connections=max_connections, **kwargs
-        )
+        self._sentinel: Sentinel | None = None
+        self._pool: aredis.ConnectionPool
+        self._pubsub_pool: aredis.ConnectionPool
+        if isinstance(target, SentinelEndpoint):
+            self._sentinel = self._sentinel_manager(target)
+            self._pool = self._sentinel_pool(target, max_connections, kwargs)
+            self._pubsub_pool = self._sentinel_pool(target, 1, kwargs)
+        else:
+            # redis-py reads the URL itself: it knows more query options than ours
+            self._pool = aredis.ConnectionPool.from_url(
+                url, max_connections=max_connections, **kwargs
+            )
+            self._pubsub_pool = aredis.ConnectionPool.from_url(url, max_connections=1, **kwargs)
         self._slots = asyncio.Semaphore(max_connections)
-        self._pubsub_pool: aredis.ConnectionPool = aredis.ConnectionPool.from_url(
-            url, max_connections=1, **kwargs
-        )
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         # auto-pipelining
-        self._batch: list[tuple[bytes, asyncio.Future[Any] | None]] | None = None
+        self._batch: list[tuple[bytes, int, asyncio.Future[list[Any]] | None]] | None = None
         # pub/sub
         self._subs: dict[bytes, Callable[[bytes], None]] = {}
         self._confirm: dict[bytes, asyncio.Event] = {}
@@ -140,6 +166,54 @@ class AsyncioRedisTransport:
         self._pubsub_lock = asyncio.Lock()
         self._pubsub_rx = 0
         self._pubsub_stale = False
+
+    def _sentinel_manager(self, target: SentinelEndpoint) -> Sentinel:
+        """redis-py's sentinel client, asking the sentinels of ``target`` in turn."""
+        sentinel_kwargs: dict[str, Any] = {
+            # A sentinel that accepts but does not answer must not stall the
+            # discovery: after command_timeout the next sentinel is asked.
+            "socket_timeout": self._command_timeout,
+            "socket_connect_timeout": self._connect_timeout,
+            "socket_keepalive": True,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+            "username": target.sentinel_username,
+            "password": target.sentinel_password,
+        }
+        return Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels), sentinel_kwargs=sentinel_kwargs
+        )
+
+    def _sentinel_pool(
+        self, target: SentinelEndpoint, max_connections: int, kwargs: dict[str, Any]
+    ) -> aredis.ConnectionPool:
+        """A pool whose connections ask the sentinels for the master on every (re)connect.
+
+        redis-py's ``SentinelManagedConnection`` also turns a ``READONLY``
+        reply (a demoted master) into a disconnect plus ``ConnectionError``,
+        which callers see as ``RedisUnavailable``; the next command asks the
+        sentinels again.
+        """
+        master = target.master
+        pool_kwargs: dict[str, Any] = {
+            "db": master.db,
+            "username": master.username,
+            "password": master.password,
+            **kwargs,
+            "max_connections": max_connections,
+        }
+        if master.tls:
+            pool_kwargs["ssl"] = True
+            pool_kwargs.setdefault("ssl_cert_reqs", master.ssl_cert_reqs)
+            if master.ssl_ca_certs is not None:
+                pool_kwargs.setdefault("ssl_ca_certs", master.ssl_ca_certs)
+            if master.ssl_cert_reqs != "required":
+                pool_kwargs.setdefault("ssl_check_hostname", False)
+        assert self._sentinel is not None
+        pool: aredis.ConnectionPool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            target.service_name, self._sentinel, **pool_kwargs
+        )
+        return pool
 
     # -- lifecycle
 
@@ -168,7 +242,7 @@ class AsyncioRedisTransport:
         """Close every connection and end every background task."""
         self._closed = True
         batch, self._batch = self._batch or [], None
-        for _, fut in batch:
+        for _, _, fut in batch:
             if fut is not None and not fut.done():
                 fut.set_exception(RedisUnavailable("Redis transport is closed"))
         tasks = list(self._tasks)
@@ -179,6 +253,9 @@ class AsyncioRedisTransport:
         self._pubsub_conn = None
         await self._pool.disconnect()
         await self._pubsub_pool.disconnect()
+        if self._sentinel is not None:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await self._sentinel.aclose()
 
     # -- commands
 
@@ -216,56 +293,59 @@ class AsyncioRedisTransport:
         self._check_open()
         data = _pack(args)
         if self._auto_pipeline:
-            reply = await self._execute_batched(data)
+            reply = (await self._batched(data, 1))[0]
         else:
             reply = (await self._roundtrip(data, 1))[0]
         if isinstance(reply, RedisReplyError):
             raise reply
         return reply
 
-    async def _execute_batched(self, data: bytes) -> Any:
+    async def _batched(self, data: bytes, count: int) -> list[Any]:
         """Auto-pipelining: the first caller of a loop iteration leads a batch.
 
-        The leader yields once; every execute() issued meanwhile joins its
-        batch. Alone, the leader just runs its command (no extra task); with
-        followers, one task sends the batch as a pipeline and hands each
-        caller its reply.
+        The leader yields once; every execute() or pipeline() issued
+        meanwhile joins its batch (a pipeline's commands stay contiguous).
+        Alone, the leader just runs its commands (no extra task); with
+        followers, one task sends the batch as one pipeline and hands each
+        caller its ``count`` replies.
         """
         loop = asyncio.get_running_loop()
         batch = self._batch
         if batch is not None:
-            fut: asyncio.Future[Any] = loop.create_future()
-            batch.append((data, fut))
+            fut: asyncio.Future[list[Any]] = loop.create_future()
+            batch.append((data, count, fut))
             if len(batch) >= self._max_batch:
                 self._batch = None  # full: the next caller leads a new batch
             return await fut
-        batch = self._batch = [(data, None)]
+        batch = self._batch = [(data, count, None)]
         try:
             await asyncio.sleep(0)
         except BaseException:
             if self._batch is batch:
                 self._batch = None
-            followers = [(d, f) for d, f in batch[1:] if f is not None]
+            followers = [(d, n, f) for d, n, f in batch[1:] if f is not None]
             if followers:
                 self._spawn(self._run_batch(followers))
             raise
         if self._batch is batch:
             self._batch = None
         if len(batch) == 1:
-            return (await self._roundtrip(data, 1))[0]
+            return await self._roundtrip(data, count)
         fut = loop.create_future()
-        batch[0] = (data, fut)
-        self._spawn(self._run_batch(cast(list[tuple[bytes, asyncio.Future[Any]]], batch)))
+        batch[0] = (data, count, fut)
+        self._spawn(self._run_batch(cast(list[_Joined], batch)))
         return await fut
 
-    async def _run_batch(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
+    async def _run_batch(self, batch: list[_Joined]) -> None:
         try:
             if len(batch) == 1:
-                replies = await self._roundtrip(batch[0][0], 1)
+                replies = await self._roundtrip(batch[0][0], batch[0][1])
             else:
-                replies = await self._roundtrip(b"".join([d for d, _ in batch]), len(batch))
+                replies = await self._roundtrip(
+                    b"".join([d for d, _, _ in batch]), sum([n for _, n, _ in batch])
+                )
         except BaseException as exc:
-            for _, fut in batch:
+            for _, _, fut in batch:
                 if not fut.done():
                     if isinstance(exc, RedisUnavailable):
                         err: BaseException = RedisUnavailable(str(exc))
@@ -278,12 +358,15 @@ class AsyncioRedisTransport:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, fut), reply in zip(batch, replies, strict=True):
+        start = 0
+        for _, n, fut in batch:
             if not fut.done():
-                fut.set_result(reply)
+                fut.set_result(replies[start : start + n])
+            start += n
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
-        """Run commands in one round trip (not a transaction).
+        """Run commands in one round trip (not a transaction), joining the
+        commands other tasks issue meanwhile when auto-pipelining is on.
 
         Error replies come back as ``RedisReplyError`` instances in the list.
         """
@@ -291,7 +374,10 @@ class AsyncioRedisTransport:
         if not commands:
             await asyncio.sleep(0)
             return []
-        return await self._roundtrip(b"".join([_pack(c) for c in commands]), len(commands))
+        data = b"".join([_pack(c) for c in commands])
+        if self._auto_pipeline:
+            return await self._batched(data, len(commands))
+        return await self._roundtrip(data, len(commands))
 
     # -- pub/sub
 

@@ -24,10 +24,23 @@ Design:
 * Background tasks run in a nursery passed as ``nursery=`` or, by default, in
   a trio system task owned by the transport; ``aclose()`` ends all of them.
 
-URL forms: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...``
-(TLS; ``?ssl_cert_reqs=none|optional|required&ssl_ca_certs=/path``),
-``unix:///path/to/socket?db=N&password=...``. Sentinel and Cluster are not
-supported by this transport.
+* Sentinel (``redis+sentinel://``): before every connect (command or pub/sub
+  connection, first or after a loss) the sentinels are asked in turn
+  ``SENTINEL get-master-addr-by-name``, and the node they name must say
+  ``ROLE`` master, else the next sentinel is asked. A ``READONLY`` reply means
+  the node was demoted: its connection is dropped (callers waiting on it get
+  ``RedisUnavailable``) so the next command asks the sentinels again. When a
+  connect finds the master moved, connections to the previous one are dropped.
+
+URL forms (parsed by ``mesh_core._redis_url``):
+``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS;
+``?ssl_cert_reqs=none|optional|required&ssl_ca_certs=/path``),
+``unix:///path/to/socket?db=N&password=...``,
+``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``
+``[?sentinel_password=...&sentinel_username=...]`` (sentinel port 26379 by
+default; the credentials before ``@`` are the master's) and
+``rediss+sentinel://...`` (TLS to the master, clear text to the sentinels).
+Cluster is not supported by this transport.
 """
 
 from __future__ import annotations
@@ -38,14 +51,14 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 import trio
 
 from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
+from mesh_core._redis_url import RedisEndpoint, SentinelEndpoint, parse_redis_url
 from mesh_core._resp import PING as _PING
 from mesh_core._resp import on_pubsub_reply
 from mesh_core._resp import pack as _pack
@@ -71,59 +84,7 @@ _CONN_ERRORS = (
 # --------------------------------------------------------------------- helpers
 
 
-@dataclass(frozen=True)
-class _Endpoint:
-    host: str = "localhost"
-    port: int = 6379
-    unix_path: str | None = None
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ssl_cert_reqs: str = "required"
-    ssl_ca_certs: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
-
-
-def _parse_url(url: str) -> _Endpoint:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"unsupported Redis URL scheme {scheme!r} (redis://, rediss://, unix://)")
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items() if v}
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    password = query.get("password", password)
-    username = query.get("username", username)
-    db_text = query.get("db")
-    if scheme == "unix":
-        if not parts.path:
-            raise ValueError(f"unix Redis URL without a socket path: {url!r}")
-        return _Endpoint(
-            unix_path=unquote(parts.path),
-            db=int(db_text or 0),
-            username=username,
-            password=password,
-        )
-    path = parts.path.lstrip("/")
-    if db_text is None and path:
-        db_text = path
-    return _Endpoint(
-        host=parts.hostname or "localhost",
-        port=parts.port or 6379,
-        db=int(db_text or 0),
-        username=username,
-        password=password,
-        tls=scheme == "rediss",
-        ssl_cert_reqs=query.get("ssl_cert_reqs", "required").lower(),
-        ssl_ca_certs=query.get("ssl_ca_certs"),
-    )
-
-
-def _ssl_context(ep: _Endpoint) -> ssl.SSLContext:
+def _ssl_context(ep: RedisEndpoint) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=ep.ssl_ca_certs)
     if ep.ssl_cert_reqs == "none":
         ctx.check_hostname = False
@@ -132,6 +93,33 @@ def _ssl_context(ep: _Endpoint) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
+
+
+class _Demoted(Exception):
+    """A READONLY reply on a Sentinel-managed connection: Sentinel made it a replica."""
+
+
+def _addr_label(address: tuple[str, int]) -> str:
+    host, port = address
+    return RedisEndpoint(host=host, port=port).label
+
+
+async def _exchange(
+    stream: trio.abc.Stream, reader: hiredis.Reader, commands: Sequence[Sequence[Arg]]
+) -> list[Any]:
+    """Send ``commands`` in one write and read one reply each (connection set-up only)."""
+    await stream.send_all(b"".join(_pack(c) for c in commands))
+    replies: list[Any] = []
+    while len(replies) < len(commands):
+        reply = reader.gets()
+        if reply is False:
+            data = await stream.receive_some(_READ_SIZE)
+            if not data:
+                raise EOFError("connection closed by Redis")
+            reader.feed(data)  # type: ignore[arg-type]  # any buffer works
+            continue
+        replies.append(reply)
+    return replies
 
 
 class _Waiter:
@@ -149,10 +137,20 @@ class _Waiter:
 class _Conn:
     """A multiplexed command connection: one reader task, one writer task."""
 
-    def __init__(self, stream: trio.abc.Stream, reader: hiredis.Reader, label: str) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        reader: hiredis.Reader,
+        label: str,
+        *,
+        sentinel_managed: bool = False,
+    ) -> None:
         self.stream = stream
         self.reader = reader
         self.label = label
+        # A master that Sentinel demoted answers writes with READONLY; only then
+        # is that reply a reason to drop the connection (and ask the sentinels).
+        self.sentinel_managed = sentinel_managed
         self.pending: deque[_Waiter] = deque()
         self.outbuf: list[bytes] = []
         self.lot = trio.lowlevel.ParkingLot()
@@ -239,6 +237,12 @@ class _Conn:
                     pending = self.pending
                     while (reply := gets()) is not False:
                         self.replies_seen += 1
+                        if (
+                            self.sentinel_managed
+                            and type(reply) is RedisReplyError
+                            and str(reply).startswith("READONLY")
+                        ):
+                            raise _Demoted(str(reply))
                         w = pending[0]
                         w.replies.append(reply)
                         if len(w.replies) == w.expected:
@@ -246,6 +250,8 @@ class _Conn:
                             w.event.set()
             except _CONN_ERRORS as exc:
                 self.fail(RedisUnavailable(f"Redis connection to {self.label} lost: {exc!r}"))
+            except _Demoted as exc:
+                self.fail(RedisUnavailable(f"Redis at {self.label} is no longer the master: {exc}"))
             except IndexError:  # a reply nobody asked for: the stream is out of sync
                 self.fail(RedisUnavailable(f"Redis connection to {self.label}: unexpected reply"))
             except Exception as exc:
@@ -291,7 +297,19 @@ class TrioRedisTransport:
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
-        self._ep = _parse_url(url)
+        target = parse_redis_url(url)
+        # With Sentinel, ``_ep`` holds the master's credentials/db/TLS; its
+        # address is asked of the sentinels before every connect.
+        self._sentinel: SentinelEndpoint | None = None
+        self._sentinels: list[tuple[str, int]] = []  # the last one that answered first
+        self._master_address: tuple[str, int] | None = None
+        if isinstance(target, SentinelEndpoint):
+            self._sentinel = target
+            self._sentinels = list(target.sentinels)
+            self._ep = target.master
+        else:
+            self._ep = target
+        self._label = target.label
         self._ssl_context = ssl_context
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
@@ -311,6 +329,7 @@ class TrioRedisTransport:
         self._confirm: dict[bytes, trio.Event] = {}
         self._pubsub_running = False
         self._pubsub_current: tuple[trio.abc.Stream, trio.CancelScope] | None = None
+        self._pubsub_label = ""
         self._pubsub_lock = trio.Lock()
 
     # -- lifecycle
@@ -372,8 +391,28 @@ class TrioRedisTransport:
 
     # -- connections
 
-    async def _open_stream(self) -> tuple[trio.abc.Stream, hiredis.Reader]:
-        ep = self._ep
+    @property
+    def _attempt_timeout(self) -> float:
+        """Bound on one connect attempt, as a safety net over its per-step bounds.
+
+        With Sentinel an attempt may ask every sentinel (connect + one command
+        each) before connecting to the master it names.
+        """
+        if self._sentinel is None:
+            return self._connect_timeout
+        per_sentinel = self._connect_timeout + self._command_timeout
+        return len(self._sentinels) * per_sentinel + self._connect_timeout
+
+    async def _open_stream(self) -> tuple[trio.abc.Stream, hiredis.Reader, str]:
+        """A connected, authenticated stream to the (current) master, and its label."""
+        if self._sentinel is None:
+            stream, reader = await self._open_node(self._ep)
+            return stream, reader, self._ep.label
+        return await self._open_sentinel_master(self._sentinel)
+
+    async def _open_node(
+        self, ep: RedisEndpoint, *, expect_master: bool = False
+    ) -> tuple[trio.abc.Stream, hiredis.Reader]:
         stream: trio.abc.Stream
         try:
             if ep.unix_path is not None:
@@ -399,18 +438,22 @@ class TrioRedisTransport:
                     hello.append(("AUTH", ep.password))
             if ep.db:
                 hello.append(("SELECT", ep.db))
+            if expect_master:
+                # A sentinel's answer may be stale (a failover in progress): only
+                # the node itself can say it accepts writes.
+                hello.append(("ROLE",))
             if hello:
-                await stream.send_all(b"".join(_pack(c) for c in hello))
-                for cmd in hello:
-                    reply = reader.gets()
-                    while reply is False:
-                        data = await stream.receive_some(_READ_SIZE)
-                        if not data:
-                            raise EOFError("connection closed by Redis")
-                        reader.feed(data)  # type: ignore[arg-type]  # any buffer works
-                        reply = reader.gets()
+                replies = await _exchange(stream, reader, hello)
+                for cmd, reply in zip(hello, replies, strict=True):
                     if isinstance(reply, RedisReplyError):
                         raise RedisUnavailable(f"Redis at {ep.label} refused {cmd[0]!r}: {reply}")
+                if expect_master:
+                    role = replies[-1]
+                    if not (isinstance(role, list) and role and role[0] == b"master"):
+                        what = role[0] if isinstance(role, list) and role else role
+                        raise RedisUnavailable(
+                            f"Redis at {ep.label} is not a master (ROLE {what!r})"
+                        )
             return stream, reader
         except BaseException as exc:
             await trio.aclose_forcefully(stream)
@@ -418,23 +461,116 @@ class TrioRedisTransport:
                 raise RedisUnavailable(f"cannot connect to Redis at {ep.label}: {exc!r}") from exc
             raise
 
-    async def _connect_attempt(self, attempt: _Attempt) -> None:
+    async def _open_sentinel_master(
+        self, target: SentinelEndpoint
+    ) -> tuple[trio.abc.Stream, hiredis.Reader, str]:
+        """Ask each sentinel in turn for the master, connect to it, check it is one."""
+        problems: list[str] = []
+        for address in list(self._sentinels):
+            label = _addr_label(address)
+            try:
+                with trio.fail_after(self._connect_timeout + self._command_timeout):
+                    master = await self._ask_sentinel(address, target)
+            except trio.TooSlowError:
+                problems.append(f"sentinel {label} did not answer in time")
+                continue
+            except RedisUnavailable as exc:
+                problems.append(str(exc))
+                continue
+            if master is None:
+                problems.append(f"sentinel {label} knows no master {target.service_name!r}")
+                continue
+            ep = replace(self._ep, host=master[0], port=master[1])
+            try:
+                with trio.fail_after(self._connect_timeout):
+                    stream, reader = await self._open_node(ep, expect_master=True)
+            except trio.TooSlowError:
+                problems.append(f"master {ep.label} (from sentinel {label}) did not answer in time")
+                continue
+            except RedisUnavailable as exc:
+                problems.append(f"{exc} (named by sentinel {label})")
+                continue
+            if self._sentinels[0] != address:  # ask the one that answered first next time
+                self._sentinels.remove(address)
+                self._sentinels.insert(0, address)
+            if self._master_address != master:
+                self._master_moved(master)
+            return stream, reader, ep.label
+        raise RedisUnavailable(f"no Redis master for {target.label}: {'; '.join(problems)}")
+
+    async def _ask_sentinel(
+        self, address: tuple[str, int], target: SentinelEndpoint
+    ) -> tuple[str, int] | None:
+        label = _addr_label(address)
         try:
             with trio.fail_after(self._connect_timeout):
-                stream, reader = await self._open_stream()
+                stream: trio.abc.Stream = await trio.open_tcp_stream(*address)
+        except (OSError, trio.TooSlowError) as exc:
+            raise RedisUnavailable(f"cannot connect to sentinel {label}: {exc!r}") from exc
+        try:
+            reader = hiredis.Reader(replyError=RedisReplyError)
+            commands: list[tuple[Arg, ...]] = []
+            if target.sentinel_password is not None:
+                if target.sentinel_username:
+                    commands.append(("AUTH", target.sentinel_username, target.sentinel_password))
+                else:
+                    commands.append(("AUTH", target.sentinel_password))
+            commands.append(("SENTINEL", "get-master-addr-by-name", target.service_name))
+            with trio.fail_after(self._command_timeout):
+                replies = await _exchange(stream, reader, commands)
+        except trio.TooSlowError:
+            raise RedisUnavailable(f"sentinel {label} did not answer in time") from None
+        except _CONN_ERRORS as exc:
+            raise RedisUnavailable(f"sentinel {label}: connection lost: {exc!r}") from exc
+        finally:
+            await trio.aclose_forcefully(stream)
+        for cmd, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, RedisReplyError):
+                raise RedisUnavailable(f"sentinel {label} refused {cmd[0]!r}: {reply}")
+        reply = replies[-1]
+        if reply is None:
+            return None
+        try:
+            host, port = reply
+            return host.decode(), int(port)
+        except (TypeError, ValueError, AttributeError):
+            raise RedisUnavailable(f"sentinel {label} sent a malformed address {reply!r}") from None
+
+    def _master_moved(self, master: tuple[str, int]) -> None:
+        """Drop connections to the previous master as soon as the sentinels name a new one.
+
+        They would otherwise keep talking to it until it is demoted (which
+        Sentinel may do only seconds after the failover), and writes made there
+        meanwhile would be lost.
+        """
+        previous, self._master_address = self._master_address, master
+        if previous is None:
+            return
+        _log.info("Redis master for %s moved from %s to %s", self._label, previous, master)
+        old = _addr_label(previous)
+        for conn in list(self._conns):
+            if conn.label == old:
+                conn.fail(
+                    RedisUnavailable(f"Redis master moved from {old} to {_addr_label(master)}")
+                )
+        if self._pubsub_current is not None and self._pubsub_label == old:
+            self._pubsub_current[1].cancel()
+
+    async def _connect_attempt(self, attempt: _Attempt) -> None:
+        try:
+            with trio.fail_after(self._attempt_timeout):
+                stream, reader, label = await self._open_stream()
         except trio.TooSlowError:
             attempt.error = RedisUnavailable(
-                f"connecting to Redis at {self._ep.label} timed out after {self._connect_timeout}s"
+                f"connecting to Redis at {self._label} timed out after {self._attempt_timeout}s"
             )
         except RedisUnavailable as exc:
             attempt.error = exc
         except Exception as exc:
             _log.exception("connecting to Redis failed")
-            attempt.error = RedisUnavailable(
-                f"cannot connect to Redis at {self._ep.label}: {exc!r}"
-            )
+            attempt.error = RedisUnavailable(f"cannot connect to Redis at {self._label}: {exc!r}")
         else:
-            conn = _Conn(stream, reader, self._ep.label)
+            conn = _Conn(stream, reader, label, sentinel_managed=self._sentinel is not None)
             attempt.conn = conn
             self._conns.append(conn)
             assert self._nursery is not None
@@ -499,7 +635,7 @@ class TrioRedisTransport:
                 # Not a single reply on this connection for a whole timeout: it is stuck.
                 conn.fail(RedisUnavailable(f"Redis at {conn.label} stopped answering"))
             raise RedisUnavailable(
-                f"Redis at {self._ep.label} did not answer within {self._command_timeout}s"
+                f"Redis at {self._label} did not answer within {self._command_timeout}s"
             )
         if waiter.error is not None:
             raise RedisUnavailable(str(waiter.error)) from waiter.error
@@ -553,7 +689,7 @@ class TrioRedisTransport:
                 del self._confirm[ch]
             if self._subs.get(ch) is callback:
                 del self._subs[ch]
-            raise RedisUnavailable(f"could not subscribe to {channel!r} on {self._ep.label}")
+            raise RedisUnavailable(f"could not subscribe to {channel!r} on {self._label}")
 
     async def _pubsub_send(self, data: bytes) -> None:
         """Write on the current pub/sub connection, if any.
@@ -578,8 +714,8 @@ class TrioRedisTransport:
         backoff = self._backoff_min
         while True:
             try:
-                with trio.fail_after(self._connect_timeout):
-                    stream, reader = await self._open_stream()
+                with trio.fail_after(self._attempt_timeout):
+                    stream, reader, self._pubsub_label = await self._open_stream()
             except (trio.TooSlowError, RedisUnavailable) as exc:
                 _log.debug("pub/sub connect failed: %r", exc)
             except Exception:

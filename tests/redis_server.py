@@ -27,6 +27,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -56,6 +57,7 @@ class RedisServer:
         unix_socket: bool = False,
         tls: bool = False,
         startup_timeout: float = 10.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         if port == 6379:
             raise ValueError("refusing to run a test Redis on the default port 6379")
@@ -68,6 +70,7 @@ class RedisServer:
         self.tls = tls
         self.ca_file = str(self.dir / "cert.pem")  # self-signed: also the CA, with tls=True
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args = list(extra_args)  # appended to the command line (e.g. --replicaof)
 
     # -- URLs
 
@@ -123,6 +126,7 @@ class RedisServer:
             cmd += ["--requirepass", self.password]
         if self.socket_path:
             cmd += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        cmd += self.extra_args
         self.proc = subprocess.Popen(
             cmd, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

@@ -145,6 +145,50 @@ async def test_error_replies(transport_cls: Any, redis_server: RedisServer) -> N
         assert await r.execute("GET", "s") == b"x"
 
 
+async def test_concurrent_commands_and_pipelines_each_get_their_replies(
+    transport_cls: Any, redis_server: RedisServer
+) -> None:
+    """Commands and pipelines issued at once share round trips (auto-pipelining)
+    but every caller gets exactly its own replies, errors included."""
+    async with transport_cls(redis_server.url) as r:
+        results: dict[int, Any] = {}
+        roundtrips = 0
+        if transport_cls is AsyncioRedisTransport:
+            real = r._roundtrip
+
+            async def counting(data: bytes, count: int) -> list[Any]:
+                nonlocal roundtrips
+                roundtrips += 1
+                return list(await real(data, count))
+
+            r._roundtrip = counting
+
+        async def one(i: int) -> None:
+            if i % 3 == 0:
+                results[i] = await r.execute("INCRBY", f"n{i}", i)
+            elif i % 3 == 1:
+                results[i] = await r.pipeline(
+                    [("SET", f"k{i}", str(i)), ("HGET", f"k{i}", "f"), ("GET", f"k{i}")]
+                )
+            else:
+                results[i] = await r.pipeline([("MULTI",), ("INCR", f"c{i}"), ("EXEC",)])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(60):
+                tg.start_soon(one, i)
+        for i in range(60):
+            if i % 3 == 0:
+                assert results[i] == i
+            elif i % 3 == 1:
+                ok, error, value = results[i]
+                assert ok == b"OK" and value == str(i).encode()
+                assert isinstance(error, RedisReplyError) and error.prefix == "WRONGTYPE"
+            else:
+                assert results[i] == [b"OK", b"QUEUED", [1]]
+        if transport_cls is AsyncioRedisTransport:
+            assert roundtrips < 10  # 60 callers, a few batches
+
+
 async def test_pipeline(transport_cls: Any, redis_server: RedisServer) -> None:
     async with transport_cls(redis_server.url) as r:
         results = await r.pipeline(
