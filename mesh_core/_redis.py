@@ -7,17 +7,27 @@ a :class:`RedisTransport` (``mesh_asyncio`` wraps redis-py, ``mesh_trio`` a
 trio-native client), and the clock is passed in, so this module does no I/O
 of its own.
 
-Atomic updates are optimistic: read the stored JSON, compute the new value
-in Python (so JSON stays exact: ``[]`` stays ``[]``, numbers keep their
+Atomic updates are optimistic: compute the new value in Python from the
+stored JSON (so JSON stays exact: ``[]`` stays ``[]``, numbers keep their
 value), then write it with a compare-and-set script that succeeds only if
-the stored text is still the one read; on a conflict, read again and retry.
-Writers on any number of instances never lose each other's keys.
+the stored text is still the one the value was computed from; on a conflict
+the script answers with the current text and the update is computed again.
+Writers on any number of instances never lose each other's keys. The text
+this instance last read or wrote is kept in a small cache, so an update
+usually costs one round trip (no read first); a stale cache entry only
+costs a retry, since the compare-and-set checks it.
+
+On a Redis Cluster (a transport with ``cluster = True``) every script keeps
+to the keys of one slot; the key layout is a shared contract, so it cannot
+use hash tags. The one check across slots, "metadata of a gone connection is
+not revived", is then made by separate commands in an order argued at
+:meth:`RedisStoreCore._cas_write`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -134,19 +144,23 @@ def _text(raw: bytes | str) -> str:
 
 
 # Compare-and-set of one hash field. KEYS[1] hash, ARGV[1] field,
-# ARGV[2] "1" if the value read was absent, ARGV[3] the value read,
+# ARGV[2] "1" if the value expected is absent, ARGV[3] the value expected,
 # ARGV[4] the new value (ARGV[2] "blind": write without comparing);
-# KEYS[2] (optional) a hash that must contain ARGV[1] (the connection
-# registry: metadata of a gone connection is not revived).
-# Returns 1 on success, 0 on conflict, -1 when the connection is unknown.
+# KEYS[2] (optional, never on a cluster: another slot) a hash that must
+# contain ARGV[1] (the connection registry: metadata of a gone connection
+# is not revived).
+# Returns 1 on success, -1 when the connection is unknown, and on a
+# conflict {0, current} ({0} if the field is absent), so the retry needs
+# no read of its own.
 _CAS = """
 if KEYS[2] and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return -1 end
 if ARGV[2] ~= 'blind' then
   local cur = redis.call('HGET', KEYS[1], ARGV[1])
   if ARGV[2] == '1' then
-    if cur then return 0 end
+    if cur then return {0, cur} end
   elseif cur ~= ARGV[3] then
-    return 0
+    if cur then return {0, cur} end
+    return {0}
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
@@ -158,6 +172,9 @@ _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+_MISSING: Any = object()  # not in the cache (None there means "absent in Redis")
 
 
 class _Script:
@@ -200,6 +217,7 @@ class RedisStoreCore:
         cleanup_lock_ttl: int = 10,
         max_update_attempts: int = 100,
         scan_count: int = 500,
+        cache_size: int = 4096,
     ) -> None:
         self.transport = transport
         self.now_ms = now_ms
@@ -219,6 +237,11 @@ class RedisStoreCore:
         self._registered: dict[str, Any] = {}
         # unregistrations that could not reach Redis, retried by heartbeat()
         self._pending_unregister: set[str] = set()
+        # the raw text last read or written per (hash, field): the value an
+        # update is computed from before any read (see the module docstring)
+        self._cache: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
+        self.cache_size = cache_size
+        self._cluster = bool(getattr(transport, "cluster", False))
         self._cas = _Script(_CAS)
         self._unlock = _Script(_UNLOCK)
         self._handlers: dict[type[ops.Op], Callable[[Any], Any]] = {
@@ -425,31 +448,42 @@ class RedisStoreCore:
     async def _register(self, op: ops.RegisterConnection) -> None:
         commands = self._register_commands(op.connection_id, op.instance_id, op.metadata)
         await self.transport.pipeline(commands)
+        if op.metadata is not None:  # the HSET of the metadata is the last command
+            self._cache_put((keys.CONNECTION_META, op.connection_id), commands[-1][-1])
         if op.instance_id == self.instance_id:
             self._registered[op.connection_id] = op.metadata
 
     async def _unregister(self, op: ops.UnregisterConnection, *, owned: bool = True) -> list[str]:
         cid = op.connection_id
+        if owned:
+            # before the first await: a concurrent write must not _revive() it
+            self._registered.pop(cid, None)
         try:
             rooms = [
                 _text(r)
                 for r in await self.transport.execute("SMEMBERS", keys.connection_rooms(cid))
             ]
             commands: list[Sequence[Arg]] = [("SREM", keys.room(room), cid) for room in rooms]
+            # The registry entry goes before the metadata (see _cas_write): one
+            # pipeline keeps that order on one node; across cluster nodes only
+            # waiting for the first reply does.
             commands += [
                 ("DEL", keys.connection_rooms(cid)),
-                ("HDEL", keys.CONNECTION_META, cid),
                 ("HDEL", keys.CONNECTIONS, cid),
                 ("SREM", keys.instance_connections(op.instance_id), cid),
             ]
-            await self.transport.pipeline(commands)
+            drop_meta = ("HDEL", keys.CONNECTION_META, cid)
+            if self._cluster:
+                await self.transport.pipeline(commands)
+                await self.transport.execute(*drop_meta)
+            else:
+                await self.transport.pipeline([*commands, drop_meta])
         except RedisUnavailable:
             if owned:
                 self._pending_unregister.add(cid)  # retried by heartbeat()
             raise
         finally:
-            if owned:
-                self._registered.pop(cid, None)
+            self._cache.pop((keys.CONNECTION_META, cid), None)
         return rooms
 
     async def _get_all_connection_ids(self, op: ops.GetAllConnectionIds) -> list[tuple[str, str]]:
@@ -473,6 +507,8 @@ class RedisStoreCore:
             raw = await self.transport.pipeline(
                 [("HGET", keys.roommeta(room), "data") for room in op.keys]
             )
+        for key, value in zip(op.keys, raw, strict=True):
+            self._cache_put(self._location(op.scope, key), value)
         return [_load(value) for value in raw]
 
     async def _get_all_metadata(self, op: ops.GetAllMetadata) -> list[tuple[str, Any]]:
@@ -493,7 +529,9 @@ class RedisStoreCore:
         guard = keys.CONNECTIONS if op.scope == "connection" else ""
         if op.strategy == "replace":
             new = op.update(None)
-            result = await self._cas_write(hash_key, field, guard, None, new, blind=True)
+            result, _ = await self._cas_write(hash_key, field, guard, None, new, blind=True)
+            if result == -1 and await self._revive(op):
+                result, _ = await self._cas_write(hash_key, field, guard, None, new, blind=True)
             if result == -1:
                 raise ops.UnknownConnection(f"Connection {op.key!r} is not connected")
             self._remember(op, new)
@@ -535,8 +573,17 @@ class RedisStoreCore:
     async def _apply_batch(
         self, op: ops.UpdateMetadata, hash_key: str, field: str, guard: str, batch: list[_Update]
     ) -> None:
-        for _ in range(self.max_update_attempts):
+        location = (hash_key, field)
+        raw = self._cache.get(location, _MISSING)
+        # A value from the cache is only a guess until a compare-and-set
+        # confirms it; a value read from Redis (or handed back by a failed
+        # compare-and-set) is known to have been current.
+        verified = raw is _MISSING
+        revived = False
+        if verified:
             raw = await self.transport.execute("HGET", hash_key, field)
+            self._cache_put(location, raw)
+        for _ in range(self.max_update_attempts):
             value = _load(raw)
             changed = False
             for update in batch:
@@ -550,19 +597,63 @@ class RedisStoreCore:
                     value, changed = new, True
                 update.result = value
             if not changed:
+                if not verified:
+                    # "nothing to write" would be answered without any
+                    # compare-and-set confirming the guess: read, decide again
+                    raw = await self.transport.execute("HGET", hash_key, field)
+                    self._cache_put(location, raw)
+                    verified = True
+                    continue
                 if guard and not await self.transport.execute("HEXISTS", guard, field):
-                    raise ops.UnknownConnection(f"Connection {op.key!r} is not connected")
+                    if revived or not await self._revive(op):
+                        raise ops.UnknownConnection(f"Connection {op.key!r} is not connected")
+                    revived = True
                 return
-            result = await self._cas_write(hash_key, field, guard, raw, value)
+            result, current = await self._cas_write(hash_key, field, guard, raw, value)
             if result == 1:
                 self._remember(op, value)
                 return
             if result == -1:
-                raise ops.UnknownConnection(f"Connection {op.key!r} is not connected")
+                if revived or not await self._revive(op):
+                    raise ops.UnknownConnection(f"Connection {op.key!r} is not connected")
+                revived = True
+                raw = await self.transport.execute("HGET", hash_key, field)
+                self._cache_put(location, raw)
+                verified = True
+                continue
+            raw, verified = current, True
         raise RedisUnavailable(
             f"metadata of {op.key!r} kept changing: "
             f"gave up after {self.max_update_attempts} attempts"
         )
+
+    async def _revive(self, op: ops.UpdateMetadata) -> bool:
+        """Register again a connection this instance holds that Redis does
+        not know (it lost it: a failover to a replica that had not received
+        it yet, a restart without persistence before the next heartbeat), so
+        a write for a live client is not refused as "not connected"."""
+        cid = op.key
+        if op.scope != "connection" or cid not in self._registered:
+            return False
+        log.info("connection %s was missing from Redis; registering it again", cid)
+        await self.transport.pipeline(
+            self._register_commands(
+                cid, self.instance_id, self._registered[cid], only_if_missing=True
+            )
+        )
+        return True
+
+    def _cache_put(self, location: tuple[str, str], raw: Any) -> None:
+        cache = self._cache
+        if isinstance(raw, str):
+            raw = raw.encode()
+        elif raw is not None and not isinstance(raw, bytes):  # an error reply
+            cache.pop(location, None)
+            return
+        cache[location] = raw
+        cache.move_to_end(location)
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
 
     def _remember(self, op: ops.UpdateMetadata, value: Any) -> None:
         # the last value this instance wrote for its own connection, restored
@@ -579,25 +670,63 @@ class RedisStoreCore:
         new: Any,
         *,
         blind: bool = False,
-    ) -> int:
+    ) -> tuple[int, bytes | None]:
+        """Write ``new`` if the field still holds ``old`` (anything, if
+        ``blind``) and, with a ``guard``, if the connection is registered.
+
+        Returns ``(1, None)`` on success, ``(-1, None)`` for an unknown
+        connection, ``(0, current)`` on a conflict. The cache follows.
+
+        On a cluster the guard lives in another slot, so the script cannot
+        check it: the write comes first (C), then a check that the
+        connection is still registered (G), and if not, the field is deleted
+        again. Unregistering deletes the registry entry (U1) and only then,
+        after U1 was answered, the metadata (U2). C and U2 touch one key, so
+        one node orders them. If C comes before U2, U2 deletes what C wrote.
+        If C comes after U2, then G (after C) comes after U1, so G sees the
+        connection gone and deletes what C wrote. Either way no metadata of
+        a gone connection survives; a reader may see it for that moment.
+        """
+        location = (hash_key, field)
         encoded = _encode(new)
+        script_guard = [guard] if guard and not self._cluster else []
         if blind and not guard:
             await self.transport.execute("HSET", hash_key, field, encoded)
-            return 1
-        if blind:
+            result: Any = 1
+        elif blind:
             # a replace needs no read, only the registry check
-            script_keys = [hash_key, guard]
-            result = await self._cas(self.transport, script_keys, [field, "blind", b"", encoded])
-            return int(result)
-        script_keys = [hash_key, guard] if guard else [hash_key]
-        absent = "1" if old is None else "0"
-        result = await self._cas(
-            self.transport, script_keys, [field, absent, old if old is not None else b"", encoded]
-        )
-        return int(result)
+            result = await self._cas(
+                self.transport, [hash_key, *script_guard], [field, "blind", b"", encoded]
+            )
+        else:
+            absent = "1" if old is None else "0"
+            result = await self._cas(
+                self.transport,
+                [hash_key, *script_guard],
+                [field, absent, old if old is not None else b"", encoded],
+            )
+        if isinstance(result, list):
+            current = _as_bytes(result[1]) if len(result) > 1 else None
+            self._cache_put(location, current)
+            return 0, current
+        if (
+            int(result) == 1
+            and guard
+            and not script_guard
+            and not await self.transport.execute("HEXISTS", guard, field)
+        ):
+            await self.transport.execute("HDEL", hash_key, field)
+            result = -1
+        if int(result) == 1:
+            self._cache_put(location, encoded)
+        else:
+            self._cache.pop(location, None)
+        return int(result), None
 
     async def _delete_room_metadata(self, op: ops.DeleteRoomMetadata) -> bool:
-        return bool(await self.transport.execute("DEL", keys.roommeta(op.room)))
+        deleted = await self.transport.execute("DEL", keys.roommeta(op.room))
+        self._cache_put((keys.roommeta(op.room), "data"), None)
+        return bool(deleted)
 
     # -- rooms ----------------------------------------------------------------
 
@@ -651,11 +780,16 @@ class RedisStoreCore:
     async def _delete_room(self, op: ops.DeleteRoom) -> list[str]:
         members = await self._clear_room(ops.ClearRoom(op.room))
         await self.transport.execute("DEL", keys.roommeta(op.room))
+        self._cache_put((keys.roommeta(op.room), "data"), None)
         return members
 
     async def _scan(self, prefix: str) -> list[str]:
         """Names after ``prefix`` of every key matching it: SCAN, never KEYS."""
         pattern = _glob_escape(prefix) + "*"
+        scan_all = getattr(self.transport, "scan_all", None)
+        if scan_all is not None:  # a cluster: SCAN sees one node's keys only
+            found_all: list[bytes | str] = await scan_all(pattern, self.scan_count)
+            return sorted({_text(k)[len(prefix) :] for k in found_all})
         cursor: bytes | int = 0
         names: set[str] = set()
         while True:
@@ -665,6 +799,10 @@ class RedisStoreCore:
             names.update(_text(k)[len(prefix) :] for k in found)
             if int(cursor) == 0:
                 return sorted(names)
+
+
+def _as_bytes(raw: bytes | str) -> bytes:
+    return raw.encode() if isinstance(raw, str) else raw
 
 
 def _glob_escape(text: str) -> str:

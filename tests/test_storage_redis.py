@@ -62,3 +62,37 @@ class TestRedisStore(StorageConformance):
 
     async def detach_instance(self, handle: Storage, instance_id: str) -> None:
         await handle.stop()
+
+    async def test_a_connection_redis_lost_is_registered_again_on_write(
+        self, storage: Storage
+    ) -> None:
+        """Redis forgot a connection this instance holds (failover to a replica
+        that had not received it): a write for it is not refused as ENOCONN,
+        and the registration comes back. Not for connections held elsewhere."""
+        from mesh_core import UnknownConnection
+        from mesh_core import _ops as ops
+
+        await storage.execute(ops.RegisterConnection("mine", self.instance_id, {"a": 1}))
+        await storage.execute(ops.RegisterConnection("theirs", "someone-else", {"a": 1}))
+        for strategy in ("merge", "replace"):
+            with socket.create_connection(("127.0.0.1", self.redis.port), timeout=5) as s:
+                s.sendall(
+                    b"*4\r\n$4\r\nHDEL\r\n$16\r\nmesh:connections\r\n$4\r\nmine\r\n$6\r\ntheirs\r\n"
+                )
+                assert s.recv(64).startswith(b":")
+            value = {"b": strategy}
+
+            def add(old: Any, value: dict[str, str] = value) -> Any:
+                return {**(old or {}), **value}
+
+            result = await storage.execute(ops.UpdateMetadata("connection", "mine", add, strategy))
+            assert result["b"] == strategy
+            assert ("mine", self.instance_id) in await storage.execute(ops.GetAllConnectionIds())
+            with pytest.raises(UnknownConnection):
+                await storage.execute(
+                    ops.UpdateMetadata("connection", "theirs", lambda old: {"x": 1}, strategy)
+                )
+        # once unregistered, it stays gone
+        await storage.execute(ops.UnregisterConnection("mine", self.instance_id))
+        with pytest.raises(UnknownConnection):
+            await storage.execute(ops.UpdateMetadata("connection", "mine", lambda old: 1))

@@ -1,0 +1,271 @@
+"""The Redis store on a real Redis Cluster (three primaries started here),
+on both runtimes: the storage conformance suite, instances of both runtimes
+sharing one cluster, concurrent merges, a live resharding (ASK, then MOVED),
+a stale slot table, and pub/sub moving off a node that died."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import anyio
+import pytest
+
+from mesh_core import Storage
+from mesh_core import _ops as ops
+from mesh_core._redis import _CAS, keys
+from mesh_core._redis_cluster import SlotTable, key_slot
+
+from . import test_redis_instances as instances
+from .redis_cluster import RedisCluster
+from .redis_server import RedisServer
+from .server_process import free_port, start_server
+from .storage_conformance import Deliveries, StorageConformance
+from .wsclient import WSClient
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    with RedisCluster() as c:
+        yield c
+
+
+def store_class(anyio_backend: str) -> Any:
+    if anyio_backend == "trio":
+        from mesh_trio import RedisStore
+    else:
+        from mesh_asyncio import RedisStore  # type: ignore[assignment]
+    return RedisStore
+
+
+class TestRedisClusterStore(StorageConformance):
+    @pytest.fixture(autouse=True)
+    def _bind(self, cluster: RedisCluster, anyio_backend: str) -> None:
+        self.cluster = cluster
+        self.store_class = store_class(anyio_backend)
+
+    async def new_storage(self) -> Storage:
+        self.cluster.flushall()
+        store: Storage = self.store_class(self.cluster.url)
+        return store
+
+    async def attach_instance(
+        self, storage: Storage, instance_id: str, deliver: Deliveries
+    ) -> Storage:
+        other: Storage = self.store_class(self.cluster.url)
+        await other.start(instance_id, deliver)
+        return other
+
+    async def detach_instance(self, handle: Storage, instance_id: str) -> None:
+        await handle.stop()
+
+
+def as_server(cluster: RedisCluster) -> RedisServer:
+    """The instance tests only use ``.url`` of the server they are given."""
+    return cast(RedisServer, cluster)
+
+
+def test_the_layout_spans_the_nodes(cluster: RedisCluster) -> None:
+    # the point of these tests: the registry and the metadata hash live on
+    # different nodes, so no script may touch both
+    owners = {cluster.owner(key_slot(k)) for k in (keys.CONNECTIONS, keys.CONNECTION_META)}
+    assert len(owners) == 2
+
+
+def test_two_runtimes_share_rooms_metadata_and_broadcasts(cluster: RedisCluster) -> None:
+    cluster.flushall()
+    instances.test_two_runtimes_share_rooms_metadata_and_broadcasts(as_server(cluster))
+
+
+def test_concurrent_merges_from_two_instances_lose_nothing(cluster: RedisCluster) -> None:
+    cluster.flushall()
+    instances.test_concurrent_merges_from_two_instances_lose_nothing(as_server(cluster), "merge")
+
+
+def test_mesh_serve_accepts_a_cluster_url(cluster: RedisCluster) -> None:
+    cluster.flushall()
+    port = free_port()
+    proc = start_server(
+        "trio", port, "--redis", cluster.url, "--ping-interval", "0", "--latency-interval", "0"
+    )
+    try:
+
+        async def scenario() -> None:
+            c = await WSClient.connect(port)
+            await c.request("mesh/join-room", {"roomName": "lobby"})
+            r = cluster.client(cluster.owner(key_slot(keys.room("lobby"))))
+            assert r.smembers(keys.room("lobby")) == {c.connection_id.encode()}
+            await c.close()
+
+        anyio.run(scenario)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.anyio
+async def test_resharding_ask_then_moved(cluster: RedisCluster, anyio_backend: str) -> None:
+    """Both hashes the metadata logic uses move to another node while a
+    store runs: first half-way (the slot MIGRATING: ASK), then for good (MOVED)."""
+    cluster.flushall()
+    store = store_class(anyio_backend)(cluster.url)
+    got = Deliveries()
+    await store.start("reshard", got)
+    try:
+        await store.execute(ops.RegisterConnection("c1", "reshard", {"n": 0}))
+        for hash_key in (keys.CONNECTION_META, keys.CONNECTIONS):
+            slot = key_slot(hash_key)
+            target = next(p for p in cluster.ports if p != cluster.owner(slot))
+            source = await anyio.to_thread.run_sync(cluster.begin_migration, slot, target)
+            await anyio.to_thread.run_sync(cluster.move_keys, slot, source, target)
+            # the slot is half-way: its keys are on the target, the source answers ASK
+            await store.execute(ops.RegisterConnection("c2", "reshard", {"n": 0}))
+            for cid in ("c1", "c2"):
+                await store.execute(
+                    ops.UpdateMetadata("connection", cid, lambda v: {"n": v["n"] + 1})
+                )
+            await anyio.to_thread.run_sync(cluster.end_migration, slot, target)
+            # now for good: the store's table is stale until the first MOVED
+            for cid in ("c1", "c2"):
+                await store.execute(
+                    ops.UpdateMetadata("connection", cid, lambda v: {"n": v["n"] + 1})
+                )
+            assert store.transport.table.owner(slot)[1] == target
+            assert store.transport.redirects["ASK"] > 0 and store.transport.redirects["MOVED"] > 0
+            store.transport.redirects.update(ASK=0, MOVED=0)
+            await store.execute(ops.UnregisterConnection("c2", "reshard"))
+        meta = await store.execute(ops.GetMetadata("connection", ("c1", "c2")))
+        assert meta == [{"n": 4}, None]
+        ids = await store.execute(ops.GetAllConnectionIds())
+        assert ids == [("c1", "reshard")]
+    finally:
+        await store.stop()
+
+
+@pytest.mark.anyio
+async def test_a_stale_slot_table_is_corrected(cluster: RedisCluster, anyio_backend: str) -> None:
+    cluster.flushall()
+    store = store_class(anyio_backend)(cluster.url)
+    await store.start("stale", Deliveries())
+    try:
+        wrong = cluster.ports[0]
+        store.transport.table = SlotTable([(0, 16383, ("127.0.0.1", wrong))])
+        store.transport.refresh_interval = 3600  # only MOVED replies may fix it
+        await store.execute(ops.RegisterConnection("c1", "stale", {"a": 1}))
+        for room in ("r1", "r2", "r3", "r4"):
+            await store.execute(ops.AddToRoom(room, "c1"))
+        await store.execute(ops.UpdateMetadata("connection", "c1", lambda v: {**v, "b": 2}))
+        assert await store.execute(ops.GetMetadata("connection", ("c1",))) == [{"a": 1, "b": 2}]
+        assert sorted(await store.execute(ops.GetConnectionRooms("c1"))) == ["r1", "r2", "r3", "r4"]
+        assert await store.execute(ops.GetAllRooms()) == ["r1", "r2", "r3", "r4"]
+        moved = {store.transport.table.owner(key_slot(keys.room(r))) for r in ("r1", "r2")}
+        assert moved == {("127.0.0.1", cluster.owner(key_slot(keys.room(r)))) for r in ("r1", "r2")}
+    finally:
+        await store.stop()
+
+
+@pytest.mark.anyio
+async def test_pubsub_moves_off_a_dead_node(anyio_backend: str) -> None:
+    with RedisCluster(extra_args=["--cluster-require-full-coverage", "no"]) as own:
+        store = store_class(anyio_backend)(own.url, command_timeout=0.5, connect_timeout=0.5)
+        transport = store.transport
+        transport.pubsub_check_interval = 0.1
+        got = Deliveries()
+        await store.start("listener", got)
+        try:
+            dead = transport.pubsub_node[1]
+            victim = next(s for s in own.servers if s.port == dead)
+            await anyio.to_thread.run_sync(victim.stop)
+            alive = next(p for p in own.ports if p != dead)
+            started = time.monotonic()
+            with anyio.fail_after(10):
+                while not got.calls:
+                    own.client(alive).publish(
+                        keys.pubsub("listener"),
+                        b'{"targetConnectionIds":["x"],"command":{"command":"hi"}}',
+                    )
+                    await anyio.sleep(0.05)
+            assert got.calls[0] == (["x"], "hi", None)
+            assert transport.pubsub_node[1] != dead
+            assert time.monotonic() - started < 5
+        finally:
+            await store.stop()
+
+
+@pytest.fixture(scope="module")
+def single_node() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def count_calls(transport: Any) -> list[str]:
+    """Record the first word of every command the store sends (a pipeline is one entry)."""
+    calls: list[str] = []
+    execute, pipeline = transport.execute, transport.pipeline
+
+    async def counted_execute(*args: Any) -> Any:
+        calls.append(str(args[0]))
+        return await execute(*args)
+
+    async def counted_pipeline(commands: Any) -> Any:
+        calls.append("pipeline")
+        return await pipeline(commands)
+
+    transport.execute, transport.pipeline = counted_execute, counted_pipeline
+    return calls
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["single", "cluster"])
+async def test_round_trips_of_a_merge(
+    cluster: RedisCluster, single_node: RedisServer, anyio_backend: str, mode: str
+) -> None:
+    """One round trip for a merge this instance can predict the stored value
+    of; a conflict costs one more, never a separate read. On a cluster the
+    registry check is a second command (another slot)."""
+    cluster.flushall()
+    url = cluster.url if mode == "cluster" else single_node.url
+    store = store_class(anyio_backend)(url)
+    await store.start("rt", Deliveries())
+    try:
+        await store.execute(ops.RegisterConnection("c1", "rt", {"a": 0}))
+        for port in cluster.ports:  # each node loads scripts on its own first use
+            cluster.client(port).script_load(_CAS)
+        await store.execute(ops.UpdateMetadata("room", "warm", lambda v: 1))
+        calls = count_calls(store.transport)
+        merge = ops.UpdateMetadata("connection", "c1", lambda v: {**v, "b": 1})
+        assert await store.execute(merge) == {"a": 0, "b": 1}
+        guard = ["HEXISTS"] if mode == "cluster" else []
+        assert calls == ["EVALSHA", *guard]
+        calls.clear()
+        assert await store.execute(ops.UpdateMetadata("room", "r", lambda v: {"n": 1}))
+        assert await store.execute(ops.UpdateMetadata("room", "r", lambda v: {"n": v["n"] + 1}))
+        assert calls == ["HGET", "EVALSHA", "EVALSHA"]  # a value never seen is read once
+        # another writer changes the value behind this instance's back
+        r = cluster.client(cluster.owner(key_slot(keys.CONNECTION_META)))
+        if mode == "single":
+            import redis
+
+            r = redis.Redis.from_url(single_node.url)
+        r.hset(keys.CONNECTION_META, "c1", b'{"a":0,"b":1,"other":true}')
+        calls.clear()
+        merged = await store.execute(
+            ops.UpdateMetadata("connection", "c1", lambda v: {**v, "c": 2})
+        )
+        assert merged == {"a": 0, "b": 1, "other": True, "c": 2}
+        assert calls == ["EVALSHA", "EVALSHA", *guard]  # the conflict handed back the value
+        # a no-op on a cached value is confirmed by a read, never trusted blindly
+        r.hset(keys.CONNECTION_META, "c1", b'{"a":5}')
+        calls.clear()
+        same = await store.execute(
+            ops.UpdateMetadata("connection", "c1", lambda v: v if v.get("a") == 5 else {"a": 5})
+        )
+        assert same == {"a": 5} and calls[0] == "EVALSHA"
+    finally:
+        await store.stop()
