@@ -155,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     shared.add_argument(
         "--redis",
         metavar="URL",
-        help="share state through Redis (redis://host:port/db, rediss://, unix:///path); "
+        help="share state through Redis (redis://host:port/db, rediss://, unix:///path, "
+        "redis+sentinel://host[,host...]/service/db, redis+cluster://host[,host...]); "
         "default: the in-memory store of this process",
     )
     shared.add_argument(
