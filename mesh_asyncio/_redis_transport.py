@@ -24,6 +24,15 @@ encoded by ``hiredis.pack_command`` exactly as in the trio transport.
   sentinels for the master's address on every (re)connect; a ``READONLY``
   reply (the master was demoted) drops that connection, is reported as
   ``RedisUnavailable``, and the next command asks the sentinels again.
+  Sentinel leaves a master it replaced writable for seconds, so waiting for
+  ``READONLY`` would lose the writes made there meanwhile: a background task
+  (from the first connect to ``aclose()``) stays subscribed to
+  ``+switch-master`` on one sentinel (the next one if it dies) and, the
+  moment a switch is announced, drops every connection to another node
+  (in-flight commands get ``RedisUnavailable``; the pub/sub connection
+  reconnects and re-subscribes on the new master); nothing is sent to the
+  old master afterwards. Switches announced while it was not subscribed are
+  caught by asking the sentinels once it is again.
 
 URL forms (checked by ``mesh_core._redis_url``; plain URLs are then read by
 redis-py, which knows more query options): ``redis://[[user]:password@]host[:port][/db]``,
@@ -42,14 +51,16 @@ import contextlib
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aredis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -100,6 +111,142 @@ def _unavailable(exc: BaseException, what: str) -> RedisUnavailable:
     return RedisUnavailable(f"{what}: {type(exc).__name__}: {exc}")
 
 
+# ------------------------------------------------------------ Sentinel switches
+
+#: The channel on which a sentinel announces a failover:
+#: ``<service> <old-ip> <old-port> <new-ip> <new-port>``.
+_SWITCH_CHANNEL = b"+switch-master"
+
+#: How long an announced switch outweighs a sentinel that still names another
+#: master: the other sentinels learn of a failover from the one that made it
+#: (within a couple of seconds); meanwhile they would send us back to the old
+#: master, which still accepts writes.
+_ANNOUNCEMENT_TRUST = 10.0
+
+
+def _parse_switch(data: bytes, service: str) -> tuple[str, int] | None:
+    """The new master's address in a ``+switch-master`` message about ``service``."""
+    parts = data.split()
+    if len(parts) != 5 or parts[0] != service.encode():
+        return None
+    try:
+        return parts[3].decode(), int(parts[4])
+    except ValueError:
+        return None
+
+
+def _address(conn: Any) -> tuple[str, int]:
+    return str(conn.host), int(conn.port)
+
+
+class _SwitchState:
+    """The last switch the listener learnt of, shared by the command and the pub/sub pool.
+
+    ``epoch`` counts switches: a connection remembers the epoch at which its
+    address was resolved, so one resolved before a switch (possibly to the
+    old master) is recognised as stale without asking anything.
+    """
+
+    __slots__ = ("epoch", "master", "trusted_until")
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.master: tuple[str, int] | None = None
+        self.trusted_until = 0.0
+
+    def announce(self, master: tuple[str, int]) -> None:
+        self.epoch += 1
+        self.master = master
+        self.trusted_until = time.monotonic() + _ANNOUNCEMENT_TRUST
+
+    def trusted_master(self) -> tuple[str, int] | None:
+        if self.master is not None and time.monotonic() < self.trusted_until:
+            return self.master
+        return None
+
+
+class _SwitchAwareConnection(SentinelManagedConnection):
+    """A master connection that never talks to a master replaced since it was resolved.
+
+    redis-py's ``send_packed_command`` silently reconnects a dropped
+    connection to the address it had, bypassing the sentinels: that would be
+    the old master again. Here every (re)connect asks the sentinels, and a
+    connect that raced with a switch is redone.
+    """
+
+    #: the switch epoch at which this connection's address was resolved
+    switch_epoch = -1
+
+    def stale(self) -> bool:
+        state: _SwitchState = self.connection_pool.switch_state
+        return (
+            self.switch_epoch != state.epoch
+            and state.master is not None
+            and _address(self) != state.master
+        )
+
+    async def _connect_retry(self) -> None:
+        if self._reader:
+            return
+        pool = self.connection_pool
+        for _ in range(3):
+            epoch = pool.switch_state.epoch
+            address = await pool.get_master_address()
+            self.switch_epoch = epoch
+            await self.connect_to(address)  # type: ignore[no-untyped-call]
+            if not self.stale():
+                pool.on_master_connect()
+                return
+            # a switch was announced while connecting, to another node
+            await self.disconnect(nowait=True)
+        raise RedisConnectionError(f"the master of {pool.service_name!r} kept moving")
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self.stale():
+            await self.disconnect(nowait=True)
+        if not self.is_connected:
+            await self.connect()  # type: ignore[no-untyped-call]  # through the sentinels
+        await super().send_packed_command(command, check_health)
+
+
+class _SwitchAwareSSLConnection(_SwitchAwareConnection, SSLConnection):
+    pass
+
+
+class _SwitchAwarePool(SentinelConnectionPool):
+    """A ``SentinelConnectionPool`` that trusts an announced switch over a lagging sentinel."""
+
+    def __init__(
+        self,
+        service_name: str,
+        sentinel_manager: Sentinel,
+        switch_state: _SwitchState,
+        on_connect: Callable[[], None],
+        **kwargs: Any,
+    ) -> None:
+        tls = kwargs.pop("ssl", False)
+        kwargs["connection_class"] = _SwitchAwareSSLConnection if tls else _SwitchAwareConnection
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self.switch_state = switch_state
+        self.on_master_connect = on_connect
+
+    async def get_master_address(self) -> tuple[str, int]:
+        host, port = await self.sentinel_manager.discover_master(self.service_name)
+        address = (str(host), int(port))
+        trusted = self.switch_state.trusted_master()
+        if trusted is not None and address != trusted:
+            _log.debug("sentinel still names %s, but %s was announced", address, trusted)
+            address = trusted
+        if self.master_address != address:
+            self.master_address = address
+            await self.disconnect(inuse_connections=False)
+        return address
+
+    def connections(self) -> list[Any]:
+        """Idle and in-use connections (redis-py's accessors for its pool subclasses)."""
+        return [*self._get_free_connections(), *self._get_in_use_connections()]
+
+
 class AsyncioRedisTransport:
     """Raw-command Redis transport for asyncio (implements the ``RedisTransport`` protocol).
 
@@ -141,9 +288,14 @@ class AsyncioRedisTransport:
         if not url.lower().startswith("unix:"):
             kwargs.setdefault("socket_keepalive", True)
         self._sentinel: Sentinel | None = None
+        self._target: SentinelEndpoint | None = None
+        self._switch_state = _SwitchState()
+        self._switch_listener: asyncio.Task[None] | None = None
         self._pool: aredis.ConnectionPool
         self._pubsub_pool: aredis.ConnectionPool
+        self._target_label = target.label
         if isinstance(target, SentinelEndpoint):
+            self._target = target
             self._sentinel = self._sentinel_manager(target)
             self._pool = self._sentinel_pool(target, max_connections, kwargs)
             self._pubsub_pool = self._sentinel_pool(target, 1, kwargs)
@@ -180,6 +332,7 @@ class AsyncioRedisTransport:
             "username": target.sentinel_username,
             "password": target.sentinel_password,
         }
+        self._sentinel_kwargs = sentinel_kwargs
         return Sentinel(  # type: ignore[no-untyped-call]
             list(target.sentinels), sentinel_kwargs=sentinel_kwargs
         )
@@ -192,7 +345,9 @@ class AsyncioRedisTransport:
         redis-py's ``SentinelManagedConnection`` also turns a ``READONLY``
         reply (a demoted master) into a disconnect plus ``ConnectionError``,
         which callers see as ``RedisUnavailable``; the next command asks the
-        sentinels again.
+        sentinels again. But a replaced master answers writes for seconds
+        before it is demoted: after a ``+switch-master`` announcement the
+        connections of this pool send nothing more to it (``_SwitchAwarePool``).
         """
         master = target.master
         pool_kwargs: dict[str, Any] = {
@@ -210,10 +365,107 @@ class AsyncioRedisTransport:
             if master.ssl_cert_reqs != "required":
                 pool_kwargs.setdefault("ssl_check_hostname", False)
         assert self._sentinel is not None
-        pool: aredis.ConnectionPool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
-            target.service_name, self._sentinel, **pool_kwargs
+        return _SwitchAwarePool(
+            target.service_name,
+            self._sentinel,
+            self._switch_state,
+            self._start_switch_listener,
+            **pool_kwargs,
         )
-        return pool
+
+    # -- Sentinel: following a switch at once
+
+    def _start_switch_listener(self) -> None:
+        """Called on every master connect: the first one starts the ``+switch-master`` listener."""
+        if self._switch_listener is None and not self._closed and self._target is not None:
+            self._switch_listener = self._spawn(self._listen_for_switches(self._target))
+
+    async def _listen_for_switches(self, target: SentinelEndpoint) -> None:
+        """Stay subscribed to ``+switch-master`` on one sentinel, the next one if it fails."""
+        backoff = self._backoff_min
+        turn = 0
+        while True:
+            address = target.sentinels[turn % len(target.sentinels)]
+            try:
+                if await self._switch_session(address, target):
+                    backoff = self._backoff_min
+            except (*_UNAVAILABLE, RedisReplyError) as exc:
+                _log.debug("listening for failovers on sentinel %s failed: %r", address, exc)
+            except Exception:
+                _log.exception("listening for failovers on sentinel %s failed", address)
+            turn += 1
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self._backoff_max)
+
+    async def _switch_session(self, address: tuple[str, int], target: SentinelEndpoint) -> bool:
+        """Serve one subscription until it breaks; True if it was confirmed."""
+        kwargs = {k: v for k, v in self._sentinel_kwargs.items() if k != "socket_timeout"}
+        conn = aredis.Connection(host=address[0], port=address[1], **kwargs)
+        try:
+            async with asyncio.timeout(self._connect_timeout + self._command_timeout):
+                await conn.connect()  # type: ignore[no-untyped-call]
+                await conn.send_packed_command(
+                    _pack(("SUBSCRIBE", _SWITCH_CHANNEL)), check_health=False
+                )
+                reply = await conn.read_response(disconnect_on_error=False)
+            if not (type(reply) is list and reply and reply[0] == b"subscribe"):
+                raise RedisReplyError(f"sentinel answered SUBSCRIBE with {reply!r}")
+            _log.debug("listening for failovers on sentinel %s", address)
+            # a switch announced while nobody listened is caught up with now
+            await self._check_master(target)
+            interval = self._health_check_interval
+            pinged = False
+            while True:
+                wait = math.inf if interval is None else interval
+                msg = await conn.read_response(
+                    timeout=self._command_timeout if pinged else wait,
+                    disconnect_on_error=False,
+                )
+                if msg is None:  # nothing for a while: PING, then expect something
+                    if pinged:
+                        raise RedisUnavailable(f"sentinel {address} stopped answering")
+                    await conn.send_packed_command(_PING, check_health=False)
+                    pinged = True
+                    continue
+                pinged = False
+                if type(msg) is list and len(msg) == 3 and msg[0] == b"message":
+                    master = _parse_switch(msg[2], target.service_name)
+                    if master is not None:
+                        await self._master_switched(master, f"announced by sentinel {address}")
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+
+    async def _check_master(self, target: SentinelEndpoint) -> None:
+        """Follow the master the sentinels name now, if it is not the one we talk to."""
+        assert self._sentinel is not None
+        pool = cast(_SwitchAwarePool, self._pool)
+        if pool.master_address is None:
+            return  # not connected yet: the first connect asks the sentinels anyway
+        with contextlib.suppress(*_UNAVAILABLE):
+            async with asyncio.timeout(self._command_timeout):
+                host, port = await self._sentinel.discover_master(target.service_name)
+            master = (str(host), int(port))
+            trusted = self._switch_state.trusted_master()
+            if master != pool.master_address and (trusted is None or trusted == master):
+                await self._master_switched(master, "named by the sentinels")
+
+    async def _master_switched(self, master: tuple[str, int], why: str) -> None:
+        """Drop every connection to another node than ``master``, in use or not.
+
+        Commands waiting on them get ``RedisUnavailable``; stale connections
+        refuse to send anything from now on (see ``_SwitchAwareConnection``),
+        so whatever the old master takes after this point was sent before it.
+        """
+        self._switch_state.announce(master)
+        _log.info("Redis master for %s is now %s:%s (%s)", self._target_label, *master, why)
+        conn = self._pubsub_conn
+        if conn is not None and _address(conn) != master:
+            self._kill_pubsub_session(conn)
+        for conn in cast(_SwitchAwarePool, self._pool).connections():
+            if conn.is_connected and _address(conn) != master:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
 
     # -- lifecycle
 

@@ -31,6 +31,14 @@ Design:
   the node was demoted: its connection is dropped (callers waiting on it get
   ``RedisUnavailable``) so the next command asks the sentinels again. When a
   connect finds the master moved, connections to the previous one are dropped.
+  Sentinel leaves a master it replaced writable for seconds, so waiting for
+  ``READONLY`` would lose the writes made there meanwhile: a background task
+  stays subscribed to ``+switch-master`` on one sentinel (the next one if it
+  dies) and, the moment a switch is announced, drops every connection to
+  another node (in-flight commands get ``RedisUnavailable``; the pub/sub
+  connection reconnects and re-subscribes on the new master); a connect that
+  raced with the announcement is redone. Switches announced while it was not
+  subscribed are caught by asking the sentinels once it is again.
 
 URL forms (parsed by ``mesh_core._redis_url``):
 ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS;
@@ -46,9 +54,11 @@ Cluster is not supported by this transport.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -99,6 +109,36 @@ class _Demoted(Exception):
     """A READONLY reply on a Sentinel-managed connection: Sentinel made it a replica."""
 
 
+#: The channel on which a sentinel announces a failover:
+#: ``<service> <old-ip> <old-port> <new-ip> <new-port>``.
+_SWITCH_CHANNEL = b"+switch-master"
+
+#: How long an announced switch outweighs a sentinel that still names another
+#: master: the other sentinels learn of a failover from the one that made it
+#: (within a couple of seconds); meanwhile they would send us back to the old
+#: master, which still accepts writes.
+_ANNOUNCEMENT_TRUST = 10.0
+
+
+def _parse_switch(data: bytes, service: str) -> tuple[str, int] | None:
+    """The new master's address in a ``+switch-master`` message about ``service``."""
+    parts = data.split()
+    if len(parts) != 5 or parts[0] != service.encode():
+        return None
+    try:
+        return parts[3].decode(), int(parts[4])
+    except ValueError:
+        return None
+
+
+def _sentinel_auth(target: SentinelEndpoint) -> list[tuple[Arg, ...]]:
+    if target.sentinel_password is None:
+        return []
+    if target.sentinel_username:
+        return [("AUTH", target.sentinel_username, target.sentinel_password)]
+    return [("AUTH", target.sentinel_password)]
+
+
 def _addr_label(address: tuple[str, int]) -> str:
     host, port = address
     return RedisEndpoint(host=host, port=port).label
@@ -143,14 +183,16 @@ class _Conn:
         reader: hiredis.Reader,
         label: str,
         *,
-        sentinel_managed: bool = False,
+        address: tuple[str, int] | None = None,
     ) -> None:
         self.stream = stream
         self.reader = reader
         self.label = label
+        #: the node's address when a sentinel named it (None: not Sentinel-managed)
+        self.address = address
         # A master that Sentinel demoted answers writes with READONLY; only then
         # is that reply a reason to drop the connection (and ask the sentinels).
-        self.sentinel_managed = sentinel_managed
+        self.sentinel_managed = address is not None
         self.pending: deque[_Waiter] = deque()
         self.outbuf: list[bytes] = []
         self.lot = trio.lowlevel.ParkingLot()
@@ -303,6 +345,11 @@ class TrioRedisTransport:
         self._sentinel: SentinelEndpoint | None = None
         self._sentinels: list[tuple[str, int]] = []  # the last one that answered first
         self._master_address: tuple[str, int] | None = None
+        # counts the changes of _master_address; the last +switch-master heard
+        # is trusted over the sentinels' answers for a while
+        self._switch_epoch = 0
+        self._announced: tuple[str, int] | None = None
+        self._announced_until = 0.0
         if isinstance(target, SentinelEndpoint):
             self._sentinel = target
             self._sentinels = list(target.sentinels)
@@ -330,6 +377,7 @@ class TrioRedisTransport:
         self._pubsub_running = False
         self._pubsub_current: tuple[trio.abc.Stream, trio.CancelScope] | None = None
         self._pubsub_label = ""
+        self._pubsub_address: tuple[str, int] | None = None
         self._pubsub_lock = trio.Lock()
 
     # -- lifecycle
@@ -355,6 +403,8 @@ class TrioRedisTransport:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    if self._sentinel is not None:
+                        nursery.start_soon(self._listen_for_switches, self._sentinel)
                     assert self._started is not None
                     self._started.set()
                     await trio.sleep_forever()
@@ -403,12 +453,25 @@ class TrioRedisTransport:
         per_sentinel = self._connect_timeout + self._command_timeout
         return len(self._sentinels) * per_sentinel + self._connect_timeout
 
-    async def _open_stream(self) -> tuple[trio.abc.Stream, hiredis.Reader, str]:
-        """A connected, authenticated stream to the (current) master, and its label."""
+    async def _open_stream(
+        self,
+    ) -> tuple[trio.abc.Stream, hiredis.Reader, str, tuple[str, int] | None]:
+        """A connected, authenticated stream to the (current) master, its label and
+        (with Sentinel) its address."""
         if self._sentinel is None:
             stream, reader = await self._open_node(self._ep)
-            return stream, reader, self._ep.label
-        return await self._open_sentinel_master(self._sentinel)
+            return stream, reader, self._ep.label, None
+        for _ in range(3):
+            epoch = self._switch_epoch
+            stream, reader, label, master = await self._open_sentinel_master(self._sentinel)
+            if epoch == self._switch_epoch or master == self._master_address:
+                if self._master_address != master:
+                    self._master_moved(master, "named by the sentinels")
+                return stream, reader, label, master
+            # A switch to another node was announced while we connected: this
+            # may be the old master, still accepting writes. Ask again.
+            await trio.aclose_forcefully(stream)
+        raise RedisUnavailable(f"the master of {self._label} kept moving")
 
     async def _open_node(
         self, ep: RedisEndpoint, *, expect_master: bool = False
@@ -463,7 +526,7 @@ class TrioRedisTransport:
 
     async def _open_sentinel_master(
         self, target: SentinelEndpoint
-    ) -> tuple[trio.abc.Stream, hiredis.Reader, str]:
+    ) -> tuple[trio.abc.Stream, hiredis.Reader, str, tuple[str, int]]:
         """Ask each sentinel in turn for the master, connect to it, check it is one."""
         problems: list[str] = []
         for address in list(self._sentinels):
@@ -480,6 +543,10 @@ class TrioRedisTransport:
             if master is None:
                 problems.append(f"sentinel {label} knows no master {target.service_name!r}")
                 continue
+            announced = self._trusted_announcement()
+            if announced is not None and master != announced:
+                _log.debug("sentinel %s still names %s; %s was announced", label, master, announced)
+                master = announced
             ep = replace(self._ep, host=master[0], port=master[1])
             try:
                 with trio.fail_after(self._connect_timeout):
@@ -493,9 +560,7 @@ class TrioRedisTransport:
             if self._sentinels[0] != address:  # ask the one that answered first next time
                 self._sentinels.remove(address)
                 self._sentinels.insert(0, address)
-            if self._master_address != master:
-                self._master_moved(master)
-            return stream, reader, ep.label
+            return stream, reader, ep.label, master
         raise RedisUnavailable(f"no Redis master for {target.label}: {'; '.join(problems)}")
 
     async def _ask_sentinel(
@@ -509,12 +574,7 @@ class TrioRedisTransport:
             raise RedisUnavailable(f"cannot connect to sentinel {label}: {exc!r}") from exc
         try:
             reader = hiredis.Reader(replyError=RedisReplyError)
-            commands: list[tuple[Arg, ...]] = []
-            if target.sentinel_password is not None:
-                if target.sentinel_username:
-                    commands.append(("AUTH", target.sentinel_username, target.sentinel_password))
-                else:
-                    commands.append(("AUTH", target.sentinel_password))
+            commands = _sentinel_auth(target)
             commands.append(("SENTINEL", "get-master-addr-by-name", target.service_name))
             with trio.fail_after(self._command_timeout):
                 replies = await _exchange(stream, reader, commands)
@@ -536,30 +596,111 @@ class TrioRedisTransport:
         except (TypeError, ValueError, AttributeError):
             raise RedisUnavailable(f"sentinel {label} sent a malformed address {reply!r}") from None
 
-    def _master_moved(self, master: tuple[str, int]) -> None:
-        """Drop connections to the previous master as soon as the sentinels name a new one.
+    def _master_moved(self, master: tuple[str, int], why: str) -> None:
+        """Drop every connection to another node as soon as the master is known to be ``master``.
 
-        They would otherwise keep talking to it until it is demoted (which
-        Sentinel may do only seconds after the failover), and writes made there
-        meanwhile would be lost.
+        They would otherwise keep talking to the old master until it is
+        demoted (which Sentinel may do only seconds after the failover), and
+        writes made there meanwhile would be lost.
         """
         previous, self._master_address = self._master_address, master
-        if previous is None:
-            return
-        _log.info("Redis master for %s moved from %s to %s", self._label, previous, master)
-        old = _addr_label(previous)
+        if previous != master:
+            # a connect that began before may have reached the old master
+            self._switch_epoch += 1
+            _log.info("Redis master for %s is now %s (%s)", self._label, _addr_label(master), why)
+        error = RedisUnavailable(f"Redis master moved to {_addr_label(master)} ({why})")
         for conn in list(self._conns):
-            if conn.label == old:
-                conn.fail(
-                    RedisUnavailable(f"Redis master moved from {old} to {_addr_label(master)}")
-                )
-        if self._pubsub_current is not None and self._pubsub_label == old:
+            if conn.address is not None and conn.address != master:
+                conn.fail(error)
+        if self._pubsub_current is not None and self._pubsub_address != master:
             self._pubsub_current[1].cancel()
+
+    def _trusted_announcement(self) -> tuple[str, int] | None:
+        if self._announced is not None and time.monotonic() < self._announced_until:
+            return self._announced
+        return None
+
+    def _switch_announced(self, master: tuple[str, int], why: str) -> None:
+        self._announced = master
+        self._announced_until = time.monotonic() + _ANNOUNCEMENT_TRUST
+        self._master_moved(master, why)
+
+    async def _listen_for_switches(self, target: SentinelEndpoint) -> None:
+        """Stay subscribed to ``+switch-master`` on one sentinel, the next one if it fails."""
+        backoff = self._backoff_min
+        turn = 0
+        while True:
+            address = target.sentinels[turn % len(target.sentinels)]
+            try:
+                if await self._switch_session(address, target):
+                    backoff = self._backoff_min
+            except (*_CONN_ERRORS, RedisUnavailable, trio.TooSlowError) as exc:
+                _log.debug("listening for failovers on sentinel %s failed: %r", address, exc)
+            except Exception:
+                _log.exception("listening for failovers on sentinel %s failed", address)
+            turn += 1
+            await trio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self._backoff_max)
+
+    async def _switch_session(self, address: tuple[str, int], target: SentinelEndpoint) -> bool:
+        """Serve one subscription until it breaks; True if it was confirmed."""
+        label = _addr_label(address)
+        with trio.fail_after(self._connect_timeout):
+            stream: trio.abc.Stream = await trio.open_tcp_stream(*address)
+        try:
+            reader = hiredis.Reader(replyError=RedisReplyError)
+            commands = _sentinel_auth(target)
+            commands.append(("SUBSCRIBE", _SWITCH_CHANNEL))
+            with trio.fail_after(self._command_timeout):
+                replies = await _exchange(stream, reader, commands)
+            for cmd, reply in zip(commands, replies, strict=True):
+                if isinstance(reply, RedisReplyError):
+                    raise RedisUnavailable(f"sentinel {label} refused {cmd[0]!r}: {reply}")
+            _log.debug("listening for failovers on sentinel %s", label)
+            # a switch announced while nobody listened is caught up with now
+            await self._check_master(address, target)
+            interval = self._health_check_interval
+            pinged = False
+            while True:
+                wait = self._command_timeout if pinged else interval
+                with trio.move_on_after(math.inf if wait is None else wait) as scope:
+                    data = await stream.receive_some(_READ_SIZE)
+                if scope.cancelled_caught:  # nothing for a while: PING, then expect something
+                    if pinged:
+                        raise RedisUnavailable(f"sentinel {label} stopped answering")
+                    with trio.fail_after(self._command_timeout):
+                        await stream.send_all(_PING)
+                    pinged = True
+                    continue
+                if not data:
+                    raise EOFError("connection closed by the sentinel")
+                pinged = False
+                reader.feed(data)  # type: ignore[arg-type]  # any buffer works
+                while (msg := reader.gets()) is not False:
+                    if type(msg) is list and len(msg) == 3 and msg[0] == b"message":
+                        master = _parse_switch(msg[2], target.service_name)
+                        if master is not None:
+                            self._switch_announced(master, f"announced by sentinel {label}")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _check_master(self, address: tuple[str, int], target: SentinelEndpoint) -> None:
+        """Follow the master the sentinel names now, if it is not the one we talk to."""
+        if self._master_address is None:
+            return  # not connected yet: the first connect asks the sentinels anyway
+        try:
+            master = await self._ask_sentinel(address, target)
+        except RedisUnavailable as exc:
+            _log.debug("asking sentinel %s for the master failed: %r", address, exc)
+            return
+        announced = self._trusted_announcement()
+        if master is not None and master != self._master_address and announced in (None, master):
+            self._switch_announced(master, f"named by sentinel {_addr_label(address)}")
 
     async def _connect_attempt(self, attempt: _Attempt) -> None:
         try:
             with trio.fail_after(self._attempt_timeout):
-                stream, reader, label = await self._open_stream()
+                stream, reader, label, address = await self._open_stream()
         except trio.TooSlowError:
             attempt.error = RedisUnavailable(
                 f"connecting to Redis at {self._label} timed out after {self._attempt_timeout}s"
@@ -570,7 +711,7 @@ class TrioRedisTransport:
             _log.exception("connecting to Redis failed")
             attempt.error = RedisUnavailable(f"cannot connect to Redis at {self._label}: {exc!r}")
         else:
-            conn = _Conn(stream, reader, label, sentinel_managed=self._sentinel is not None)
+            conn = _Conn(stream, reader, label, address=address)
             attempt.conn = conn
             self._conns.append(conn)
             assert self._nursery is not None
@@ -715,7 +856,8 @@ class TrioRedisTransport:
         while True:
             try:
                 with trio.fail_after(self._attempt_timeout):
-                    stream, reader, self._pubsub_label = await self._open_stream()
+                    stream, reader, self._pubsub_label, address = await self._open_stream()
+                    self._pubsub_address = address
             except (trio.TooSlowError, RedisUnavailable) as exc:
                 _log.debug("pub/sub connect failed: %r", exc)
             except Exception:
@@ -741,6 +883,8 @@ class TrioRedisTransport:
             try:
                 async with self._pubsub_lock:
                     self._pubsub_current = (stream, session_scope)
+                    if self._pubsub_address not in (None, self._master_address):
+                        return False  # the master moved while we waited for the lock
                     if self._subs:
                         with trio.move_on_after(self._command_timeout) as send_scope:
                             await stream.send_all(_pack(("SUBSCRIBE", *self._subs)))

@@ -33,7 +33,7 @@ from mesh_core._resp import pack
 
 from .redis_server import RedisServer, free_port, redis_server_binary
 
-__all__ = ["FakeSentinel", "SentinelProcess", "SentinelSetup"]
+__all__ = ["FakeSentinel", "SentinelProcess", "SentinelSetup", "SwitchWatcher"]
 
 
 def _client(port: int, password: str | None = None) -> Any:
@@ -115,6 +115,10 @@ class SentinelProcess:
 
     def client(self) -> Any:
         return _client(self.port, self.password)
+
+    def subscribers(self) -> int:
+        """How many clients are subscribed to something here (``+switch-master`` listeners)."""
+        return sum(1 for c in self.client().client_list() if int(c.get("sub", 0)) > 0)
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -298,13 +302,16 @@ class FakeSentinel:
     Real sentinels take seconds to notice a demoted master; this one lets a
     test move the master at once and watch a transport follow. It answers
     what both transports ask: ``SENTINEL get-master-addr-by-name`` (trio) and
-    ``SENTINEL MASTERS`` (redis-py), plus ``+OK`` to set-up commands.
+    ``SENTINEL MASTERS`` (redis-py), plus ``+OK`` to set-up commands, and
+    takes ``SUBSCRIBE`` s: ``switch_master()`` announces a switch on
+    ``+switch-master``.
     """
 
     def __init__(self, service: str, master_port: int) -> None:
         self.service = service
         self.master_port = master_port
         self.queries = 0
+        self._subscribers: list[socket.socket] = []
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -314,11 +321,32 @@ class FakeSentinel:
         self._thread = threading.Thread(target=self._accept, daemon=True, name="fake-sentinel")
         self._thread.start()
 
+    @property
+    def subscribers(self) -> int:
+        """Connections subscribed to ``+switch-master`` here."""
+        return len(self._subscribers)
+
+    def switch_master(self, new_port: int, *, rename: bool = True) -> None:
+        """Announce on ``+switch-master`` that the master moved to ``new_port``,
+        and name it from now on (unless ``rename=False``: a lagging sentinel)."""
+        old = self.master_port
+        if rename:
+            self.master_port = new_port
+        data = f"{self.service} 127.0.0.1 {old} 127.0.0.1 {new_port}"
+        message = pack(("message", "+switch-master", data))
+        for conn in list(self._subscribers):
+            with contextlib.suppress(OSError):
+                conn.sendall(message)
+
     def close(self) -> None:
+        """Stop listening and drop every connection (subscribers see the sentinel die)."""
         self._closed = True
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
+        for conn in list(self._subscribers):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         self._thread.join(5)
 
     def __enter__(self) -> FakeSentinel:
@@ -337,23 +365,33 @@ class FakeSentinel:
 
     def _serve(self, conn: socket.socket) -> None:
         reader = hiredis.Reader()
-        with conn:
-            while True:
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                reader.feed(data)
-                out = b""
-                while (request := reader.gets()) is not False:
-                    out += self._answer([bytes(a).decode() for a in request])
-                with contextlib.suppress(OSError):
-                    conn.sendall(out)
+        try:
+            with conn:
+                while True:
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    reader.feed(data)
+                    out = b""
+                    while (request := reader.gets()) is not False:
+                        out += self._answer([bytes(a).decode() for a in request], conn)
+                    with contextlib.suppress(OSError):
+                        conn.sendall(out)
+        finally:
+            if conn in self._subscribers:
+                self._subscribers.remove(conn)
 
-    def _answer(self, args: list[str]) -> bytes:
+    def _answer(self, args: list[str], conn: socket.socket) -> bytes:
         command = [a.lower() for a in args[:2]]
+        if command[0] == "subscribe":
+            self._subscribers.append(conn)
+            channel = args[1].encode()
+            return b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(channel), channel)
+        if command[0] == "ping" and conn in self._subscribers:
+            return pack(("pong", ""))
         if command[0] == "ping":
             return b"+PONG\r\n"
         if command[0] != "sentinel":
@@ -371,3 +409,48 @@ class FakeSentinel:
             ]
             return b"*1\r\n" + pack(state)
         return b"-ERR unknown sentinel subcommand\r\n"
+
+
+class SwitchWatcher:
+    """A thread subscribed to ``+switch-master`` on one sentinel: when did it announce a switch?
+
+    Usage::
+
+        with SwitchWatcher(setup.sentinels[0]) as watcher:
+            ...
+            at, message = watcher.wait(10)   # time.monotonic() of receipt, the message
+    """
+
+    def __init__(self, sentinel: SentinelProcess) -> None:
+        self._pubsub = sentinel.client().pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe("+switch-master")
+        self.switches: list[tuple[float, bytes]] = []
+        self._seen = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="switch-watcher")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            with contextlib.suppress(Exception):
+                msg = self._pubsub.get_message(timeout=0.05)
+                if msg is not None and msg["type"] == "message":
+                    self.switches.append((time.monotonic(), bytes(msg["data"])))
+                    self._seen.set()
+
+    def wait(self, timeout: float) -> tuple[float, bytes]:
+        if not self._seen.wait(timeout):
+            raise AssertionError("the sentinel announced no +switch-master")
+        return self.switches[0]
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(5)
+        with contextlib.suppress(Exception):
+            self._pubsub.close()
+
+    def __enter__(self) -> SwitchWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -5,6 +5,7 @@ sentinel here is a child process this module starts on free ports."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ from mesh_core import Storage
 from mesh_core._redis_errors import RedisUnavailable
 from mesh_core._redis_url import RedisEndpoint, SentinelEndpoint, parse_redis_url
 
-from .redis_sentinel import FakeSentinel, SentinelSetup
+from .redis_sentinel import FakeSentinel, SentinelSetup, SwitchWatcher
 from .redis_server import RedisServer
 from .server_thread import ServerThread
 from .storage_conformance import Deliveries, StorageConformance
@@ -347,3 +348,188 @@ async def broadcast_reaches(
     except TimeoutError:
         return False
     return True
+
+
+# ------------------------------------------------- a forced failover, followed at once
+
+
+class _SwitchLog(logging.Handler):
+    """When the transport (by its own log) learnt that the master moved."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.at: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if " is now " in message:
+            self.at.append((time.monotonic(), message))
+
+
+def living_tasks(backend: str) -> int:
+    if backend == "trio":
+        import trio
+
+        return trio.lowlevel.current_statistics().tasks_living
+    import asyncio
+
+    return len(asyncio.all_tasks())
+
+
+@pytest.mark.anyio
+async def test_forced_failover_is_followed_at_once(anyio_backend: str) -> None:
+    """``SENTINEL FAILOVER`` under a steady stream of writes.
+
+    Sentinel leaves the old master writable for ~10 s after the switch; a
+    transport that waited for it to answer ``READONLY`` would keep writing
+    there, and lose those writes. Each write appends a unique number, so the
+    new master's list says exactly which acknowledged writes it lost. Writes
+    sent between the promotion and the announcement still reach the old
+    master (nobody can know yet); none sent after the transport learnt of the
+    switch may, and it must learn within moments of the sentinel announcing it.
+    The pub/sub subscription must be on the new master as soon.
+    """
+    logger = logging.getLogger(f"mesh_{anyio_backend}.redis")
+    switch_log = _SwitchLog()
+    level = logger.level
+    logger.addHandler(switch_log)
+    logger.setLevel(logging.INFO)
+    tasks_before = living_tasks(anyio_backend)
+    with contextlib.ExitStack() as stack:
+        stack.callback(logger.removeHandler, switch_log)
+        stack.callback(logger.setLevel, level)
+        setup = stack.enter_context(SentinelSetup(sentinels=1, password="m-pw"))
+        watcher = stack.enter_context(SwitchWatcher(setup.sentinels[0]))
+        # the listener must move on from a dead sentinel to the live one
+        transport = transport_class(anyio_backend)(
+            setup.url_for(dead_sentinel_first=True),
+            command_timeout=1.0,
+            connect_timeout=1.0,
+            reconnect_backoff=(0.01, 0.1),
+        )
+        try:
+            got: list[bytes] = []
+            await transport.subscribe("news", got.append)
+            with anyio.fail_after(5):  # the watcher and the transport
+                while setup.sentinels[0].subscribers() < 2:
+                    await anyio.sleep(0.02)
+            old = setup.master_port()
+            writes: list[tuple[int, float, bool]] = []  # (number, sent at, acknowledged)
+            numbers = iter(range(1_000_000))
+            stop = anyio.Event()
+
+            async def writer() -> None:
+                while not stop.is_set():
+                    n, sent = next(numbers), time.monotonic()
+                    try:
+                        await transport.execute("RPUSH", "log", n)
+                    except RedisUnavailable:
+                        writes.append((n, sent, False))
+                    else:
+                        writes.append((n, sent, True))
+                    await anyio.sleep(0.002)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(writer)
+                await anyio.sleep(0.3)
+                await anyio.to_thread.run_sync(
+                    lambda: (
+                        setup.sentinels[0]
+                        .client()
+                        .execute_command("SENTINEL", "FAILOVER", setup.service)
+                    )
+                )
+                announced, message = await anyio.to_thread.run_sync(watcher.wait, 15)
+                new = setup.master_port()
+                assert new != old and message.split()[-1] == str(new).encode()
+                # the subscription moves to the new master at once
+                node = raw(new, "m-pw")
+                pubsub_moved: float | None = None
+                with anyio.move_on_after(3):
+                    while not got:
+                        node.publish("news", "on the new master")
+                        await anyio.sleep(0.05)
+                    pubsub_moved = time.monotonic() - announced
+                await anyio.sleep(1.0)  # writes go on, on the new master
+                stop.set()
+
+            present = {int(x) for x in node.lrange("log", 0, -1)}
+            acked = [(n, sent) for n, sent, ok in writes if ok]
+            # acknowledged, yet not on the new master: written to the old one
+            lost = [(n, round(sent - announced, 3)) for n, sent in acked if n not in present]
+            # Only writes sent before the announcement may be lost (the margin
+            # covers the announcement's trip to the transport, not the ~10 s
+            # Sentinel takes to demote the old master).
+            assert [x for x in lost if x[1] > 0.25] == [], lost
+            assert pubsub_moved is not None and pubsub_moved < 2.0, pubsub_moved
+            assert got[0] == b"on the new master"
+            # Exactly: nothing sent after the transport learnt of the switch was lost.
+            new_label = f"127.0.0.1:{new} "
+            switches = [at for at, msg in switch_log.at if new_label in msg]
+            assert switches, switch_log.at
+            switched = switches[0]
+            assert switched - announced < 0.25, switched - announced  # (or found earlier)
+            assert [n for n, sent in acked if n not in present and sent > switched] == []
+            assert any(sent > switched + 0.5 for _, sent in acked), "writes did not resume"
+            assert present <= {n for n, _, _ in writes}
+        finally:
+            await transport.aclose()
+    assert living_tasks(anyio_backend) == tasks_before
+
+
+@pytest.mark.anyio
+async def test_announced_switch_leaves_the_old_master_at_once(anyio_backend: str) -> None:
+    """An announced switch moves everything off a master that still accepts writes.
+
+    Stand-in sentinels: the one the listener subscribes to first dies (it
+    must move on to the next), and the other announces the switch but goes on
+    naming the old master, as a sentinel that has not heard of the failover
+    yet would; the announcement must win. The nodes are real, and the old one
+    stays a writable master throughout, as Sentinel leaves it for seconds.
+    """
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(RedisServer(extra_args=FAST_REPLICATION))
+        b = stack.enter_context(
+            RedisServer(extra_args=[*FAST_REPLICATION, "--replicaof", "127.0.0.1", str(a.port)])
+        )
+        first = stack.enter_context(FakeSentinel("svc", a.port))
+        second = stack.enter_context(FakeSentinel("svc", a.port))
+        transport = transport_class(anyio_backend)(
+            f"redis+sentinel://127.0.0.1:{first.port},127.0.0.1:{second.port}/svc",
+            command_timeout=1.0,
+            connect_timeout=1.0,
+            reconnect_backoff=(0.01, 0.1),
+        )
+        node_a, node_b = raw(a.port), raw(b.port)
+        try:
+            got: list[bytes] = []
+            await transport.subscribe("news", got.append)
+            assert await transport.execute("SET", "k", "on-a") == b"OK"
+            with anyio.fail_after(5):
+                while first.subscribers != 1:
+                    await anyio.sleep(0.01)
+            first.close()
+            with anyio.fail_after(5):
+                while second.subscribers != 1:
+                    await anyio.sleep(0.01)
+            node_b.execute_command("REPLICAOF", "NO", "ONE")
+            second.switch_master(b.port, rename=False)
+            # the pub/sub connection moves at once
+            with anyio.fail_after(3):
+                while node_b.execute_command("PUBSUB", "NUMSUB", "news")[1] != 1:
+                    await anyio.sleep(0.01)
+            assert node_a.execute_command("PUBSUB", "NUMSUB", "news")[1] == 0
+            node_b.publish("news", "on b")
+            with anyio.fail_after(3):
+                while not got:
+                    await anyio.sleep(0.01)
+            assert got == [b"on b"]
+            # and from now on, nothing reaches a: every command goes to b
+            for i in range(20):
+                assert await transport.execute("SET", f"after{i}", i) == b"OK"
+            assert node_a.keys("after*") == []
+            assert len(node_b.keys("after*")) == 20
+            assert node_a.get("k") == b"on-a" and node_a.execute_command("ROLE")[0] == b"master"
+        finally:
+            await transport.aclose()
