@@ -264,6 +264,8 @@ class ServerConnection:
                 if rest:
                     self._feed_ws(rest, now)
                 return
+            if pos == len(buf):
+                break
             kind, end, opcode, payload, length = scan(buf, pos)
             if length > limit:  # refused before it is buffered
                 buf.clear()
