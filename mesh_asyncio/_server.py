@@ -240,6 +240,9 @@ class MeshServer(ServerCore):
         deadline = loop.time() + self.options.shutdown_timeout
         await self._wait_until(lambda: self._inflight == 0, deadline)
         self._close_all()
+        for protocol in list(self._protocols):
+            if protocol.proto.state is State.HANDSHAKE:
+                protocol.proto.close()  # not upgraded yet: nothing to say goodbye with
         close_deadline = min(deadline, loop.time() + self.options.close_timeout) + 0.5
         await self._wait_until(lambda: not self._protocols and not self._tasks, close_deadline)
         for protocol in list(self._protocols):

@@ -39,6 +39,30 @@ _RUN, _READABLE, _WRITABLE, _TIMER = range(4)
 # accept() errors that mean "out of resources right now": wait and retry
 # (as trio.serve_listeners does), instead of ending the accept loop
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# accept() errors about that one connection (a reset before it was accepted,
+# a firewall, pending network errors Linux reports here): skip it. The list
+# trio.SocketListener ignores.
+_ACCEPT_SKIP = {
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+}
 
 
 class _Link:
@@ -151,7 +175,8 @@ class MeshServer(ServerCore):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 accepting = trio.CancelScope()
-                nursery.start_soon(self._accept_all, accepting)
+                accepted_all = trio.Event()
+                nursery.start_soon(self._accept_all, accepting, accepted_all)
                 nursery.start_soon(self._flusher)
                 duties = getattr(self.storage, "run", None)  # heartbeats, sweeps (Redis)
                 if callable(duties):
@@ -159,6 +184,7 @@ class MeshServer(ServerCore):
                 task_status.started(self)
                 await self._stop_requested.wait()
                 accepting.cancel()
+                await accepted_all.wait()  # no accept() on a closed listener
                 self._close_listeners()
                 await self._shutdown()
                 nursery.cancel_scope.cancel()
@@ -176,36 +202,40 @@ class MeshServer(ServerCore):
             sock.close()
         self._listeners = []
 
-    async def _accept_all(self, scope: trio.CancelScope) -> None:
-        with scope:
-            async with trio.open_nursery() as nursery:
-                for sock in self._listeners:
-                    nursery.start_soon(self._accept, sock)
+    async def _accept_all(self, scope: trio.CancelScope, done: trio.Event) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for sock in self._listeners:
+                        nursery.start_soon(self._accept, sock)
+        finally:
+            done.set()
 
     async def _accept(self, listener: socket.socket) -> None:
         nursery = self._nursery
         assert nursery is not None
         while True:
-            if listener.fileno() == -1:
-                return  # closed before this task first ran
-            try:
-                await trio.lowlevel.wait_readable(listener)
-            except trio.ClosedResourceError:
-                return
+            await trio.lowlevel.wait_readable(listener)
             for _ in range(64):  # a burst of connections does not starve the others
                 try:
                     sock, peer = listener.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
+                    if exc.errno in _ACCEPT_SKIP:
+                        continue
                     if exc.errno not in _ACCEPT_RETRY:
                         raise
                     log.error("accept() failed: %s; retrying in 100 ms", exc)
                     await trio.sleep(0.1)
                     break
-                sock.setblocking(False)
-                if sock.family != socket.AF_UNIX:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    sock.setblocking(False)
+                    if sock.family != socket.AF_UNIX:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:  # reset already (some systems say so here)
+                    sock.close()
+                    continue
                 nursery.start_soon(self._serve_link, sock, peer)
 
     async def _shutdown(self) -> None:
@@ -214,6 +244,9 @@ class MeshServer(ServerCore):
             while self._inflight:
                 await trio.sleep(0.01)
         self._close_all()
+        for link in list(self._links):
+            if link.proto.state is State.HANDSHAKE:
+                link.proto.close()  # not upgraded yet: nothing to say goodbye with
         with trio.move_on_at(min(deadline, trio.current_time() + self.options.close_timeout) + 0.5):
             while self._links or self._local:
                 await trio.sleep(0.01)

@@ -3,7 +3,9 @@ heartbeat, handshake authentication, broadcasts, bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from typing import Any
 
 import anyio
@@ -359,3 +361,18 @@ async def test_invalid_utf8_text_frame_closes_1007(server_cls: Any) -> None:
             while server.connections.local_connections():
                 await anyio.sleep(0.01)
         await c.abort()
+
+
+async def test_a_connection_arriving_during_shutdown_does_not_crash_the_server(
+    server_cls: Any,
+) -> None:
+    for _ in range(40):
+        server = server_cls(make_app(), **FAST, shutdown_timeout=0.1, close_timeout=0.1)
+        async with server.listen():
+            await anyio.sleep(0.005)  # the server waits for connections
+            client = socket.socket()
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                client.connect(("127.0.0.1", server.port))
+            # leaving the block closes the server while the connection is pending
+        client.close()
