@@ -14,7 +14,10 @@ Design:
   one connection and replies come back in order (FIFO). Commands submitted in
   the same scheduler batch are coalesced by a per-connection writer task into
   one ``send_all`` (automatic pipelining). A pool grows lazily up to
-  ``max_connections`` connections while the existing ones are busy.
+  ``max_connections`` connections while the existing ones each have
+  ``_GROW_AT`` commands waiting (one pipelined connection is the cheapest
+  way to talk to Redis). Timeouts are kept per connection, not by a cancel
+  scope per command.
 * ``pipeline()`` writes its commands contiguously, so ``MULTI ... EXEC`` inside
   one pipeline is atomic. Blocking commands (``BLPOP``, ...) and ``WATCH``
   would stall / leak across the multiplexed connections: do not use them.
@@ -80,6 +83,9 @@ Arg = bytes | str | int | float
 _log = logging.getLogger("mesh_trio.redis")
 
 _READ_SIZE = 65536
+# A connection takes any number of commands in flight (they are pipelined);
+# another one is opened only when one has this many waiting.
+_GROW_AT = 256
 
 # Errors that mean "the connection is gone" (ssl.SSLError is an OSError).
 _CONN_ERRORS = (
@@ -165,13 +171,14 @@ async def _exchange(
 class _Waiter:
     """One execute() / pipeline() call waiting for ``expected`` replies."""
 
-    __slots__ = ("error", "event", "expected", "replies")
+    __slots__ = ("error", "event", "expected", "replies", "sent_at")
 
     def __init__(self, expected: int) -> None:
         self.event = trio.Event()
         self.expected = expected
         self.replies: list[Any] = []
         self.error: RedisUnavailable | None = None
+        self.sent_at = 0.0
 
 
 class _Conn:
@@ -201,19 +208,27 @@ class _Conn:
         self.error: RedisUnavailable | None = None
         self.reader_scope = trio.CancelScope()
         self.writer_scope = trio.CancelScope()
+        self.watch_scope = trio.CancelScope()
+        # the scope of a caller's direct write (see submit); fail() cancels it
+        self.send_scope = trio.CancelScope()
+        self.last_reply_at = trio.current_time()
 
-    async def submit(self, data: bytes, waiter: _Waiter, send_timeout: float) -> None:
+    async def submit(self, data: bytes, waiter: _Waiter) -> None:
         """Queue ``data`` (whose replies ``waiter`` collects) for sending, in order.
 
         When nothing else is being sent the caller writes directly (saving a
-        task switch); the write is shielded from cancellation, so a command is
-        never half-written, and bounded by ``send_timeout`` (a socket that
-        accepts nothing for that long means a stuck connection).
+        task switch); meanwhile, commands of other tasks queue up and the
+        writer task sends them in one ``send_all`` (automatic pipelining).
+        The direct write is shielded from the caller's cancellation, so a
+        command is never half-written; a socket that takes nothing for a
+        whole timeout is a stuck connection, which ``watch_loop`` drops
+        (cancelling that write).
         """
         if self.error is not None:
             waiter.error = self.error
             waiter.event.set()
             return
+        waiter.sent_at = trio.current_time()
         self.pending.append(waiter)
         if self.sending or self.outbuf:
             self.outbuf.append(data)
@@ -222,12 +237,8 @@ class _Conn:
             return
         self.sending = True
         try:
-            with trio.CancelScope(
-                shield=True, deadline=trio.current_time() + send_timeout
-            ) as scope:
+            with trio.CancelScope(shield=True) as self.send_scope:
                 await self.stream.send_all(data)
-            if scope.cancelled_caught:
-                self.fail(RedisUnavailable(f"Redis at {self.label} does not accept data"))
         except _CONN_ERRORS as exc:
             self.fail(RedisUnavailable(f"Redis connection to {self.label} lost: {exc!r}"))
         finally:
@@ -235,12 +246,39 @@ class _Conn:
             if self.outbuf:
                 self.lot.unpark_all()
 
+    async def watch_loop(self, timeout: float) -> None:
+        """Time commands out without a cancel scope per command (they cost
+        more than the rest of a call): a caller whose reply is ``timeout``
+        late gets ``RedisUnavailable`` (its reply, if it comes, is dropped);
+        a connection on which nothing at all came back for ``timeout`` while
+        commands wait is stuck, and is dropped."""
+        with self.watch_scope:
+            while True:
+                await trio.sleep(timeout / 8)
+                if not self.pending:
+                    continue
+                now = trio.current_time()
+                oldest = self.pending[0].sent_at
+                if now - max(oldest, self.last_reply_at) > timeout:
+                    self.fail(RedisUnavailable(f"Redis at {self.label} stopped answering"))
+                    return
+                for w in self.pending:
+                    if now - w.sent_at <= timeout:
+                        break  # sent in order: the rest are younger
+                    if w.error is None:
+                        w.error = RedisUnavailable(
+                            f"Redis at {self.label} did not answer within {timeout}s"
+                        )
+                        w.event.set()
+
     def fail(self, error: RedisUnavailable) -> None:
         if self.error is not None:
             return
         self.error = error
         self.reader_scope.cancel()
         self.writer_scope.cancel()
+        self.watch_scope.cancel()
+        self.send_scope.cancel()
         self.outbuf.clear()
         while self.pending:
             w = self.pending.popleft()
@@ -274,6 +312,7 @@ class _Conn:
                     data = await self.stream.receive_some(_READ_SIZE)
                     if not data:
                         raise EOFError("connection closed by Redis")
+                    self.last_reply_at = trio.current_time()
                     self.reader.feed(data)  # type: ignore[arg-type]  # any buffer works
                     gets = self.reader.gets
                     pending = self.pending
@@ -289,7 +328,7 @@ class _Conn:
                         w.replies.append(reply)
                         if len(w.replies) == w.expected:
                             pending.popleft()
-                            w.event.set()
+                            w.event.set()  # (a timed-out caller is gone already)
             except _CONN_ERRORS as exc:
                 self.fail(RedisUnavailable(f"Redis connection to {self.label} lost: {exc!r}"))
             except _Demoted as exc:
@@ -724,6 +763,7 @@ class TrioRedisTransport:
         try:
             assert self._nursery is not None
             self._nursery.start_soon(conn.write_loop)
+            self._nursery.start_soon(conn.watch_loop, self._command_timeout)
             await conn.read_loop()
         finally:
             conn.fail(RedisUnavailable(f"Redis connection to {conn.label} closed"))
@@ -738,7 +778,9 @@ class TrioRedisTransport:
             for c in self._conns:
                 if c.error is None and (best is None or len(c.pending) < len(best.pending)):
                     best = c
-            if best is not None and (not best.pending or len(self._conns) >= self._max_connections):
+            if best is not None and (
+                len(best.pending) < _GROW_AT or len(self._conns) >= self._max_connections
+            ):
                 return best
             if self._closed:
                 raise RedisUnavailable("Redis transport is closed")
@@ -762,22 +804,31 @@ class TrioRedisTransport:
                 # back since): make one attempt of our own before giving up.
                 joined_earlier_attempt = True
 
+    def _ready_conn(self) -> _Conn | None:
+        """The connection for the next command, when one is ready (the usual
+        case: no waiting, so no cancel scope)."""
+        best: _Conn | None = None
+        for c in self._conns:
+            if c.error is None and (best is None or len(c.pending) < len(best.pending)):
+                best = c
+        if best is not None and (
+            len(best.pending) < _GROW_AT or len(self._conns) >= self._max_connections
+        ):
+            return best
+        return None
+
     async def _roundtrip(self, data: bytes, expected: int) -> list[Any]:
         waiter = _Waiter(expected)
-        conn: _Conn | None = None
-        seen = 0
-        with trio.move_on_after(self._command_timeout) as scope:
-            conn = await self._get_conn()
-            seen = conn.replies_seen
-            await conn.submit(data, waiter, self._command_timeout)
-            await waiter.event.wait()
-        if scope.cancelled_caught:
-            if conn is not None and conn.replies_seen == seen:
-                # Not a single reply on this connection for a whole timeout: it is stuck.
-                conn.fail(RedisUnavailable(f"Redis at {conn.label} stopped answering"))
-            raise RedisUnavailable(
-                f"Redis at {self._label} did not answer within {self._command_timeout}s"
-            )
+        conn = self._ready_conn()
+        if conn is None:
+            with trio.move_on_after(self._command_timeout) as scope:
+                conn = await self._get_conn()
+            if scope.cancelled_caught or conn is None:
+                raise RedisUnavailable(
+                    f"Redis at {self._label} did not answer within {self._command_timeout}s"
+                )
+        await conn.submit(data, waiter)  # timed out by the connection's watch_loop
+        await waiter.event.wait()
         if waiter.error is not None:
             raise RedisUnavailable(str(waiter.error)) from waiter.error
         return waiter.replies
