@@ -431,6 +431,18 @@ class ServerCore:
             if not metadata:
                 proto.reject(401, "Unauthorized")
                 return
+            limit = self.options.max_metadata_size
+            if limit:
+                try:
+                    _check_size("connection", "(new)", metadata, limit)
+                except MeshError as exc:  # the app's doing: not stored, not admitted
+                    log.error("authenticate_connection returned metadata too large: %s", exc)
+                    proto.reject(500, "Internal Server Error")
+                    return
+                except Exception:
+                    log.exception("authenticate_connection returned metadata that is not JSON")
+                    proto.reject(500, "Internal Server Error")
+                    return
             if self._full():  # others got in while this one authenticated
                 proto.reject(503, "Service Unavailable: too many connections")
                 return

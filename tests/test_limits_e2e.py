@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from mesh_core import Connection, Context, MeshApp, MeshError
+from mesh_core import Connection, Context, MeshApp, MeshError, UpgradeRequest
 from tests.wsclient import Rejected, WSClient
 
 pytestmark = pytest.mark.anyio
@@ -78,6 +78,25 @@ def make_app(gate: Gate | None = None) -> MeshApp:
 
 
 # -- metadata size -------------------------------------------------------------------
+
+
+async def test_metadata_from_authentication_is_bounded_too(server_cls: Any) -> None:
+    app = make_app()
+
+    @app.authenticate_connection
+    async def auth(request: UpgradeRequest) -> Any:
+        return {"name": request.query_param("name")}
+
+    server = server_cls(app, max_metadata_size=64, **FAST)
+    async with server.listen():
+        ok = await WSClient.connect(server.port, "/?name=ada")
+        assert await ok.request("mesh/get-my-connection-metadata") == {"metadata": {"name": "ada"}}
+        with pytest.raises(Rejected) as refused:
+            await WSClient.connect(server.port, "/?name=" + "x" * 64)
+        assert refused.value.status == 500
+        assert len(server.connections.local_connections()) == 1
+        assert len(await server.connections.get_all_metadata()) == 1
+        await ok.close()
 
 
 async def test_metadata_size_at_the_limit_is_stored_and_past_it_refused(server_cls: Any) -> None:
