@@ -134,6 +134,14 @@ def _noop() -> None:
     pass
 
 
+#: the response to a request still queued when its connection closes
+_NOT_RUN = {
+    "error": "the connection closed before this request ran",
+    "code": "EUNAVAILABLE",
+    "name": "ConnectionClosing",
+}
+
+
 _SCANNING = (State.OPEN, State.OPENING)
 
 
@@ -511,6 +519,12 @@ class ServerConnection:
         """Start the closing handshake (or finish an unfinished upgrade)."""
         if self.state in (State.OPEN, State.OPENING):
             if self._ws.state is WSState.OPEN:
+                # every request gets one response: those still queued (never
+                # run) are answered before the close frame, so a client knows
+                # to send them again elsewhere
+                for request in self._queued:
+                    self._out += text_frame(encode_response(request.id, request.command, _NOT_RUN))
+                self._queued.clear()
                 self._out += self._ws.send(CloseConnection(code=code, reason=reason))
             self.state = State.CLOSING
             self._close_deadline = None  # set by the next tick

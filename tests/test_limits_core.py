@@ -246,6 +246,27 @@ def test_queued_requests_are_dropped_when_the_connection_goes() -> None:
     assert not p.server.reading_paused
 
 
+def test_queued_requests_are_answered_when_the_server_closes() -> None:
+    """Every request gets one response: those that never ran are told so
+    (EUNAVAILABLE, safe to send again) before the close frame."""
+    p = Peer(quiet(max_requests_in_flight=1))
+    p.open()
+    p.pump()
+    for i in range(3):
+        p.send_json({"id": i, "command": "x"})
+    assert [r.id for r in requests(p.server.events())] == [0]
+    p.server.close(CloseCode.GOING_AWAY, "server shutting down")
+    answered = p.pump()
+    assert [(f["id"], f["payload"]["code"]) for f in answered] == [
+        (1, "EUNAVAILABLE"),
+        (2, "EUNAVAILABLE"),
+    ]
+    assert [c.code for c in p.closes()] == [CloseCode.GOING_AWAY]
+    assert p.server.requests_queued == 0
+    p.server.request_done()
+    assert requests(p.server.events()) == []
+
+
 def test_request_done_without_requests_is_harmless() -> None:
     p = Peer()
     p.open()
