@@ -69,12 +69,13 @@ class _Event(Protocol):
 class _Update:
     """One writer's update of a metadata value, waiting its turn."""
 
-    __slots__ = ("done", "error", "fn", "leads", "result")
+    __slots__ = ("abandoned", "done", "error", "fn", "leads", "result")
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
         self.done: _Event | None = None
         self.leads = False
+        self.abandoned = False  # its writer was cancelled while in a leader's batch
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -167,6 +168,15 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 return 1
 """
 
+# Delete a hash field only if it still holds ARGV[2]: undoes one write
+# without touching whatever another writer put there since.
+_DELETE_IF = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 # Release the cleanup lock only if this instance still holds it.
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -243,6 +253,7 @@ class RedisStoreCore:
         self.cache_size = cache_size
         self._cluster = bool(getattr(transport, "cluster", False))
         self._cas = _Script(_CAS)
+        self._delete_if = _Script(_DELETE_IF)
         self._unlock = _Script(_UNLOCK)
         self._handlers: dict[type[ops.Op], Callable[[Any], Any]] = {
             ops.RegisterConnection: self._register,
@@ -341,10 +352,7 @@ class RedisStoreCore:
         )
         if replies[0] is None and self._registered:
             log.info("re-registering %d connection(s) with Redis", len(self._registered))
-            commands: list[Sequence[Arg]] = []
-            for cid, metadata in self._registered.items():
-                commands += self._register_commands(cid, instance, metadata, only_if_missing=True)
-            await self.transport.pipeline(commands)
+            await self._reregister(list(self._registered))
         for cid in list(self._pending_unregister):
             await self._unregister(ops.UnregisterConnection(cid, instance))
             self._pending_unregister.discard(cid)
@@ -478,9 +486,12 @@ class RedisStoreCore:
                 await self.transport.execute(*drop_meta)
             else:
                 await self.transport.pipeline([*commands, drop_meta])
-        except RedisUnavailable:
-            if owned:
-                self._pending_unregister.add(cid)  # retried by heartbeat()
+        except BaseException as exc:
+            # Redis away, or cancelled half-way (a cluster's registry entry
+            # may be gone with the metadata still there, and no sweep looks
+            # for it): retried by heartbeat()
+            if owned and (isinstance(exc, RedisUnavailable) or not isinstance(exc, Exception)):
+                self._pending_unregister.add(cid)
             raise
         finally:
             self._cache.pop((keys.CONNECTION_META, cid), None)
@@ -541,13 +552,25 @@ class RedisStoreCore:
         # local contention costs one round trip per batch, not a retry storm;
         # only writers on other instances can make a compare-and-set fail.
         me = _Update(op.update)
-        queue = self._writers.get((hash_key, field))
+        location = (hash_key, field)
+        queue = self._writers.get(location)
         if queue is None:
-            queue = self._writers[(hash_key, field)] = []
+            queue = self._writers[location] = []
         else:
             me.done = self.new_event()
             queue.append(me)
-            await me.done.wait()
+            try:
+                await me.done.wait()
+            except BaseException:
+                # cancelled while waiting: a turn it was given, or a place in
+                # the queue, must not stall the writers behind it for good
+                if me.leads:
+                    self._pass_turn(location, queue)
+                elif any(update is me for update in queue):
+                    queue.remove(me)
+                else:
+                    me.abandoned = True  # in a leader's batch: not retried for it
+                raise
             if not me.leads:
                 return me.outcome()
         batch = [me, *queue]
@@ -557,18 +580,32 @@ class RedisStoreCore:
         except Exception as exc:
             for update in batch:
                 update.error = exc
+        except BaseException:
+            # The leader was cancelled: the others' updates may not have been
+            # written, so they must not report success. They go back to the
+            # head of the queue, the first of them leads, and they are applied
+            # again to whatever Redis holds then (if the interrupted write did
+            # land, applying them again is harmless: an update is computed
+            # from the stored value, and the strategies are idempotent).
+            queue[:0] = [update for update in batch[1:] if not update.abandoned]
+            del batch[1:]
+            raise
         finally:
-            if queue:
-                successor = queue.pop(0)
-                successor.leads = True
-                assert successor.done is not None
-                successor.done.set()
-            else:
-                del self._writers[(hash_key, field)]
+            self._pass_turn(location, queue)
             for update in batch[1:]:
                 assert update.done is not None
                 update.done.set()
         return me.outcome()
+
+    def _pass_turn(self, location: tuple[str, str], queue: list[_Update]) -> None:
+        """Wake the next writer queued for ``location`` as its new leader."""
+        if queue:
+            successor = queue.pop(0)
+            successor.leads = True
+            assert successor.done is not None
+            successor.done.set()
+        else:
+            del self._writers[location]
 
     async def _apply_batch(
         self, op: ops.UpdateMetadata, hash_key: str, field: str, guard: str, batch: list[_Update]
@@ -636,12 +673,34 @@ class RedisStoreCore:
         if op.scope != "connection" or cid not in self._registered:
             return False
         log.info("connection %s was missing from Redis; registering it again", cid)
-        await self.transport.pipeline(
-            self._register_commands(
+        return cid in await self._reregister([cid])
+
+    async def _reregister(self, cids: list[str]) -> list[str]:
+        """Register again connections this instance holds; returns those
+        still held once Redis answered.
+
+        An unregistration may run meanwhile, and its deletes may reach Redis
+        before these writes (trio spreads concurrent commands over several
+        connections; a cluster pipeline sends redirected commands again
+        later): that would leave the registry entry of a gone connection,
+        which no sweep removes, its owner being alive. ``_unregister`` forgets
+        the connection before its first await, so a connection no longer held
+        once these writes were answered is unregistered once more here, by
+        commands that reach each node after them.
+        """
+        sent = [cid for cid in cids if cid in self._registered]
+        commands: list[Sequence[Arg]] = []
+        for cid in sent:
+            commands += self._register_commands(
                 cid, self.instance_id, self._registered[cid], only_if_missing=True
             )
-        )
-        return True
+        if commands:
+            await self.transport.pipeline(commands)
+        for cid in sent:
+            if cid not in self._registered:
+                # already forgotten by _unregister: a failure here is retried by heartbeat()
+                await self._unregister(ops.UnregisterConnection(cid, self.instance_id))
+        return [cid for cid in cids if cid in self._registered]
 
     def _cache_put(self, location: tuple[str, str], raw: Any) -> None:
         cache = self._cache
@@ -679,17 +738,35 @@ class RedisStoreCore:
 
         On a cluster the guard lives in another slot, so the script cannot
         check it: the write comes first (C), then a check that the
-        connection is still registered (G), and if not, the field is deleted
-        again. Unregistering deletes the registry entry (U1) and only then,
-        after U1 was answered, the metadata (U2). C and U2 touch one key, so
-        one node orders them. If C comes before U2, U2 deletes what C wrote.
-        If C comes after U2, then G (after C) comes after U1, so G sees the
-        connection gone and deletes what C wrote. Either way no metadata of
-        a gone connection survives; a reader may see it for that moment.
+        connection is still registered (G). Unregistering deletes the
+        registry entry (U1) and only then, after U1 was answered, the
+        metadata (U2); re-registering (``_reregister``) and its undo only add
+        writes ordered the same way. C and U2 touch one key, so one node
+        orders them. If C comes before U2, U2 deletes what C wrote. If C comes
+        after U2, then G (after C) comes after U1 and sees the connection
+        gone: the writer then deletes the field (D) only if it still holds
+        what C wrote, never blindly, so a value another writer put there
+        since is left to that writer's own D. Hence the last write of a gone
+        connection's metadata, made after U2 (or U2 deletes it), is removed
+        by its own writer's D: nothing survives; a reader may see it for that
+        moment. Two exceptions keep live metadata from being deleted when
+        Redis lost a registry entry (a failover): for a connection this
+        instance holds, a failed G registers it again and the write stands
+        (a concurrent ``_unregister`` forgets it first, and then D runs);
+        for any other connection G is also asked before C, so nothing is
+        written, and D has nothing to undo, unless the connection went
+        between the two.
         """
         location = (hash_key, field)
         encoded = _encode(new)
         script_guard = [guard] if guard and not self._cluster else []
+        late_guard = bool(guard) and self._cluster
+        if (
+            late_guard
+            and field not in self._registered
+            and not await self.transport.execute("HEXISTS", guard, field)
+        ):
+            return -1, None
         if blind and not guard:
             await self.transport.execute("HSET", hash_key, field, encoded)
             result: Any = 1
@@ -711,11 +788,11 @@ class RedisStoreCore:
             return 0, current
         if (
             int(result) == 1
-            and guard
-            and not script_guard
+            and late_guard
             and not await self.transport.execute("HEXISTS", guard, field)
+            and not (field in self._registered and await self._reregister([field]))
         ):
-            await self.transport.execute("HDEL", hash_key, field)
+            await self._delete_if(self.transport, [hash_key], [field, encoded])
             result = -1
         if int(result) == 1:
             self._cache_put(location, encoded)

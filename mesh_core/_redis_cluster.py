@@ -227,6 +227,16 @@ class _PubSub:
     address: Address
     transport: NodeTransport
     channels: dict[str, Callable[[bytes], None]] = field(default_factory=dict)
+    # only the session in use delivers: a session being replaced is muted
+    # before its successor subscribes, so no message arrives twice
+    live: bool = True
+
+    def gate(self, callback: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        def deliver(data: bytes) -> None:
+            if self.live:
+                callback(data)
+
+        return deliver
 
 
 class ClusterTransportCore:
@@ -313,9 +323,10 @@ class ClusterTransportCore:
                 errors.append(f"{address[0]}:{address[1]}: {exc}")
                 continue
             except RedisReplyError as exc:
-                raise RedisUnavailable(
-                    f"{address[0]}:{address[1]} is not a Redis Cluster node: {exc}"
-                ) from exc
+                # LOADING, a node not in cluster mode, a misconfigured seed:
+                # that node's problem, not the cluster's; another may answer
+                errors.append(f"{address[0]}:{address[1]}: {exc}")
+                continue
             table = parse_cluster_slots(reply, address[0])
             if not table.primaries:
                 errors.append(f"{address[0]}:{address[1]}: no slots assigned")
@@ -533,10 +544,14 @@ class ClusterTransportCore:
         await self._ready()
         self._subs[channel] = callback
         self.start_watchdog()
+        while self._moving:  # the move under way subscribes this channel too
+            await self._sleep(0.01)
         current = self._pubsub
         if current is not None:
+            if current.channels.get(channel) is callback:
+                return
             try:
-                await current.transport.subscribe(channel, callback)
+                await current.transport.subscribe(channel, current.gate(callback))
                 current.channels[channel] = callback
                 return
             except RedisUnavailable:
@@ -548,9 +563,15 @@ class ClusterTransportCore:
     async def check_pubsub(self) -> None:
         """One watchdog round: if the pub/sub node stopped answering, move to
         another one. The node transport reconnects by itself, but only to its
-        own node, which after a failover may never come back."""
+        own node, which after a failover may never come back. With no session
+        at all (no node confirmed the last move) the move is tried again:
+        an outage of the whole cluster must not end pub/sub for good."""
         current = self._pubsub
-        if current is None or self._closed or self._moving:
+        if self._closed or self._moving:
+            return
+        if current is None:
+            if self._subs:
+                await self._move_pubsub()
             return
         try:
             await current.transport.execute("PING")
@@ -571,6 +592,11 @@ class ClusterTransportCore:
     def start_watchdog(self) -> None:
         """Have :meth:`watch_pubsub` run in the background (once); the
         runtime adapters know how. Without it, pub/sub never leaves a node."""
+
+    async def _close_node(self, transport: NodeTransport) -> None:
+        """Close a node transport even from a task being cancelled: a runtime
+        whose cancellation hits every later await (trio) shields this."""
+        await transport.aclose()
 
     async def _move_pubsub(self) -> bool:
         """Subscribe every channel on another node; True once one confirmed."""
@@ -593,27 +619,57 @@ class ClusterTransportCore:
         if old is not None and old.address in candidates and len(candidates) > 1:
             candidates.remove(old.address)
             candidates.append(old.address)  # last resort: it may have come back
+        # The old session stays open until another confirmed: if none does
+        # (the whole cluster unreachable for a while), it is all there is, and
+        # its node transport reconnects and subscribes again by itself. It is
+        # muted meanwhile: a node that still delivers must not deliver twice
+        # once the new one is subscribed.
         if old is not None:
-            # the old session first: a node that still delivers must not
-            # deliver twice once the new one is subscribed
-            self._pubsub = None
-            await old.transport.aclose()
-        for address in candidates:
-            if self._closed:
-                return False
-            transport = self._make_node(self.url.node_url(address))
-            moved = _PubSub(address, transport)
-            try:
-                for channel, callback in list(self._subs.items()):
-                    await transport.subscribe(channel, callback)
+            old.live = False
+        try:
+            for address in candidates:
+                if self._closed:
+                    return False
+                moved = await self._subscribe_all(address)
+                if moved is None:
+                    continue
+                if self._closed:  # aclose() ran meanwhile: nobody would close it
+                    await self._close_node(moved.transport)
+                    return False
+                self._pubsub = moved
+                moved.live = True
+                if old is not None:
+                    await self._close_node(old.transport)
+                return True
+            return False
+        finally:
+            if old is not None and self._pubsub is old:
+                old.live = True
+
+    async def _subscribe_all(self, address: Address) -> _PubSub | None:
+        """A new session on ``address`` with every channel subscribed, muted
+        until installed; ``None`` if the node did not confirm them all."""
+        transport = self._make_node(self.url.node_url(address))
+        moved = _PubSub(address, transport, live=False)
+        try:
+            # channels subscribed while this runs are picked up too
+            while missing := [
+                (channel, callback)
+                for channel, callback in self._subs.items()
+                if moved.channels.get(channel) is not callback
+            ]:
+                for channel, callback in missing:
+                    await transport.subscribe(channel, moved.gate(callback))
                     moved.channels[channel] = callback
-            except RedisUnavailable as exc:
-                log.debug("pub/sub on %s:%d failed: %s", *address, exc)
-                await transport.aclose()
-                continue
-            self._pubsub = moved
-            return True
-        return False
+        except RedisUnavailable as exc:
+            log.debug("pub/sub on %s:%d failed: %s", *address, exc)
+            await self._close_node(transport)
+            return None
+        except BaseException:
+            # cancelled (aclose() ends the watchdog): this transport is ours alone
+            await self._close_node(transport)
+            raise
+        return moved
 
     # -- lifecycle
 

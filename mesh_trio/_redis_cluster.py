@@ -68,6 +68,7 @@ class TrioRedisClusterTransport(ClusterTransportCore):
             pubsub_check_interval=pubsub_check_interval,
         )
         self._watch_scope: trio.CancelScope | None = None
+        self._watch_done = trio.Event()
 
     def start_watchdog(self) -> None:
         if self._watch_scope is None and not self._closed:
@@ -77,10 +78,20 @@ class TrioRedisClusterTransport(ClusterTransportCore):
             trio.lowlevel.spawn_system_task(self._watch, self._watch_scope)
 
     async def _watch(self, scope: trio.CancelScope) -> None:
-        with scope:
-            await self.watch_pubsub()
+        try:
+            with scope:
+                await self.watch_pubsub()
+        finally:
+            self._watch_done.set()
+
+    async def _close_node(self, transport: NodeTransport) -> None:
+        with trio.CancelScope(shield=True):
+            await transport.aclose()
 
     async def aclose(self) -> None:
         if self._watch_scope is not None:
             self._watch_scope.cancel()
+            # a move it was making closes what it opened before it ends
+            with trio.CancelScope(shield=True):
+                await self._watch_done.wait()
         await super().aclose()

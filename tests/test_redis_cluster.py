@@ -5,6 +5,7 @@ a stale slot table, and pub/sub moving off a node that died."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any, cast
@@ -267,5 +268,180 @@ async def test_round_trips_of_a_merge(
             ops.UpdateMetadata("connection", "c1", lambda v: v if v.get("a") == 5 else {"a": 5})
         )
         assert same == {"a": 5} and calls[0] == "EVALSHA"
+    finally:
+        await store.stop()
+
+
+def freeze(cluster: RedisCluster, frozen: bool) -> None:
+    """Every node unreachable (SIGSTOP of our own redis-server processes), or back."""
+    for server in cluster.servers:
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
+
+def count_moves(transport: Any) -> list[bool]:
+    """Record the outcome of every pub/sub move the transport makes."""
+    outcomes: list[bool] = []
+    move = transport._move_pubsub
+
+    async def counted() -> bool:
+        moved: bool = await move()
+        outcomes.append(moved)
+        return moved
+
+    transport._move_pubsub = counted
+    return outcomes
+
+
+@pytest.mark.anyio
+async def test_pubsub_survives_a_move_that_found_no_node(anyio_backend: str) -> None:
+    """The whole cluster unreachable for a while: the pub/sub node stops
+    answering and no other node takes the subscriptions. Once the cluster is
+    back, cross-instance messages arrive again."""
+    with RedisCluster() as own:
+        store = store_class(anyio_backend)(own.url, command_timeout=0.2, connect_timeout=0.2)
+        transport = store.transport
+        transport.pubsub_check_interval = 0.1
+        got = Deliveries()
+        await store.start("listener", got)
+        message = b'{"targetConnectionIds":["x"],"command":{"command":"hi"}}'
+        try:
+            moves = count_moves(transport)
+            freeze(own, True)
+            try:
+                with anyio.fail_after(20):
+                    while False not in moves:  # a move that found no node
+                        await anyio.sleep(0.05)
+            finally:
+                freeze(own, False)
+            await anyio.to_thread.run_sync(own.wait_ok)
+            with anyio.fail_after(10):
+                while not got.calls:
+                    own.client(own.ports[1]).publish(keys.pubsub("listener"), message)
+                    await anyio.sleep(0.05)
+            assert transport.pubsub_node is not None
+        finally:
+            await store.stop()
+
+
+@pytest.mark.anyio
+async def test_closing_during_a_pubsub_move_leaks_no_node_transport(anyio_backend: str) -> None:
+    """aclose() while the watchdog is subscribing on another node: the node
+    transport that move opened is closed too."""
+    with RedisCluster() as own:
+        store = store_class(anyio_backend)(own.url, command_timeout=1.0, connect_timeout=1.0)
+        transport = store.transport
+        transport.pubsub_check_interval = 0.05
+        made: list[Any] = []
+        make_node = transport._make_node
+
+        def recorded(url: str) -> Any:
+            made.append(make_node(url))
+            return made[-1]
+
+        transport._make_node = recorded
+        await store.start("closing", Deliveries())
+        before = len(made)
+        freeze(own, True)
+        try:
+
+            def subscribing() -> bool:  # a transport of the move's own, not a routing one
+                routing = list(transport._nodes.values())
+                return any(all(n is not r for r in routing) for n in made[before:])
+
+            with anyio.fail_after(20):
+                while not subscribing():
+                    await anyio.sleep(0.01)
+            await transport.aclose()
+        finally:
+            freeze(own, False)
+            await store.stop()
+        assert made and all(node._closed for node in made)
+        assert transport.pubsub_node is None
+
+
+@pytest.mark.anyio
+async def test_a_seed_that_answers_with_an_error_is_skipped(
+    cluster: RedisCluster, single_node: RedisServer, anyio_backend: str
+) -> None:
+    """The first seed answers CLUSTER SLOTS with an error (here: a Redis not in
+    cluster mode; LOADING is the same): the next seeds are asked."""
+    if anyio_backend == "trio":
+        from mesh_trio._redis_cluster import TrioRedisClusterTransport as Transport
+    else:
+        from mesh_asyncio._redis_cluster import (  # type: ignore[assignment]
+            AsyncioRedisClusterTransport as Transport,
+        )
+    cluster.flushall()
+    seeds = [f"127.0.0.1:{single_node.port}", *(f"127.0.0.1:{p}" for p in cluster.ports)]
+    transport = Transport("redis+cluster://" + ",".join(seeds))
+    try:
+        await transport.connect()
+        assert await transport.execute("SET", "k", "v") in (b"OK", "OK", True)
+        assert set(transport.table.primaries) == {("127.0.0.1", p) for p in cluster.ports}
+    finally:
+        await transport.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_write_for_a_connection_redis_lost_keeps_its_metadata(
+    cluster: RedisCluster, anyio_backend: str
+) -> None:
+    """The registry entry of a live connection is lost (a failover of its
+    node) while its metadata is intact. Another instance's merge is refused
+    as on a single node, and the metadata stays; the owner's merge restores
+    the registration and is kept."""
+    cluster.flushall()
+    owner_store = store_class(anyio_backend)(cluster.url)
+    other_store = store_class(anyio_backend)(cluster.url)
+    await owner_store.start("A", Deliveries())
+    await other_store.start("B", Deliveries())
+    registry = cluster.client(cluster.owner(key_slot(keys.CONNECTIONS)))
+    meta = cluster.client(cluster.owner(key_slot(keys.CONNECTION_META)))
+    try:
+        await owner_store.execute(ops.RegisterConnection("c1", "A", {"name": "alice"}))
+        registry.hdel(keys.CONNECTIONS, "c1")
+        with pytest.raises(ops.UnknownConnection):
+            await other_store.execute(
+                ops.UpdateMetadata("connection", "c1", lambda v: {**v, "x": 1})
+            )
+        assert meta.hget(keys.CONNECTION_META, "c1") == b'{"name":"alice"}'
+        merged = await owner_store.execute(
+            ops.UpdateMetadata("connection", "c1", lambda v: {**v, "y": 2})
+        )
+        assert merged == {"name": "alice", "y": 2}
+        assert registry.hget(keys.CONNECTIONS, "c1") == b"A"
+        assert meta.hget(keys.CONNECTION_META, "c1") == b'{"name":"alice","y":2}'
+    finally:
+        await other_store.stop()
+        await owner_store.stop()
+
+
+@pytest.mark.anyio
+async def test_an_undone_write_leaves_another_writers_value(
+    cluster: RedisCluster, anyio_backend: str
+) -> None:
+    """A merge finds, after writing, that the connection is gone: it takes
+    back its own write only, not a value another writer stored since."""
+    cluster.flushall()
+    store = store_class(anyio_backend)(cluster.url)
+    await store.start("undo", Deliveries())
+    registry = cluster.client(cluster.owner(key_slot(keys.CONNECTIONS)))
+    meta = cluster.client(cluster.owner(key_slot(keys.CONNECTION_META)))
+    try:
+        await store.execute(ops.RegisterConnection("c1", "elsewhere", {"n": 0}))
+        execute = store.transport.execute
+
+        async def meanwhile(*args: Any) -> Any:
+            reply = await execute(*args)
+            if args[0] == "EVALSHA":  # between the write and the registry check
+                registry.hdel(keys.CONNECTIONS, "c1")
+                meta.hset(keys.CONNECTION_META, "c1", b'{"n":"theirs"}')
+            return reply
+
+        store.transport.execute = meanwhile
+        with pytest.raises(ops.UnknownConnection):
+            await store.execute(ops.UpdateMetadata("connection", "c1", lambda v: {"n": 1}))
+        assert meta.hget(keys.CONNECTION_META, "c1") == b'{"n":"theirs"}'
     finally:
         await store.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -171,6 +171,7 @@ class FakeCluster:
         self.closed: list[tuple[str, int]] = []
         self.moved_loop = False
         self.clusterdown = False
+        self.release: Any = None  # an event HangingNode.subscribe waits for
 
     def slots_reply(self) -> list[Any]:
         ranges: list[Any] = []
@@ -400,3 +401,120 @@ async def test_pubsub_moves_to_another_node() -> None:
     await t.aclose()
     with pytest.raises(RedisUnavailable):
         await t.execute("GET", "foo")
+
+
+@pytest.mark.anyio
+async def test_refresh_asks_every_node_before_giving_up() -> None:
+    """One node answers CLUSTER SLOTS with an error (LOADING after a restart):
+    the others are asked; only if none answers does refresh() fail."""
+    fake = FakeCluster()
+    loading = {fake.addresses[0]}
+
+    class LoadingNode(FakeNode):
+        async def execute(self, *args: Any) -> Any:
+            if self.address in loading and _b(args[0]).upper() == b"CLUSTER":
+                raise RedisReplyError("LOADING Redis is loading the dataset in memory")
+            return await super().execute(*args)
+
+    url = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in fake.addresses)
+    t = ClusterTransportCore(
+        url,
+        make_node=lambda u: LoadingNode(fake, fake.node(u).address),
+        gather=_sequential,
+        sleep=_no_sleep,
+        clock=lambda: 0.0,
+        refresh_interval=0.0,
+    )
+    await t.connect()
+    assert t.table.primaries == fake.addresses
+    loading.update(fake.addresses)
+    with pytest.raises(RedisUnavailable, match="LOADING"):
+        await t.refresh(force=True)
+
+
+@pytest.mark.anyio
+async def test_pubsub_is_moved_again_after_a_move_that_found_no_node() -> None:
+    fake = FakeCluster()
+    t = make_transport(fake)
+    await t.connect()
+    await t.subscribe("a", lambda data: None)
+    first = t.pubsub_node
+    assert first is not None
+    fake.down.update(fake.addresses)  # every node unreachable for a watchdog round
+    await t.check_pubsub()
+    assert t.pubsub_node == first  # nothing better: the old session stays
+    fake.down.clear()
+    fake.down.add(first)  # the others are back, the old node for good gone
+    await t.check_pubsub()
+    assert t.pubsub_node not in (None, first)
+    assert fake.subscribed[t.pubsub_node] == ["a"]
+
+
+class HangingNode(FakeNode):
+    """SUBSCRIBE waits until the test releases it (``release`` set)."""
+
+    made: ClassVar[list[HangingNode]] = []
+
+    def __init__(self, cluster: FakeCluster, address: tuple[str, int]) -> None:
+        super().__init__(cluster, address)
+        self.closed = False
+        HangingNode.made.append(self)
+
+    async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None:
+        if self.cluster.release is not None:
+            await self.cluster.release.wait()
+        await super().subscribe(channel, callback)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await super().aclose()
+
+
+def hanging_transport(fake: FakeCluster) -> ClusterTransportCore:
+    HangingNode.made = []
+    url = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in fake.addresses[:1])
+    return ClusterTransportCore(
+        url,
+        make_node=lambda u: HangingNode(fake, fake.node(u).address),
+        gather=_sequential,
+        sleep=_no_sleep,
+        clock=lambda: 0.0,
+        refresh_interval=0.0,
+    )
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_pubsub_move_closes_what_it_opened() -> None:
+    import anyio
+
+    fake = FakeCluster()
+    t = hanging_transport(fake)
+    await t.connect()
+    await t.subscribe("ch", lambda data: None)
+    fake.down.add(t.pubsub_node)  # type: ignore[arg-type]
+    fake.release = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(t.check_pubsub)  # the PING fails, the move starts and hangs
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()  # what aclose() does to the watchdog
+    await t.aclose()
+    assert HangingNode.made and all(node.closed for node in HangingNode.made)
+
+
+@pytest.mark.anyio
+async def test_a_pubsub_move_that_ends_after_aclose_installs_nothing() -> None:
+    import anyio
+
+    fake = FakeCluster()
+    t = hanging_transport(fake)
+    await t.connect()
+    await t.subscribe("ch", lambda data: None)
+    fake.down.add(t.pubsub_node)  # type: ignore[arg-type]
+    release = fake.release = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(t.check_pubsub)
+        await anyio.sleep(0.05)
+        await t.aclose()
+        release.set()  # the new node confirms only now
+    assert t.pubsub_node is None
+    assert all(node.closed for node in HangingNode.made)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from mesh_core import Storage
+from mesh_core._redis import keys
 
 from .redis_server import RedisServer
 from .storage_conformance import Deliveries, StorageConformance
@@ -96,3 +97,180 @@ class TestRedisStore(StorageConformance):
         await storage.execute(ops.UnregisterConnection("mine", self.instance_id))
         with pytest.raises(UnknownConnection):
             await storage.execute(ops.UpdateMetadata("connection", "mine", lambda old: 1))
+
+
+def gate_commands(store: Any, name: str, count: int) -> tuple[list[Any], list[Any]]:
+    """Hold the first ``count`` commands named ``name`` (an ``execute`` or a
+    pipeline starting with it) until the test opens their gate; each sets its
+    ``arrived`` event when it gets there."""
+    import anyio
+
+    arrived = [anyio.Event() for _ in range(count)]
+    gates = [anyio.Event() for _ in range(count)]
+    seen = 0
+    execute, pipeline = store.transport.execute, store.transport.pipeline
+
+    async def hold() -> None:
+        nonlocal seen
+        if seen < count:
+            i, seen = seen, seen + 1
+            arrived[i].set()
+            await gates[i].wait()
+
+    async def gated_execute(*args: Any) -> Any:
+        if args[0] == name:
+            await hold()
+        return await execute(*args)
+
+    async def gated_pipeline(commands: Any) -> Any:
+        if commands and commands[0][0] == name:
+            await hold()
+        return await pipeline(commands)
+
+    store.transport.execute, store.transport.pipeline = gated_execute, gated_pipeline
+    return arrived, gates
+
+
+async def wait_for(check: Any) -> None:
+    import anyio
+
+    with anyio.fail_after(5):
+        while not check():
+            await anyio.sleep(0.005)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_batch_leader_does_not_fake_its_followers_writes(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """The writer applying a batch of queued merges is cancelled before its
+    compare-and-set reached Redis: the others in its batch are retried, not
+    told their update was written."""
+    import anyio
+
+    from mesh_core import _ops as ops
+    from mesh_core._strategies import updater
+
+    flushall(redis_server.port)
+    store = store_class(anyio_backend)(redis_server.url)
+    await store.start("leader", Deliveries())
+    try:
+        arrived, gates = gate_commands(store, "EVALSHA", 2)
+        results: dict[str, Any] = {}
+
+        def merge(value: dict[str, int]) -> Any:
+            return ops.UpdateMetadata("room", "r", updater("merge", value), "merge", value)
+
+        async def run(name: str, value: dict[str, int], scope: Any = None) -> None:
+            with scope or anyio.CancelScope():
+                results[name] = await store.execute(merge(value))
+
+        def queue() -> list[Any]:
+            return list(store._writers.get((keys.roommeta("r"), "data"), []))
+
+        cancel_t2 = anyio.CancelScope()
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "t1", {"a": 1})
+                await arrived[0].wait()  # t1 leads; its compare-and-set is held
+                tg.start_soon(run, "t2", {"b": 2}, cancel_t2)
+                await wait_for(lambda: len(queue()) == 1)
+                tg.start_soon(run, "t3", {"c": 3})
+                await wait_for(lambda: len(queue()) == 2)
+                gates[0].set()  # t1 done: t2 leads the batch [t2, t3]
+                await arrived[1].wait()
+                cancel_t2.cancel()  # a handler timeout, a client gone
+                gates[1].set()
+        assert "t2" not in results
+        assert results["t3"] == {"a": 1, "c": 3}
+        assert await store.execute(ops.GetMetadata("room", ("r",))) == [{"a": 1, "c": 3}]
+        assert not store._writers
+    finally:
+        await store.stop()
+
+
+@pytest.mark.anyio
+async def test_a_writer_cancelled_in_the_queue_does_not_stall_the_key(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """A writer cancelled while waiting its turn must not be handed the lead
+    (nobody would take it, and every later write of that key would wait forever)."""
+    import anyio
+
+    from mesh_core import _ops as ops
+    from mesh_core._strategies import updater
+
+    flushall(redis_server.port)
+    store = store_class(anyio_backend)(redis_server.url)
+    await store.start("queue", Deliveries())
+    try:
+        arrived, gates = gate_commands(store, "EVALSHA", 1)
+
+        def merge(value: dict[str, int]) -> Any:
+            return ops.UpdateMetadata("room", "r", updater("merge", value), "merge", value)
+
+        def queue() -> list[Any]:
+            return list(store._writers.get((keys.roommeta("r"), "data"), []))
+
+        cancel_t2 = anyio.CancelScope()
+
+        async def t2() -> None:
+            with cancel_t2:
+                await store.execute(merge({"b": 2}))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.execute, merge({"a": 1}))
+                await arrived[0].wait()
+                tg.start_soon(t2)
+                await wait_for(lambda: len(queue()) == 1)
+                cancel_t2.cancel()
+                await anyio.sleep(0.05)  # t2 is gone
+                gates[0].set()
+            assert await store.execute(merge({"c": 3})) == {"a": 1, "c": 3}
+        assert not store._writers
+    finally:
+        await store.stop()
+
+
+@pytest.mark.anyio
+async def test_a_registration_restored_late_does_not_outlive_its_unregistration(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """A write restores a connection Redis lost; the connection is
+    unregistered while that registration is on its way, and it reaches Redis
+    after the unregistration's deletes: it is undone, not left for good."""
+    import anyio
+    import redis
+
+    from mesh_core import UnknownConnection
+    from mesh_core import _ops as ops
+
+    flushall(redis_server.port)
+    r = redis.Redis(port=redis_server.port)
+    store = store_class(anyio_backend)(redis_server.url)
+    await store.start("ghost", Deliveries())
+    try:
+        await store.execute(ops.RegisterConnection("c1", "ghost", {"a": 1}))
+        r.hdel(keys.CONNECTIONS, "c1")  # Redis lost it (a failover)
+        arrived, gates = gate_commands(store, "HSET", 1)  # the re-registration
+        outcome: list[BaseException] = []
+
+        async def merge() -> None:
+            try:
+                await store.execute(ops.UpdateMetadata("connection", "c1", lambda v: {**v, "b": 2}))
+            except UnknownConnection as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(merge)
+                await arrived[0].wait()
+                await store.execute(ops.UnregisterConnection("c1", "ghost"))
+                gates[0].set()
+        assert outcome  # the connection is gone: the write is refused
+        assert r.hget(keys.CONNECTIONS, "c1") is None
+        assert not r.sismember(keys.instance_connections("ghost"), "c1")
+        assert r.hget(keys.CONNECTION_META, "c1") is None
+    finally:
+        await store.stop()
