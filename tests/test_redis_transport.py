@@ -366,6 +366,34 @@ async def test_redis_hangs_command_times_out(transport_cls: Any, redis_server: R
         assert await r.execute("GET", "k") == b"v"
 
 
+async def test_a_command_queued_behind_a_hung_one_waits_one_timeout_not_two(
+    transport_cls: Any, redis_server: RedisServer
+) -> None:
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    async with transport_cls(redis_server.url, command_timeout=1.0, connect_timeout=1.0) as r:
+        await r.execute("SET", "k", "v")
+        os.kill(pid, signal.SIGSTOP)
+        elapsed: dict[str, float] = {}
+
+        async def timed(name: str, delay: float) -> None:
+            await anyio.sleep(delay)
+            start = time.monotonic()
+            with pytest.raises(RedisUnavailable):
+                await r.execute("GET", "k")
+            elapsed[name] = time.monotonic() - start
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(timed, "first", 0.0)
+                tg.start_soon(timed, "behind", 0.3)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert elapsed["first"] < 1.6
+        assert elapsed["behind"] < 1.3  # not its own timeout after the first one's
+        assert await r.execute("GET", "k") == b"v"
+
+
 async def test_outage_and_recovery(transport_cls: Any, redis_server: RedisServer) -> None:
     got: list[bytes] = []
     async with (
