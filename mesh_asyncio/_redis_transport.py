@@ -70,6 +70,7 @@ from mesh_core._redis_url import SentinelEndpoint, parse_redis_url
 from mesh_core._resp import PING as _PING
 from mesh_core._resp import on_pubsub_reply
 from mesh_core._resp import pack as _pack
+from mesh_core._sentinel import SWITCH_CHANNEL, SwitchState, parse_switch
 
 __all__ = ["AsyncioRedisTransport", "RedisReplyError", "RedisUnavailable"]
 
@@ -114,56 +115,9 @@ def _unavailable(exc: BaseException, what: str) -> RedisUnavailable:
 
 # ------------------------------------------------------------ Sentinel switches
 
-#: The channel on which a sentinel announces a failover:
-#: ``<service> <old-ip> <old-port> <new-ip> <new-port>``.
-_SWITCH_CHANNEL = b"+switch-master"
-
-#: How long an announced switch outweighs a sentinel that still names another
-#: master: the other sentinels learn of a failover from the one that made it
-#: (within a couple of seconds); meanwhile they would send us back to the old
-#: master, which still accepts writes.
-_ANNOUNCEMENT_TRUST = 10.0
-
-
-def _parse_switch(data: bytes, service: str) -> tuple[str, int] | None:
-    """The new master's address in a ``+switch-master`` message about ``service``."""
-    parts = data.split()
-    if len(parts) != 5 or parts[0] != service.encode():
-        return None
-    try:
-        return parts[3].decode(), int(parts[4])
-    except ValueError:
-        return None
-
 
 def _address(conn: Any) -> tuple[str, int]:
     return str(conn.host), int(conn.port)
-
-
-class _SwitchState:
-    """The last switch the listener learnt of, shared by the command and the pub/sub pool.
-
-    ``epoch`` counts switches: a connection remembers the epoch at which its
-    address was resolved, so one resolved before a switch (possibly to the
-    old master) is recognised as stale without asking anything.
-    """
-
-    __slots__ = ("epoch", "master", "trusted_until")
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.master: tuple[str, int] | None = None
-        self.trusted_until = 0.0
-
-    def announce(self, master: tuple[str, int]) -> None:
-        self.epoch += 1
-        self.master = master
-        self.trusted_until = time.monotonic() + _ANNOUNCEMENT_TRUST
-
-    def trusted_master(self) -> tuple[str, int] | None:
-        if self.master is not None and time.monotonic() < self.trusted_until:
-            return self.master
-        return None
 
 
 class _SwitchAwareConnection(SentinelManagedConnection):
@@ -179,7 +133,7 @@ class _SwitchAwareConnection(SentinelManagedConnection):
     switch_epoch = -1
 
     def stale(self) -> bool:
-        state: _SwitchState = self.connection_pool.switch_state
+        state: SwitchState = self.connection_pool.switch_state
         return (
             self.switch_epoch != state.epoch
             and state.master is not None
@@ -221,7 +175,7 @@ class _SwitchAwarePool(SentinelConnectionPool):
         self,
         service_name: str,
         sentinel_manager: Sentinel,
-        switch_state: _SwitchState,
+        switch_state: SwitchState,
         on_connect: Callable[[], None],
         **kwargs: Any,
     ) -> None:
@@ -234,7 +188,7 @@ class _SwitchAwarePool(SentinelConnectionPool):
     async def get_master_address(self) -> tuple[str, int]:
         host, port = await self.sentinel_manager.discover_master(self.service_name)
         address = (str(host), int(port))
-        trusted = self.switch_state.trusted_master()
+        trusted = self.switch_state.trusted_master(time.monotonic())
         if trusted is not None and address != trusted:
             _log.debug("sentinel still names %s, but %s was announced", address, trusted)
             address = trusted
@@ -290,7 +244,7 @@ class AsyncioRedisTransport:
             kwargs.setdefault("socket_keepalive", True)
         self._sentinel: Sentinel | None = None
         self._target: SentinelEndpoint | None = None
-        self._switch_state = _SwitchState()
+        self._switch_state = SwitchState()
         self._switch_listener: asyncio.Task[None] | None = None
         self._pool: aredis.ConnectionPool
         self._pubsub_pool: aredis.ConnectionPool
@@ -407,7 +361,7 @@ class AsyncioRedisTransport:
             async with asyncio.timeout(self._connect_timeout + self._command_timeout):
                 await conn.connect()  # type: ignore[no-untyped-call]
                 await conn.send_packed_command(
-                    _pack(("SUBSCRIBE", _SWITCH_CHANNEL)), check_health=False
+                    _pack(("SUBSCRIBE", SWITCH_CHANNEL)), check_health=False
                 )
                 reply = await conn.read_response(disconnect_on_error=False)
             if not (type(reply) is list and reply and reply[0] == b"subscribe"):
@@ -431,7 +385,7 @@ class AsyncioRedisTransport:
                     continue
                 pinged = False
                 if type(msg) is list and len(msg) == 3 and msg[0] == b"message":
-                    master = _parse_switch(msg[2], target.service_name)
+                    master = parse_switch(msg[2], target.service_name)
                     if master is not None:
                         await self._master_switched(master, f"announced by sentinel {address}")
         finally:
@@ -448,7 +402,7 @@ class AsyncioRedisTransport:
             async with asyncio.timeout(self._command_timeout):
                 host, port = await self._sentinel.discover_master(target.service_name)
             master = (str(host), int(port))
-            trusted = self._switch_state.trusted_master()
+            trusted = self._switch_state.trusted_master(time.monotonic())
             if master != pool.master_address and (trusted is None or trusted == master):
                 await self._master_switched(master, "named by the sentinels")
 
@@ -459,7 +413,7 @@ class AsyncioRedisTransport:
         refuse to send anything from now on (see ``_SwitchAwareConnection``),
         so whatever the old master takes after this point was sent before it.
         """
-        self._switch_state.announce(master)
+        self._switch_state.announce(master, time.monotonic())
         _log.info("Redis master for %s is now %s:%s (%s)", self._target_label, *master, why)
         conn = self._pubsub_conn
         if conn is not None and _address(conn) != master:

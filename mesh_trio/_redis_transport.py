@@ -75,6 +75,7 @@ from mesh_core._redis_url import RedisEndpoint, SentinelEndpoint, parse_redis_ur
 from mesh_core._resp import PING as _PING
 from mesh_core._resp import on_pubsub_reply
 from mesh_core._resp import pack as _pack
+from mesh_core._sentinel import SWITCH_CHANNEL, SwitchState, parse_switch
 
 __all__ = ["RedisReplyError", "RedisUnavailable", "TrioRedisTransport"]
 
@@ -113,28 +114,6 @@ def _ssl_context(ep: RedisEndpoint) -> ssl.SSLContext:
 
 class _Demoted(Exception):
     """A READONLY reply on a Sentinel-managed connection: Sentinel made it a replica."""
-
-
-#: The channel on which a sentinel announces a failover:
-#: ``<service> <old-ip> <old-port> <new-ip> <new-port>``.
-_SWITCH_CHANNEL = b"+switch-master"
-
-#: How long an announced switch outweighs a sentinel that still names another
-#: master: the other sentinels learn of a failover from the one that made it
-#: (within a couple of seconds); meanwhile they would send us back to the old
-#: master, which still accepts writes.
-_ANNOUNCEMENT_TRUST = 10.0
-
-
-def _parse_switch(data: bytes, service: str) -> tuple[str, int] | None:
-    """The new master's address in a ``+switch-master`` message about ``service``."""
-    parts = data.split()
-    if len(parts) != 5 or parts[0] != service.encode():
-        return None
-    try:
-        return parts[3].decode(), int(parts[4])
-    except ValueError:
-        return None
 
 
 def _sentinel_auth(target: SentinelEndpoint) -> list[tuple[Arg, ...]]:
@@ -387,8 +366,7 @@ class TrioRedisTransport:
         # counts the changes of _master_address; the last +switch-master heard
         # is trusted over the sentinels' answers for a while
         self._switch_epoch = 0
-        self._announced: tuple[str, int] | None = None
-        self._announced_until = 0.0
+        self._switch = SwitchState()
         if isinstance(target, SentinelEndpoint):
             self._sentinel = target
             self._sentinels = list(target.sentinels)
@@ -655,13 +633,10 @@ class TrioRedisTransport:
             self._pubsub_current[1].cancel()
 
     def _trusted_announcement(self) -> tuple[str, int] | None:
-        if self._announced is not None and time.monotonic() < self._announced_until:
-            return self._announced
-        return None
+        return self._switch.trusted_master(time.monotonic())
 
     def _switch_announced(self, master: tuple[str, int], why: str) -> None:
-        self._announced = master
-        self._announced_until = time.monotonic() + _ANNOUNCEMENT_TRUST
+        self._switch.announce(master, time.monotonic())
         self._master_moved(master, why)
 
     async def _listen_for_switches(self, target: SentinelEndpoint) -> None:
@@ -689,7 +664,7 @@ class TrioRedisTransport:
         try:
             reader = hiredis.Reader(replyError=RedisReplyError)
             commands = _sentinel_auth(target)
-            commands.append(("SUBSCRIBE", _SWITCH_CHANNEL))
+            commands.append(("SUBSCRIBE", SWITCH_CHANNEL))
             with trio.fail_after(self._command_timeout):
                 replies = await _exchange(stream, reader, commands)
             for cmd, reply in zip(commands, replies, strict=True):
@@ -717,7 +692,7 @@ class TrioRedisTransport:
                 reader.feed(data)  # type: ignore[arg-type]  # any buffer works
                 while (msg := reader.gets()) is not False:
                     if type(msg) is list and len(msg) == 3 and msg[0] == b"message":
-                        master = _parse_switch(msg[2], target.service_name)
+                        master = parse_switch(msg[2], target.service_name)
                         if master is not None:
                             self._switch_announced(master, f"announced by sentinel {label}")
         finally:
