@@ -240,7 +240,11 @@ def junk_frames(rng: random.Random, max_message_size: int) -> list[tuple[str, An
     if kind == 12 and rng.random() < 0.3:  # invalid UTF-8 in a text frame: 1007
         return [("raw", masked(0x1, b'{"command": "\xff\xfe"}'))]
     if kind == 13 and rng.random() < 0.2:  # not a WebSocket frame at all: 1002
-        return [("raw", os.urandom(rng.randrange(1, 40)))]
+        junk = bytearray(os.urandom(rng.randrange(1, 40)))
+        # reserved bits set: random bytes must not happen to be a valid frame
+        # (an empty close frame would be a clean close with 1005)
+        junk[0] |= 0x70
+        return [("raw", bytes(junk))]
     return [("event", TextMessage(data=json.dumps({"id": 3, "command": "mesh/noop"})))]
 
 
