@@ -148,16 +148,41 @@ async def _exchange(
 
 
 class _Waiter:
-    """One execute() / pipeline() call waiting for ``expected`` replies."""
+    """One execute() / pipeline() call waiting for ``expected`` replies.
 
-    __slots__ = ("error", "event", "expected", "replies", "sent_at")
+    It parks its task with trio's low-level primitives rather than a
+    ``trio.Event`` (one per command was a visible share of the cost)."""
+
+    __slots__ = ("done", "error", "expected", "replies", "sent_at", "task")
 
     def __init__(self, expected: int) -> None:
-        self.event = trio.Event()
         self.expected = expected
         self.replies: list[Any] = []
         self.error: RedisUnavailable | None = None
         self.sent_at = 0.0
+        self.done = False
+        self.task: trio.lowlevel.Task | None = None
+
+    def set(self) -> None:
+        """The replies are in (or ``error`` is set): wake the caller."""
+        if self.done:
+            return
+        self.done = True
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.task = None  # cancelled: a late reply wakes nobody
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class _Conn:
@@ -205,7 +230,7 @@ class _Conn:
         """
         if self.error is not None:
             waiter.error = self.error
-            waiter.event.set()
+            waiter.set()
             return
         waiter.sent_at = trio.current_time()
         self.pending.append(waiter)
@@ -248,7 +273,7 @@ class _Conn:
                         w.error = RedisUnavailable(
                             f"Redis at {self.label} did not answer within {timeout}s"
                         )
-                        w.event.set()
+                        w.set()
 
     def fail(self, error: RedisUnavailable) -> None:
         if self.error is not None:
@@ -262,7 +287,7 @@ class _Conn:
         while self.pending:
             w = self.pending.popleft()
             w.error = error
-            w.event.set()
+            w.set()
 
     async def write_loop(self) -> None:
         with self.writer_scope:
@@ -307,7 +332,7 @@ class _Conn:
                         w.replies.append(reply)
                         if len(w.replies) == w.expected:
                             pending.popleft()
-                            w.event.set()  # (a timed-out caller is gone already)
+                            w.set()  # (a timed-out caller is gone already)
             except _CONN_ERRORS as exc:
                 self.fail(RedisUnavailable(f"Redis connection to {self.label} lost: {exc!r}"))
             except _Demoted as exc:
@@ -803,7 +828,7 @@ class TrioRedisTransport:
                     f"Redis at {self._label} did not answer within {self._command_timeout}s"
                 )
         await conn.submit(data, waiter)  # timed out by the connection's watch_loop
-        await waiter.event.wait()
+        await waiter.wait()
         if waiter.error is not None:
             raise RedisUnavailable(str(waiter.error)) from waiter.error
         return waiter.replies
