@@ -11,7 +11,6 @@ delivery callback, the in-process counterpart of Redis pub/sub.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 from . import _ops as ops
@@ -31,25 +30,7 @@ class MemoryStore:
         self._conn_rooms: dict[str, dict[str, None]] = {}
         self._room_meta: dict[str, bytes] = {}
         self._instances: dict[str, DeliverCallback] = {}
-        self._handlers: dict[type[ops.Op], Callable[[Any], Any]] = {
-            ops.RegisterConnection: self._register,
-            ops.UnregisterConnection: self._unregister,
-            ops.GetMetadata: self._get_metadata,
-            ops.GetAllMetadata: self._get_all_metadata,
-            ops.UpdateMetadata: self._update_metadata,
-            ops.DeleteRoomMetadata: self._delete_room_metadata,
-            ops.AddToRoom: self._add_to_room,
-            ops.RemoveFromRoom: self._remove_from_room,
-            ops.IsInRoom: self._is_in_room,
-            ops.GetRoomMembers: self._get_room_members,
-            ops.GetRoomMembersMetadata: self._get_room_members_metadata,
-            ops.GetConnectionRooms: self._get_connection_rooms,
-            ops.GetAllRooms: self._get_all_rooms,
-            ops.GetAllConnectionIds: self._get_all_connection_ids,
-            ops.ClearRoom: self._clear_room,
-            ops.DeleteRoom: self._delete_room,
-            ops.Publish: self._publish,
-        }
+        self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------
 

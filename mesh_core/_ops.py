@@ -25,6 +25,7 @@ __all__ = [
     "GetMetadata",
     "GetRoomMembers",
     "GetRoomMembersMetadata",
+    "HANDLER_NAMES",
     "IsInRoom",
     "Op",
     "Publish",
@@ -35,6 +36,7 @@ __all__ = [
     "UnregisterConnection",
     "UNCHANGED",
     "UpdateMetadata",
+    "handlers",
 ]
 
 Scope = Literal["connection", "room"]
@@ -195,3 +197,32 @@ class Publish(Op):
     connection_ids: tuple[str, ...]
     command: str
     payload: Any
+
+
+#: The method of a storage driver that carries out each operation: every
+#: driver names its methods so, and builds its dispatch table with
+#: :func:`handlers` (a driver missing one fails when it is created).
+HANDLER_NAMES: dict[type[Op], str] = {
+    RegisterConnection: "_register",
+    UnregisterConnection: "_unregister",
+    GetMetadata: "_get_metadata",
+    GetAllMetadata: "_get_all_metadata",
+    UpdateMetadata: "_update_metadata",
+    DeleteRoomMetadata: "_delete_room_metadata",
+    AddToRoom: "_add_to_room",
+    RemoveFromRoom: "_remove_from_room",
+    IsInRoom: "_is_in_room",
+    GetRoomMembers: "_get_room_members",
+    GetRoomMembersMetadata: "_get_room_members_metadata",
+    GetConnectionRooms: "_get_connection_rooms",
+    GetAllRooms: "_get_all_rooms",
+    GetAllConnectionIds: "_get_all_connection_ids",
+    ClearRoom: "_clear_room",
+    DeleteRoom: "_delete_room",
+    Publish: "_publish",
+}
+
+
+def handlers(driver: object) -> dict[type[Op], Callable[[Any], Any]]:
+    """``driver``'s bound method for each operation (see :data:`HANDLER_NAMES`)."""
+    return {op: getattr(driver, name) for op, name in HANDLER_NAMES.items()}

@@ -255,25 +255,7 @@ class RedisStoreCore:
         self._cas = _Script(_CAS)
         self._delete_if = _Script(_DELETE_IF)
         self._unlock = _Script(_UNLOCK)
-        self._handlers: dict[type[ops.Op], Callable[[Any], Any]] = {
-            ops.RegisterConnection: self._register,
-            ops.UnregisterConnection: self._unregister,
-            ops.GetMetadata: self._get_metadata,
-            ops.GetAllMetadata: self._get_all_metadata,
-            ops.UpdateMetadata: self._update_metadata,
-            ops.DeleteRoomMetadata: self._delete_room_metadata,
-            ops.AddToRoom: self._add_to_room,
-            ops.RemoveFromRoom: self._remove_from_room,
-            ops.IsInRoom: self._is_in_room,
-            ops.GetRoomMembers: self._get_room_members,
-            ops.GetRoomMembersMetadata: self._get_room_members_metadata,
-            ops.GetConnectionRooms: self._get_connection_rooms,
-            ops.GetAllRooms: self._get_all_rooms,
-            ops.GetAllConnectionIds: self._get_all_connection_ids,
-            ops.ClearRoom: self._clear_room,
-            ops.DeleteRoom: self._delete_room,
-            ops.Publish: self._publish,
-        }
+        self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------
 
