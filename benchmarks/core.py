@@ -28,9 +28,10 @@ import msgspec
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from mesh_core import Connection, MeshApp, ServerConnection, ServerCore, State, UpgradeRequest
-from mesh_core._connection import text_frame
-from mesh_core._wsframes import scan
+from mesh_core import Connection, MeshApp, ServerCore, UpgradeRequest
+from mesh_core.protocol import ServerConnection, State
+from mesh_core.protocol._server_connection import text_frame
+from mesh_core.protocol._wsframes import scan
 
 from ._util import median
 from .loadgen import request_bytes

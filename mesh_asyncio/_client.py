@@ -17,25 +17,24 @@ import ssl
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
-from mesh_core._client import (
-    ClientConnection,
-    ClientCore,
+from mesh_core import (
     ClientOptions,
-    ClientState,
-    ClientStatus,
-    Closed,
     CommandTimeout,
-    Connected,
     ConnectionRejected,
     MeshClientError,
     MeshConnectionError,
+)
+from mesh_core.client import ClientCore, ClientStatus, PushBuffer, reconnect_delay
+from mesh_core.protocol import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    ClientConnection,
+    ClientState,
+    Closed,
+    Connected,
     Push,
-    PushBuffer,
     Rejected,
     Response,
-    reconnect_delay,
 )
-from mesh_core._frames import DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = ["MeshClient"]
 

@@ -6,8 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from mesh_core._redis import RedisStoreCore, RedisTransport
-from mesh_core._redis_cluster import is_cluster_url
+from mesh_core.redis import RedisStoreCore, RedisTransport, is_cluster_url
 
 from ._redis_cluster import AsyncioRedisClusterTransport
 from ._redis_transport import AsyncioRedisTransport

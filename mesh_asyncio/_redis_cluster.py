@@ -15,7 +15,7 @@ import contextlib
 import time
 from typing import Any
 
-from mesh_core._redis_cluster import ClusterTransportCore, NodeTransport, Thunk
+from mesh_core.redis import ClusterTransportCore, NodeTransport, Thunk
 
 from ._redis_transport import AsyncioRedisTransport
 

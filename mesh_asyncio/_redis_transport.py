@@ -65,12 +65,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
-from mesh_core._redis_url import SentinelEndpoint, parse_redis_url
-from mesh_core._resp import PING as _PING
-from mesh_core._resp import on_pubsub_reply
-from mesh_core._resp import pack as _pack
-from mesh_core._sentinel import SWITCH_CHANNEL, SwitchState, parse_switch
+from mesh_core.redis import PING as _PING
+from mesh_core.redis import (
+    SWITCH_CHANNEL,
+    RedisReplyError,
+    RedisUnavailable,
+    SentinelEndpoint,
+    SwitchState,
+    on_pubsub_reply,
+    parse_redis_url,
+    parse_switch,
+)
+from mesh_core.redis import pack as _pack
 
 __all__ = ["AsyncioRedisTransport", "RedisReplyError", "RedisUnavailable"]
 

@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
-from mesh_core import ServerConnection, ServerCore, State
+from mesh_core import ServerCore
+from mesh_core.protocol import ServerConnection, State
 
 __all__ = ["MeshServer"]
 

@@ -1,91 +1,61 @@
 """Mesh for Python, the sans-IO core.
 
 Every rule of the Mesh protocol lives here, free of sockets, event loops and
-clocks: the frame codec, the per-connection state machine, command routing
-and error payloads, the built-in commands as operation-emitting logic, the
-merge strategies, the runtime-neutral application and server API, and the
-client role, which ``mesh_asyncio`` and ``mesh_trio`` bind to the network.
+clocks. The package is laid out by layer, and each audience imports from its
+own place:
+
+- app authors: this module (``MeshApp``, ``Context``, the connections and rooms
+  API, errors, options, the memory store);
+- adapter authors: :mod:`mesh_core.protocol` (the connection state machines),
+  :mod:`mesh_core.app` (``ServerCore``'s driver API), :mod:`mesh_core.runtime`
+  (the services an adapter supplies), :mod:`mesh_core.client`;
+- storage authors: :mod:`mesh_core.storage` (operations, the ``Storage``
+  protocol) and :mod:`mesh_core.redis` (the Redis store's runtime-neutral half).
 """
 
-from ._app import Context, MeshApp
-from ._builtins import BUILTINS, CheckClientWrite
-from ._client import (
-    ClientConnection,
-    ClientCore,
-    ClientOptions,
+from ._config import ServerOptions
+from ._errors import (
+    CommandError,
     CommandTimeout,
     ConnectionRejected,
     MeshClientError,
     MeshCommandError,
     MeshConnectionError,
-    Push,
+    MeshError,
+    StorageUnavailable,
+    ValidationError,
 )
-from ._config import ServerOptions
-from ._connection import (
-    CloseCode,
-    ConnectionLost,
-    Event,
-    HandshakeReceived,
-    RequestReceived,
-    ServerConnection,
-    State,
-    text_frame,
-)
-from ._errors import CommandError, MeshError, ValidationError, error_payload
-from ._frames import DEFAULT_MAX_MESSAGE_SIZE, Frame, Violation, decode_frame, encode_push
-from ._handshake import Reject, UpgradeRequest
-from ._memory import MemoryStore
-from ._ops import UNCHANGED, UnknownConnection
-from ._server import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, ServerCore
-from ._storage import Storage
-from ._strategies import STRATEGIES, apply_strategy, deep_merge, merge, replace
+from .app import Connection, ConnectionRef, ConnectionsAPI, Context, MeshApp, RoomsAPI, ServerCore
+from .client import ClientOptions
+from .protocol import CloseCode, Push, Reject, UpgradeRequest
+from .storage import STRATEGIES, UNCHANGED, MemoryStore, Storage, UnknownConnection
 
 __all__ = [
-    "BUILTINS",
-    "ClientConnection",
-    "ClientCore",
+    "STRATEGIES",
+    "UNCHANGED",
     "ClientOptions",
+    "CloseCode",
+    "CommandError",
     "CommandTimeout",
+    "Connection",
+    "ConnectionRef",
     "ConnectionRejected",
+    "ConnectionsAPI",
+    "Context",
+    "MemoryStore",
+    "MeshApp",
     "MeshClientError",
     "MeshCommandError",
     "MeshConnectionError",
-    "Push",
-    "DEFAULT_MAX_MESSAGE_SIZE",
-    "STRATEGIES",
-    "UNCHANGED",
-    "CheckClientWrite",
-    "CloseCode",
-    "CommandError",
-    "Connection",
-    "ConnectionLost",
-    "ConnectionRef",
-    "ConnectionsAPI",
-    "Context",
-    "Event",
-    "Frame",
-    "HandshakeReceived",
-    "MemoryStore",
-    "MeshApp",
     "MeshError",
+    "Push",
     "Reject",
-    "RequestReceived",
     "RoomsAPI",
-    "ServerConnection",
     "ServerCore",
     "ServerOptions",
-    "State",
     "Storage",
+    "StorageUnavailable",
     "UnknownConnection",
     "UpgradeRequest",
     "ValidationError",
-    "Violation",
-    "apply_strategy",
-    "decode_frame",
-    "deep_merge",
-    "encode_push",
-    "error_payload",
-    "merge",
-    "replace",
-    "text_frame",
 ]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
-from ._frames import DEFAULT_MAX_MESSAGE_SIZE
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "ServerOptions"]
 
-__all__ = ["ServerOptions"]
+
+#: 4 MiB: big enough for the 1 MiB payloads ordinary apps send, small enough
+#: that one client cannot make the server buffer the reference's 100 MiB.
+DEFAULT_MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

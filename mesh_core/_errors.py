@@ -6,9 +6,18 @@ escapes the core as an exception that could tear down a connection.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "StorageUnavailable",
+    "CommandTimeout",
+    "ConnectionRejected",
+    "MeshClientError",
+    "MeshCommandError",
+    "MeshConnectionError",
+    "RedisReplyError",
+    "RedisUnavailable",
     "CommandError",
     "MeshError",
     "ValidationError",
@@ -69,3 +78,104 @@ def not_found_payload(command: str) -> dict[str, Any]:
         "code": "ENOTFOUND",
         "name": "CommandError",
     }
+
+
+# -- storage -------------------------------------------------------------------
+
+
+class StorageUnavailable(Exception):
+    """The store could not be reached, the connection broke, or an operation
+    timed out. Requests that need the store are answered ``EUNAVAILABLE``."""
+
+    code = "EUNAVAILABLE"
+
+
+class RedisUnavailable(StorageUnavailable):
+    """Redis could not be reached, the connection broke, or a command timed out."""
+
+
+class RedisReplyError(Exception):
+    """Redis answered a command with an error reply (``-NOSCRIPT ...``, ``-WRONGTYPE ...``).
+
+    ``message`` (and ``str(exc)``) is the full reply text including its prefix,
+    e.g. ``"NOSCRIPT No matching script. Please use EVAL."``; ``prefix`` is its
+    first word (``"NOSCRIPT"``), the usual way to tell error kinds apart.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def prefix(self) -> str:
+        return self.message.split(" ", 1)[0]
+
+    def __repr__(self) -> str:
+        return f"RedisReplyError({self.message!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RedisReplyError):
+            return NotImplemented
+        return self.message == other.message
+
+    def __hash__(self) -> int:
+        return hash(self.message)
+
+
+# -- errors --------------------------------------------------------------------
+
+
+class MeshClientError(Exception):
+    """Base of what ``MeshClient`` raises; ``code`` mirrors the reference
+    client's error codes so code ported from it can keep switching on them."""
+
+    code: str = "ECLIENT"
+
+
+class MeshCommandError(MeshClientError):
+    """The server answered with an error payload ``{"error", "code", "name"}``.
+
+    The payload is kept whole (``.payload``) because applications may add
+    fields the reference shape does not name."""
+
+    def __init__(self, command: str, payload: Mapping[str, Any]) -> None:
+        super().__init__(str(payload.get("error", "")))
+        self.command = command
+        self.payload = dict(payload)
+        code = payload.get("code")
+        name = payload.get("name")
+        self.code = code if isinstance(code, str) else "EUNKNOWN"
+        self.name = name if isinstance(name, str) else "Error"
+
+    def __repr__(self) -> str:
+        return f"MeshCommandError({self.command!r}, code={self.code!r}, error={str(self)!r})"
+
+
+class CommandTimeout(MeshClientError, TimeoutError):
+    """No response within the command's timeout (the reference's ``ETIMEOUT``).
+    The request id is freed: a late response is dropped, never misrouted."""
+
+    code = "ETIMEOUT"
+
+    def __init__(self, command: str, timeout: float) -> None:
+        super().__init__(f"command {command!r} timed out after {timeout:g} s")
+        self.command = command
+        self.timeout = timeout
+
+
+class MeshConnectionError(MeshClientError, ConnectionError):
+    """The client could not connect, gave up reconnecting, was closed, or lost
+    the connection while a command was in flight (the command may or may not
+    have run: it is never resent, because commands need not be idempotent)."""
+
+    code = "ECONNECTION"
+
+
+class ConnectionRejected(MeshConnectionError):
+    """The server refused the WebSocket upgrade (handshake authentication)."""
+
+    def __init__(self, status: int, body: bytes = b"") -> None:
+        text = body.decode("utf-8", "replace").strip()
+        super().__init__(f"upgrade rejected with HTTP {status}" + (f": {text}" if text else ""))
+        self.status = status
+        self.body = body

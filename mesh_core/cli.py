@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._app import MeshApp
 from ._config import ServerOptions
+from .app._app import MeshApp
 
 __all__ = ["load_app", "main", "options_from_args"]
 

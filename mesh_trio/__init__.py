@@ -14,11 +14,11 @@ from mesh_core import (
     MeshCommandError,
     MeshConnectionError,
     MeshError,
-    Push,
     Reject,
     ServerOptions,
     UpgradeRequest,
 )
+from mesh_core.protocol import Push
 
 from ._client import MeshClient
 from ._run import run

@@ -7,8 +7,7 @@ from typing import Any
 
 import trio
 
-from mesh_core._redis import RedisStoreCore, RedisTransport
-from mesh_core._redis_cluster import is_cluster_url
+from mesh_core.redis import RedisStoreCore, RedisTransport, is_cluster_url
 
 from ._redis_cluster import TrioRedisClusterTransport
 from ._redis_transport import TrioRedisTransport

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from mesh_core._redis_cluster import ClusterTransportCore, NodeTransport, Thunk
+from mesh_core.redis import ClusterTransportCore, NodeTransport, Thunk
 
 from ._redis_transport import TrioRedisTransport
 

@@ -70,12 +70,19 @@ from typing import Any
 import hiredis
 import trio
 
-from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
-from mesh_core._redis_url import RedisEndpoint, SentinelEndpoint, parse_redis_url
-from mesh_core._resp import PING as _PING
-from mesh_core._resp import on_pubsub_reply
-from mesh_core._resp import pack as _pack
-from mesh_core._sentinel import SWITCH_CHANNEL, SwitchState, parse_switch
+from mesh_core.redis import PING as _PING
+from mesh_core.redis import (
+    SWITCH_CHANNEL,
+    RedisEndpoint,
+    RedisReplyError,
+    RedisUnavailable,
+    SentinelEndpoint,
+    SwitchState,
+    on_pubsub_reply,
+    parse_redis_url,
+    parse_switch,
+)
+from mesh_core.redis import pack as _pack
 
 __all__ = ["RedisReplyError", "RedisUnavailable", "TrioRedisTransport"]
 

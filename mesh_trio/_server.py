@@ -27,7 +27,8 @@ from typing import Any
 
 import trio
 
-from mesh_core import ServerConnection, ServerCore, State
+from mesh_core import ServerCore
+from mesh_core.protocol import ServerConnection, State
 
 __all__ = ["MeshServer"]
 

@@ -29,7 +29,7 @@ from typing import Any
 import hiredis
 import pytest
 
-from mesh_core._resp import pack
+from mesh_core.redis._resp import pack
 
 from .redis_server import RedisServer, free_port, redis_server_binary
 

@@ -31,8 +31,8 @@ import anyio
 import pytest
 
 from mesh_core import UNCHANGED, Storage, UnknownConnection
-from mesh_core import _ops as ops
-from mesh_core._strategies import updater
+from mesh_core.storage import _ops as ops
+from mesh_core.storage._strategies import updater
 
 __all__ = ["Deliveries", "StorageConformance"]
 

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from mesh_core import BUILTINS, CheckClientWrite, MemoryStore, ValidationError
-from mesh_core import _ops as ops
-from mesh_core._builtins import Steps
+from mesh_core import MemoryStore, ValidationError
+from mesh_core.app import BUILTINS, CheckClientWrite
+from mesh_core.app._builtins import Steps
+from mesh_core.storage import _ops as ops
 
 
 def drive(

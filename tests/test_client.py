@@ -25,35 +25,26 @@ from anyio.streams.tls import TLSListener
 import mesh_asyncio
 import mesh_trio
 from examples.demo import app as demo_app
-from mesh_core import (
-    Context,
-    HandshakeReceived,
-    MeshApp,
-    MeshError,
-    Reject,
-    RequestReceived,
-    ServerConnection,
-    ServerOptions,
-    UpgradeRequest,
-)
-from mesh_core._client import (
-    ClientConnection,
-    ClientState,
-    ClientStatus,
-    Closed,
+from mesh_core import Context, MeshApp, MeshError, Reject, ServerOptions, UpgradeRequest
+from mesh_core._errors import (
     CommandTimeout,
-    Connected,
     ConnectionRejected,
-    LatencyUpdated,
     MeshCommandError,
     MeshConnectionError,
+)
+from mesh_core.client._core import ClientOptions as _ClientOptions
+from mesh_core.client._core import ClientStatus, parse_url, reconnect_delay
+from mesh_core.protocol import HandshakeReceived, RequestReceived, ServerConnection
+from mesh_core.protocol._client_connection import (
+    ClientConnection,
+    ClientState,
+    Closed,
+    Connected,
+    LatencyUpdated,
     Push,
     Rejected,
     Response,
-    parse_url,
-    reconnect_delay,
 )
-from mesh_core._client import ClientOptions as _ClientOptions
 
 # -- the sans-IO client role against the sans-IO server role ------------------
 

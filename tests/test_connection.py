@@ -28,15 +28,13 @@ from wsproto.events import (
 )
 from wsproto.events import Event as WSEvent
 
-from mesh_core import (
-    CloseCode,
+from mesh_core import CloseCode, ServerOptions, UpgradeRequest
+from mesh_core.protocol import (
     ConnectionLost,
     HandshakeReceived,
     RequestReceived,
     ServerConnection,
-    ServerOptions,
     State,
-    UpgradeRequest,
 )
 
 QUIET = ServerOptions(ping_interval=0, latency_interval=0)

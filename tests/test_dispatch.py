@@ -20,17 +20,20 @@ from mesh_core import (
     UNCHANGED,
     Connection,
     Context,
-    HandshakeReceived,
     MemoryStore,
     MeshApp,
     MeshError,
-    RequestReceived,
-    ServerConnection,
     ServerCore,
-    State,
     UnknownConnection,
 )
-from mesh_core import _ops as ops
+from mesh_core.protocol import (
+    ConnectionLost,
+    HandshakeReceived,
+    RequestReceived,
+    ServerConnection,
+    State,
+)
+from mesh_core.storage import _ops as ops
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -835,7 +838,7 @@ async def test_connection_lost_runs_disconnection_hooks_then_cleans_up() -> None
     assert await server.connections.get_all_metadata() == []
     assert await server.get_all_rooms() == []
     # a second loss report changes nothing
-    server._handle_events(client.proto, [mesh_core.ConnectionLost(1006, "again")])
+    server._handle_events(client.proto, [ConnectionLost(1006, "again")])
     assert server.spawned == []
 
 
@@ -901,8 +904,8 @@ async def test_on_other_stores_only_builtins_without_storage_are_inline() -> Non
 
 
 def test_storeless_builtins_yield_no_operation() -> None:
-    from mesh_core._builtins import BUILTINS
-    from mesh_core._server import _STORELESS
+    from mesh_core.app._builtins import BUILTINS
+    from mesh_core.app._server import _STORELESS
 
     for name in _STORELESS:
         with pytest.raises(StopIteration):

@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from mesh_core import Context, MeshApp, MeshError, Reject, UpgradeRequest
+from mesh_core.storage import _ops as ops
 from tests.wsclient import Rejected, WSClient
 
 pytestmark = pytest.mark.anyio
@@ -339,7 +340,7 @@ async def test_graceful_close_sends_1001_and_cleans_store(server_cls: Any) -> No
         assert server.connections.local_connections() == []
         assert (
             await server.storage.execute(
-                __import__("mesh_core._ops").__dict__["_ops"].GetAllConnectionIds()
+                ops.GetAllConnectionIds()
             )
             == []
         )

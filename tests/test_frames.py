@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from mesh_core import Frame, Violation, decode_frame, encode_push
-from mesh_core._frames import encode_response
+from mesh_core.protocol import Frame, Violation, decode_frame, encode_push
+from mesh_core.protocol._frames import encode_response
 
 # -- decoding valid frames ------------------------------------------------------
 

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
-from mesh_core import Context, MeshApp, ServerCore, State
+from mesh_core import Context, MeshApp, ServerCore
+from mesh_core.protocol import State
 
 MAX_DEPTH = 6
 BUDGET = 4

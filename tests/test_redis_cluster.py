@@ -14,9 +14,9 @@ import anyio
 import pytest
 
 from mesh_core import Storage
-from mesh_core import _ops as ops
-from mesh_core._redis import _CAS, keys
-from mesh_core._redis_cluster import SlotTable, key_slot
+from mesh_core.redis._cluster import SlotTable, key_slot
+from mesh_core.redis._store import _CAS, keys
+from mesh_core.storage import _ops as ops
 
 from . import test_redis_instances as instances
 from .redis_cluster import RedisCluster

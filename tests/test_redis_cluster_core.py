@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from mesh_core._redis_cluster import (
+from mesh_core._errors import RedisReplyError, RedisUnavailable
+from mesh_core.redis._cluster import (
     ClusterTransportCore,
     Redirect,
     SlotTable,
@@ -18,12 +19,10 @@ from mesh_core._redis_cluster import (
     command_slot,
     key_slot,
     parse_cluster_slots,
-    parse_cluster_url,
     parse_redirect,
     split_by_node,
 )
-from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
-from mesh_core._redis_url import is_cluster_url
+from mesh_core.redis._url import is_cluster_url, parse_cluster_url
 
 # -- slots ------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ import pytest
 
 from examples.demo import app as demo_app
 from mesh_core import Storage
-from mesh_core._redis_errors import RedisUnavailable
-from mesh_core._redis_url import RedisEndpoint, SentinelEndpoint, parse_redis_url
+from mesh_core._errors import RedisUnavailable
+from mesh_core.redis._url import RedisEndpoint, SentinelEndpoint, parse_redis_url
 
 from .redis_sentinel import FakeSentinel, SentinelSetup, SwitchWatcher
 from .redis_server import RedisServer

@@ -21,7 +21,7 @@ import sniffio
 import trio
 
 from mesh_asyncio._redis_transport import AsyncioRedisTransport
-from mesh_core._redis_errors import RedisReplyError, RedisUnavailable
+from mesh_core._errors import RedisReplyError, RedisUnavailable
 from mesh_trio._redis_transport import TrioRedisTransport
 from tests.redis_server import RedisServer, free_port
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mesh_core._sentinel import ANNOUNCEMENT_TRUST, SwitchState, parse_switch
+from mesh_core.redis._sentinel import ANNOUNCEMENT_TRUST, SwitchState, parse_switch
 
 
 def test_a_switch_message_names_the_new_master_of_its_service_only() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mesh_core import MemoryStore, Storage
-from mesh_core import _ops as ops
+from mesh_core.storage import _ops as ops
 
 from .storage_conformance import Deliveries, StorageConformance
 

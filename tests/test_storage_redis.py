@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mesh_core import Storage
-from mesh_core._redis import keys
+from mesh_core.redis._store import keys
 
 from .redis_server import RedisServer
 from .storage_conformance import Deliveries, StorageConformance
@@ -71,7 +71,7 @@ class TestRedisStore(StorageConformance):
         that had not received it): a write for it is not refused as ENOCONN,
         and the registration comes back. Not for connections held elsewhere."""
         from mesh_core import UnknownConnection
-        from mesh_core import _ops as ops
+        from mesh_core.storage import _ops as ops
 
         await storage.execute(ops.RegisterConnection("mine", self.instance_id, {"a": 1}))
         await storage.execute(ops.RegisterConnection("theirs", "someone-else", {"a": 1}))
@@ -148,8 +148,8 @@ async def test_a_cancelled_batch_leader_does_not_fake_its_followers_writes(
     told their update was written."""
     import anyio
 
-    from mesh_core import _ops as ops
-    from mesh_core._strategies import updater
+    from mesh_core.storage import _ops as ops
+    from mesh_core.storage._strategies import updater
 
     flushall(redis_server.port)
     store = store_class(anyio_backend)(redis_server.url)
@@ -197,8 +197,8 @@ async def test_a_writer_cancelled_in_the_queue_does_not_stall_the_key(
     (nobody would take it, and every later write of that key would wait forever)."""
     import anyio
 
-    from mesh_core import _ops as ops
-    from mesh_core._strategies import updater
+    from mesh_core.storage import _ops as ops
+    from mesh_core.storage._strategies import updater
 
     flushall(redis_server.port)
     store = store_class(anyio_backend)(redis_server.url)
@@ -244,7 +244,7 @@ async def test_a_registration_restored_late_does_not_outlive_its_unregistration(
     import redis
 
     from mesh_core import UnknownConnection
-    from mesh_core import _ops as ops
+    from mesh_core.storage import _ops as ops
 
     flushall(redis_server.port)
     r = redis.Redis(port=redis_server.port)

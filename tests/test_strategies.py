@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from mesh_core import STRATEGIES, ValidationError, apply_strategy, deep_merge, merge, replace
-from mesh_core._strategies import check_strategy, updater
+from mesh_core import STRATEGIES, ValidationError
+from mesh_core.storage import apply_strategy, deep_merge, merge, replace
+from mesh_core.storage._strategies import check_strategy, updater
 
 NON_OBJECTS: list[Any] = [None, "s", "", 0, 3, 1.5, True, [], [1, 2], [{"a": 1}]]
 

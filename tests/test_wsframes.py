@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from mesh_core._wsframes import FAST, INCOMPLETE, SLOW, scan, unmask
+from mesh_core.protocol._wsframes import FAST, INCOMPLETE, SLOW, scan, unmask
 
 
 def client_frame(payload: bytes, opcode: Opcode = Opcode.TEXT, fin: bool = True) -> bytes:

@@ -24,10 +24,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from ._redis_errors import RedisReplyError, RedisUnavailable
-from ._redis_url import ClusterEndpoint, is_cluster_url, parse_cluster_url
+from .._errors import RedisReplyError, RedisUnavailable
+from ._url import ClusterEndpoint, is_cluster_url, parse_cluster_url
 
 __all__ = [
+    "NodeTransport",
+    "Thunk",
     "SLOTS",
     "ClusterTransportCore",
     "ClusterEndpoint",

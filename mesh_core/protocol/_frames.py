@@ -11,6 +11,8 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
+from .._config import DEFAULT_MAX_MESSAGE_SIZE
+
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "Frame",
@@ -21,9 +23,6 @@ __all__ = [
     "encode_response",
 ]
 
-#: 4 MiB: big enough for the 1 MiB payloads ordinary apps send, small enough
-#: that one client cannot make the server buffer the reference's 100 MiB.
-DEFAULT_MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
 
 #: Request ids must fit a signed 64-bit integer: every JSON library (and the
 #: reference's Redis layout) can echo those back; larger ones are violations.

@@ -33,9 +33,9 @@ from typing import Any, Protocol
 
 import msgspec
 
-from . import _ops as ops
-from ._redis_errors import RedisReplyError, RedisUnavailable
-from ._storage import DeliverCallback
+from .._errors import RedisReplyError, RedisUnavailable
+from ..storage import _ops as ops
+from ..storage._base import DeliverCallback
 
 __all__ = ["RedisStoreCore", "RedisTransport", "keys"]
 

@@ -13,9 +13,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from . import _ops as ops
-from ._errors import ValidationError
-from ._strategies import check_strategy, updater
+from .._errors import ValidationError
+from ..storage import _ops as ops
+from ..storage._strategies import check_strategy, updater
 
 __all__ = ["BUILTINS", "Builtin", "CheckClientWrite", "Steps"]
 

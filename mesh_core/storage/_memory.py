@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from ..protocol._frames import decode_json, encode_json
 from . import _ops as ops
-from ._frames import decode_json, encode_json
-from ._storage import DeliverCallback
+from ._base import DeliverCallback
 
 __all__ = ["MemoryStore"]
 

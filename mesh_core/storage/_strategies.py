@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from ._errors import ValidationError
+from .._errors import ValidationError
 
 __all__ = ["STRATEGIES", "Strategy", "apply_strategy", "deep_merge", "merge", "replace", "updater"]
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._handshake import UpgradeRequest
+from ..protocol._handshake import UpgradeRequest
 
 if TYPE_CHECKING:
     from ._server import Connection, ServerCore

@@ -16,11 +16,12 @@ import secrets
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
-from . import _ops as ops
-from ._app import Context, MeshApp
-from ._builtins import BUILTINS, CheckClientWrite, Steps
-from ._config import ServerOptions
-from ._connection import (
+from .._config import ServerOptions
+from .._errors import MeshError, RedisUnavailable, error_payload, not_found_payload
+from .._metrics import UNKNOWN_COMMAND, Metrics, bump, prometheus_text
+from ..protocol._frames import encode_json, encode_push
+from ..protocol._handshake import Reject, UpgradeRequest
+from ..protocol._server_connection import (
     CloseCode,
     ConnectionLost,
     Event,
@@ -28,15 +29,13 @@ from ._connection import (
     RequestReceived,
     text_frame,
 )
-from ._connection import ServerConnection as Protocol
-from ._errors import MeshError, error_payload, not_found_payload
-from ._frames import encode_json, encode_push
-from ._handshake import Reject, UpgradeRequest
-from ._memory import MemoryStore
-from ._metrics import UNKNOWN_COMMAND, Metrics, bump, prometheus_text
-from ._redis_errors import RedisUnavailable
-from ._storage import Storage
-from ._strategies import updater
+from ..protocol._server_connection import ServerConnection as Protocol
+from ..storage import _ops as ops
+from ..storage._base import Storage
+from ..storage._memory import MemoryStore
+from ..storage._strategies import updater
+from ._app import Context, MeshApp
+from ._builtins import BUILTINS, CheckClientWrite, Steps
 
 __all__ = ["Connection", "ConnectionRef", "ConnectionsAPI", "RoomsAPI", "ServerCore"]
 

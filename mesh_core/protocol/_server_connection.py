@@ -46,10 +46,10 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ._config import ServerOptions
+from .._config import ServerOptions
+from .._metrics import Metrics, bump
 from ._frames import Frame, decode_frame, encode_push, encode_response
 from ._handshake import UpgradeRequest
-from ._metrics import Metrics, bump
 from ._wsframes import FAST, INCOMPLETE, scan
 
 __all__ = [

@@ -1,0 +1,42 @@
+"""The application layer: ``MeshApp`` (commands, middleware, hooks, policies),
+the request ``Context``, the built-in commands, and ``ServerCore``: the
+runtime-neutral server that turns protocol events into handler runs and storage
+operations, and the connections/rooms API handed to handlers.
+"""
+
+from ._app import (
+    Authenticator,
+    ConnectionHook,
+    Context,
+    Handler,
+    MeshApp,
+    Middleware,
+    ReadGuard,
+    ReadPolicy,
+    WriteGuard,
+    WritePolicy,
+)
+from ._builtins import BUILTINS, Builtin, CheckClientWrite, Steps
+from ._server import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, ServerCore
+
+__all__ = [
+    "Authenticator",
+    "BUILTINS",
+    "Builtin",
+    "CheckClientWrite",
+    "Connection",
+    "ConnectionHook",
+    "ConnectionRef",
+    "ConnectionsAPI",
+    "Context",
+    "Handler",
+    "MeshApp",
+    "Middleware",
+    "ReadGuard",
+    "ReadPolicy",
+    "RoomsAPI",
+    "ServerCore",
+    "Steps",
+    "WriteGuard",
+    "WritePolicy",
+]

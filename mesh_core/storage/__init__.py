@@ -1,0 +1,70 @@
+"""Storage, as data: the operations the core emits (``ops``), the merge
+strategies (pure functions), the ``Storage`` protocol every driver implements,
+and the in-memory driver. A storage author implements ``Storage`` and runs
+``tests/storage_conformance.py`` against it.
+"""
+
+from ._base import DeliverCallback, Storage
+from ._memory import MemoryStore
+from ._ops import (
+    HANDLER_NAMES,
+    UNCHANGED,
+    AddToRoom,
+    ClearRoom,
+    DeleteRoom,
+    DeleteRoomMetadata,
+    GetAllConnectionIds,
+    GetAllMetadata,
+    GetAllRooms,
+    GetConnectionRooms,
+    GetMetadata,
+    GetRoomMembers,
+    GetRoomMembersMetadata,
+    IsInRoom,
+    Op,
+    Publish,
+    RegisterConnection,
+    RemoveFromRoom,
+    Scope,
+    UnknownConnection,
+    UnregisterConnection,
+    UpdateMetadata,
+    handlers,
+)
+from ._strategies import STRATEGIES, Strategy, apply_strategy, deep_merge, merge, replace, updater
+
+__all__ = [
+    "AddToRoom",
+    "ClearRoom",
+    "DeleteRoom",
+    "DeleteRoomMetadata",
+    "DeliverCallback",
+    "GetAllConnectionIds",
+    "GetAllMetadata",
+    "GetAllRooms",
+    "GetConnectionRooms",
+    "GetMetadata",
+    "GetRoomMembers",
+    "GetRoomMembersMetadata",
+    "HANDLER_NAMES",
+    "IsInRoom",
+    "MemoryStore",
+    "Op",
+    "Publish",
+    "RegisterConnection",
+    "RemoveFromRoom",
+    "STRATEGIES",
+    "Scope",
+    "Storage",
+    "Strategy",
+    "UNCHANGED",
+    "UnknownConnection",
+    "UnregisterConnection",
+    "UpdateMetadata",
+    "apply_strategy",
+    "deep_merge",
+    "handlers",
+    "merge",
+    "replace",
+    "updater",
+]
