@@ -12,11 +12,6 @@ from typing import Any
 import pytest
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
 def server_cls(anyio_backend: str) -> Any:
     import mesh_asyncio

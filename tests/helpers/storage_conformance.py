@@ -2,16 +2,12 @@
 
 Every driver (the in-memory store, a future Redis driver, ...) must pass it.
 Everything goes through the public contract: ``start``/``stop`` and
-``await storage.execute(op)`` for each operation of :mod:`mesh_core._ops`.
+``await storage.execute(op)`` for each operation of :mod:`mesh_core.storage`.
 
 To run it on a driver, subclass :class:`StorageConformance` in a test module,
 implement :meth:`~StorageConformance.new_storage` (and, for drivers where one
-handle serves one instance, :meth:`~StorageConformance.attach_instance`), and
-define an ``anyio_backend`` fixture in that module::
-
-    @pytest.fixture(params=["asyncio", "trio"])
-    def anyio_backend(request):
-        return request.param
+handle serves one instance, :meth:`~StorageConformance.attach_instance`); the
+``anyio_backend`` fixture of ``tests/conftest.py`` runs it on both runtimes::
 
     class TestRedisStore(StorageConformance):
         async def new_storage(self):

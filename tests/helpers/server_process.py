@@ -12,7 +12,7 @@ from .redis_server import free_port
 
 __all__ = ["ROOT", "free_port", "start_server"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_server(runtime: str, port: int, *extra: str) -> subprocess.Popen[str]:

@@ -15,7 +15,7 @@ import trio
 
 from mesh_core import MeshApp
 from mesh_trio import MeshServer
-from tests.wsclient import WSClient
+from tests.helpers.wsclient import WSClient
 
 
 @pytest.mark.parametrize("code", [errno.ECONNABORTED, errno.EPROTO, errno.EPERM])

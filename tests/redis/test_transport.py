@@ -2,7 +2,7 @@
 
 One test body, two runtimes: ``anyio_backend`` picks asyncio (and
 ``AsyncioRedisTransport``) or trio (and ``TrioRedisTransport``). Every test
-gets its own redis-server on a free port (tests/redis_server.py); the tests
+gets its own redis-server on a free port (tests/helpers/redis_server.py); the tests
 are skipped when the redis-server binary is missing.
 """
 
@@ -23,7 +23,7 @@ import trio
 from mesh_asyncio._redis_transport import AsyncioRedisTransport
 from mesh_core._errors import RedisReplyError, RedisUnavailable
 from mesh_trio._redis_transport import TrioRedisTransport
-from tests.redis_server import RedisServer, free_port
+from tests.helpers.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -41,11 +41,6 @@ if TYPE_CHECKING:
 
     _a: RedisTransport = AsyncioRedisTransport("redis://127.0.0.1:1")
     _t: RedisTransport = TrioRedisTransport("redis://127.0.0.1:1")
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture

@@ -17,11 +17,10 @@ import anyio
 import pytest
 
 from examples.demo import app as demo_app
-
-from .redis_server import RedisServer
-from .server_process import ROOT, free_port, start_server
-from .server_thread import ServerThread
-from .wsclient import WSClient
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.server_process import ROOT, free_port, start_server
+from tests.helpers.server_thread import ServerThread
+from tests.helpers.wsclient import WSClient
 
 QUIET = {"ping_interval": 0, "latency_interval": 0}
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.wsclient import WSClient
+from tests.helpers.wsclient import WSClient
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
@@ -109,7 +109,7 @@ async def test_metadata_snippets_do_what_they_say(server_cls: Any) -> None:
 
 @pytest.mark.anyio
 async def test_auth_and_policy_snippets(server_cls: Any) -> None:
-    from tests.wsclient import Rejected
+    from tests.helpers.wsclient import Rejected
 
     auth_ns = namespace_of("async def authenticate")
     server = server_cls(auth_ns["app"], ping_interval=0, latency_interval=0)

@@ -20,6 +20,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
 from mesh_core import Context, MeshApp, ServerCore
+from mesh_core.app import BUILTINS
 from mesh_core.protocol import State
 
 MAX_DEPTH = 6
@@ -183,13 +184,7 @@ COMMANDS = st.one_of(
             "nope",
             "pong",
             "latency:response",
-            "mesh/noop",
-            "mesh/join-room",
-            "mesh/leave-room",
-            "mesh/get-connection-metadata",
-            "mesh/get-my-connection-metadata",
-            "mesh/set-my-connection-metadata",
-            "mesh/get-room-metadata",
+            *sorted(BUILTINS),
         ]
     ),
     TEXT,

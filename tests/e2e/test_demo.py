@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from examples.demo import app
-from tests.wsclient import WSClient
+from tests.helpers.wsclient import WSClient
 
 pytestmark = pytest.mark.anyio
 

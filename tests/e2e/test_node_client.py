@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from examples.demo import app
-from tests.server_thread import ServerThread
+from tests.helpers.server_thread import ServerThread
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 NODE = shutil.which("node")
 
 pytestmark = pytest.mark.skipif(

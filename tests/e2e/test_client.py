@@ -225,11 +225,6 @@ async def _authenticate(request: UpgradeRequest) -> Any:
     return {"user": "ada"}
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 def _server_class(backend: str) -> Any:
     return mesh_asyncio.MeshServer if backend == "asyncio" else mesh_trio.MeshServer
 

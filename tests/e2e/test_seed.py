@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from mesh_core import MeshApp
-from tests.wsclient import WSClient
+from tests.helpers.wsclient import WSClient
 
 pytestmark = pytest.mark.anyio
 

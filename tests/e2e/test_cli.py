@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.server_process import ROOT, free_port, start_server
-from tests.wsclient import WSClient
+from tests.helpers.server_process import ROOT, free_port, start_server
+from tests.helpers.wsclient import WSClient
 
 
 @pytest.mark.parametrize("runtime", ["asyncio", "trio"])

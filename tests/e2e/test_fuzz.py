@@ -26,7 +26,8 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError
 
 from mesh_core import Context, MeshApp
-from tests.wsclient import WSClient
+from mesh_core.app import BUILTINS
+from tests.helpers.wsclient import WSClient
 
 pytestmark = pytest.mark.anyio
 
@@ -159,13 +160,7 @@ class RawSocket:
 # -- the fuzz storm -------------------------------------------------------------------------
 
 BUILTIN_COMMANDS = [
-    "mesh/noop",
-    "mesh/join-room",
-    "mesh/leave-room",
-    "mesh/get-connection-metadata",
-    "mesh/get-my-connection-metadata",
-    "mesh/set-my-connection-metadata",
-    "mesh/get-room-metadata",
+    *sorted(BUILTINS),
     "echo",
     "no-such-command",
     "pong",

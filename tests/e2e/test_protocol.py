@@ -13,7 +13,7 @@ import pytest
 
 from mesh_core import Context, MeshApp, MeshError, Reject, UpgradeRequest
 from mesh_core.storage import _ops as ops
-from tests.wsclient import Rejected, WSClient
+from tests.helpers.wsclient import Rejected, WSClient
 
 pytestmark = pytest.mark.anyio
 
@@ -338,12 +338,7 @@ async def test_graceful_close_sends_1001_and_cleans_store(server_cls: Any) -> No
         for c in clients:
             assert c.closed is not None and c.closed.code == 1001
         assert server.connections.local_connections() == []
-        assert (
-            await server.storage.execute(
-                ops.GetAllConnectionIds()
-            )
-            == []
-        )
+        assert await server.storage.execute(ops.GetAllConnectionIds()) == []
         for c in clients:
             await c.abort()
 

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from mesh_core import Connection, Context, MeshApp, MeshError, UpgradeRequest
-from tests.wsclient import Rejected, WSClient
+from tests.helpers.wsclient import Rejected, WSClient
 
 pytestmark = pytest.mark.anyio
 

@@ -6,13 +6,7 @@ import pytest
 
 from mesh_core import MemoryStore, Storage
 from mesh_core.storage import _ops as ops
-
-from .storage_conformance import Deliveries, StorageConformance
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+from tests.helpers.storage_conformance import Deliveries, StorageConformance
 
 
 class TestMemoryStore(StorageConformance):

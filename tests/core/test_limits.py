@@ -15,7 +15,7 @@ from mesh_core import CloseCode, ServerOptions
 from mesh_core._metrics import MAX_LABELS, OTHER, Metrics, bump, prometheus_text
 from mesh_core.cli import _parser, options_from_args
 from mesh_core.protocol import ConnectionLost, RequestReceived, State, Violation, decode_frame
-from tests.test_connection import Peer
+from tests.core.test_connection import Peer
 
 
 def quiet(**overrides: Any) -> ServerOptions:

@@ -11,14 +11,8 @@ import pytest
 
 from mesh_core import Storage
 from mesh_core.redis._store import keys
-
-from .redis_server import RedisServer
-from .storage_conformance import Deliveries, StorageConformance
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.storage_conformance import Deliveries, StorageConformance
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Test helper: a throw-away Redis Cluster of three primaries (and optional
 replicas), each a private ``redis-server`` on a free port (see
-``tests/redis_server.py``: never the Redis on 127.0.0.1:6379), stopped by
+``tests/helpers/redis_server.py``: never the Redis on 127.0.0.1:6379), stopped by
 PID.
 
 Slots are split into three ranges assigned with ``CLUSTER ADDSLOTSRANGE``,

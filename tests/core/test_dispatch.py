@@ -35,12 +35,6 @@ from mesh_core.protocol import (
 )
 from mesh_core.storage import _ops as ops
 
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 pytestmark = pytest.mark.anyio
 
 

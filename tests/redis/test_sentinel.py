@@ -17,12 +17,11 @@ from examples.demo import app as demo_app
 from mesh_core import Storage
 from mesh_core._errors import RedisUnavailable
 from mesh_core.redis._url import RedisEndpoint, SentinelEndpoint, parse_redis_url
-
-from .redis_sentinel import FakeSentinel, SentinelSetup, SwitchWatcher
-from .redis_server import RedisServer
-from .server_thread import ServerThread
-from .storage_conformance import Deliveries, StorageConformance
-from .wsclient import WSClient
+from tests.helpers.redis_sentinel import FakeSentinel, SentinelSetup, SwitchWatcher
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.server_thread import ServerThread
+from tests.helpers.storage_conformance import Deliveries, StorageConformance
+from tests.helpers.wsclient import WSClient
 
 QUIET = {"ping_interval": 0, "latency_interval": 0}
 FAST_REPLICATION = SentinelSetup.FAST_REPLICATION

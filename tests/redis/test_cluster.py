@@ -17,18 +17,13 @@ from mesh_core import Storage
 from mesh_core.redis._cluster import SlotTable, key_slot
 from mesh_core.redis._store import _CAS, keys
 from mesh_core.storage import _ops as ops
+from tests.helpers.redis_cluster import RedisCluster
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.server_process import free_port, start_server
+from tests.helpers.storage_conformance import Deliveries, StorageConformance
+from tests.helpers.wsclient import WSClient
 
-from . import test_redis_instances as instances
-from .redis_cluster import RedisCluster
-from .redis_server import RedisServer
-from .server_process import free_port, start_server
-from .storage_conformance import Deliveries, StorageConformance
-from .wsclient import WSClient
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+from . import test_instances as instances
 
 
 @pytest.fixture(scope="module")
