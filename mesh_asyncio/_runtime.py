@@ -1,0 +1,104 @@
+"""The core's :class:`~mesh_core.runtime.Runtime` on asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar
+
+from mesh_core.runtime import Event
+
+__all__ = ["AsyncioRuntime", "RUNTIME"]
+
+T = TypeVar("T")
+
+
+class _TaskGroup:
+    """A nursery on asyncio: tasks started here are awaited when the block
+    ends, and a failing task cancels the rest (as trio does). Unlike
+    ``asyncio.TaskGroup``, ``cancel()`` is public and ``len()`` counts the
+    tasks still running."""
+
+    __slots__ = ("_body", "_cancelled", "_errors", "_tasks")
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._errors: list[BaseException] = []
+        self._body = asyncio.current_task()
+        self._cancelled = False
+
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        task = asyncio.get_running_loop().create_task(fn(*args))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            self._errors.append(error)
+            self.cancel()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._body is not None and not self._body.done():
+            self._body.cancel()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def _join(self) -> None:
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._errors:
+            raise BaseExceptionGroup("task group", self._errors)
+
+
+class AsyncioRuntime:
+    """Stateless: one instance (:data:`RUNTIME`) serves every server and client."""
+
+    name = "asyncio"
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def wall_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def event(self) -> Event:
+        return asyncio.Event()
+
+    def timeout(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        return asyncio.timeout(seconds)
+
+    async def gather(self, thunks: list[Callable[[], Awaitable[T]]]) -> list[T]:
+        async def run(thunk: Callable[[], Awaitable[T]]) -> T:
+            return await thunk()
+
+        return list(await asyncio.gather(*(run(t) for t in thunks)))
+
+    @asynccontextmanager
+    async def open_task_group(self) -> AsyncIterator[_TaskGroup]:
+        group = _TaskGroup()
+        try:
+            yield group
+        except asyncio.CancelledError:
+            for task in list(group._tasks):
+                task.cancel()
+            await group._join()
+            body = group._body
+            # the group's own cancel() ends the block quietly, as a nursery's does
+            if group._cancelled and body is not None and body.uncancel() == 0:
+                return
+            raise
+        await group._join()
+
+
+RUNTIME = AsyncioRuntime()

@@ -1,0 +1,78 @@
+"""What an adapter supplies to the core: the runtime's services, as one small
+protocol passed in (composition), never as subclass hooks.
+
+The core never imports a runtime. Where runtime-neutral code must wait, start
+background work or read a clock (the server's dispatch and shutdown, the
+client's supervisor, the Redis store's heartbeat and batching, Cluster
+routing), it asks the :class:`Runtime` it was given. ``mesh_asyncio`` and
+``mesh_trio`` each implement it in one short file (``_runtime.py``); an
+embedder on another loop implements these few methods and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeVar
+
+__all__ = ["Event", "Runtime", "TaskGroup"]
+
+T = TypeVar("T")
+
+
+class Event(Protocol):
+    """A one-shot flag tasks can wait on (``asyncio.Event`` / ``trio.Event``)."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
+
+
+class TaskGroup(Protocol):
+    """Background tasks started together and waited for (or cancelled)
+    together: a trio nursery, or its asyncio equivalent. Leaving the ``async
+    with`` block waits for every task started in it."""
+
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None: ...
+
+    def cancel(self) -> None:
+        """Cancel every task of the group (and the block's own body)."""
+        ...
+
+    def __len__(self) -> int:
+        """How many tasks of the group are still running."""
+        ...
+
+
+class Runtime(Protocol):
+    """The services of one event-loop library."""
+
+    #: ``"asyncio"`` or ``"trio"`` (or the embedder's own name): for logs only
+    name: str
+
+    def now(self) -> float:
+        """Monotonic seconds: every deadline and timer the core computes."""
+        ...
+
+    def wall_ms(self) -> int:
+        """Unix time in milliseconds: values other processes read (heartbeats,
+        push timestamps)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    def event(self) -> Event: ...
+
+    def timeout(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        """``async with runtime.timeout(s):`` raises ``TimeoutError`` if the
+        block runs longer than ``seconds``."""
+        ...
+
+    async def gather(self, thunks: list[Callable[[], Awaitable[T]]]) -> list[T]:
+        """Run the thunks side by side; their results in order. The first
+        exception cancels the others and propagates."""
+        ...
+
+    def open_task_group(self) -> AbstractAsyncContextManager[TaskGroup]: ...
