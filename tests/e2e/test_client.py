@@ -340,7 +340,7 @@ async def test_timeout_frees_the_id(anyio_backend: str) -> None:
             await client.command("sleep", {"seconds": 1}, timeout=0.2)
         assert isinstance(info.value, TimeoutError)
         assert info.value.code == "ETIMEOUT"
-        assert client._link.conn.in_flight == 0
+        assert client._supervisor.link.conn.in_flight == 0
         assert await client.command("echo", "still fine", timeout=5) == "still fine"
 
 
