@@ -8,7 +8,6 @@ reconnect, re-join, timeouts, dead-link detection, close) is written once, in
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -49,14 +48,7 @@ class _Stream:
         self._writer.transport.abort()
 
 
-@functools.cache
-def _default_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
-
-
 async def _open_stream(endpoint: Endpoint, ssl_context: ssl.SSLContext | None) -> _Stream:
-    if ssl_context is None and endpoint.secure:
-        ssl_context = _default_context()
     reader, writer = await asyncio.open_connection(
         endpoint.host,
         endpoint.port,
@@ -85,4 +77,4 @@ class MeshClient(ClientCore):
     (within their timeout) and are sent once the rooms are re-joined.
     """
 
-    binding = ClientBinding(RUNTIME, _open_stream, _start_task)
+    binding = ClientBinding(RUNTIME, _open_stream, _start_task, ssl.create_default_context)

@@ -10,7 +10,7 @@ block (to close early, or to connect again after a close).
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import ssl
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
@@ -54,14 +54,7 @@ class _Stream:
         await trio.aclose_forcefully(self._stream)
 
 
-@functools.cache
-def _default_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
-
-
 async def _open_stream(endpoint: Endpoint, ssl_context: ssl.SSLContext | None) -> _Stream:
-    if ssl_context is None and endpoint.secure:
-        ssl_context = _default_context()
     tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     if ssl_context is None:
         return _Stream(tcp)
@@ -87,7 +80,7 @@ def _outside_block(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> N
 
 
 #: outside ``async with`` no task can start; inside, the block's nursery
-_OUTSIDE = ClientBinding(RUNTIME, _open_stream, _outside_block)
+_OUTSIDE = ClientBinding(RUNTIME, _open_stream, _outside_block, ssl.create_default_context)
 
 
 class MeshClient(ClientCore):
@@ -109,7 +102,7 @@ class MeshClient(ClientCore):
         cm = trio.open_nursery()
         nursery = await cm.__aenter__()
         self._nursery_cm, self._nursery = cm, nursery
-        self.binding = ClientBinding(RUNTIME, _open_stream, nursery.start_soon)
+        self.binding = dataclasses.replace(_OUTSIDE, start_task=nursery.start_soon)
         try:
             await self.connect()
         except BaseException:

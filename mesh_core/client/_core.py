@@ -169,6 +169,8 @@ class ClientCore:
         #: last round trip the server measured, in milliseconds
         self.latency: float | None = None
         self.status = ClientStatus.IDLE
+        if ssl_context is None and self.endpoint.secure:
+            ssl_context = self.binding.default_tls()
         self._ssl_context = ssl_context
         self._rooms: dict[str, None] = {}  # insertion-ordered set
         self._listeners: dict[str, list[Callback]] = {}

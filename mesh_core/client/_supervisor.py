@@ -84,9 +84,9 @@ class ClientStream(Protocol):
         ...
 
 
-#: ``await open_stream(endpoint, ssl_context)``: a connected stream, TLS when
-#: ``ssl_context`` is given or the URL is ``wss://`` (the adapter then makes a
-#: default context); raises ``OSError`` when it cannot connect
+#: ``await open_stream(endpoint, ssl_context)``: a connected stream to
+#: ``endpoint.host``/``port``, TLS over TCP when ``ssl_context`` is not
+#: ``None``; raises ``OSError`` when it cannot connect
 OpenStream = Callable[[Endpoint, "SSLContext | None"], Awaitable["ClientStream"]]
 
 #: ``start_task(async_fn, *args)``: run it in the background; raises
@@ -98,11 +98,14 @@ StartTask = Callable[..., None]
 @dataclass(frozen=True, slots=True)
 class ClientBinding:
     """What an adapter gives ``ClientCore``: its runtime, how to open a
-    stream, how to start a background task."""
+    stream, how to start a background task, and the TLS context a ``wss://``
+    URL gets when none is given (``ssl.create_default_context``: the core
+    imports no ``ssl``)."""
 
     runtime: Runtime
     open_stream: OpenStream
     start_task: StartTask
+    default_tls: Callable[[], SSLContext]
 
 
 class _Waiter:
