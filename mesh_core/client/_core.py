@@ -17,34 +17,13 @@ from typing import TYPE_CHECKING, Any, Self
 
 from .._errors import CommandTimeout
 from ..protocol import DEFAULT_MAX_MESSAGE_SIZE, ClientEvent, LatencyUpdated, Push
-from ._options import (
-    LIFECYCLE_EVENTS,
-    ClientOptions,
-    ClientStatus,
-    Endpoint,
-    check_response,
-    is_error_payload,
-    parse_url,
-    reconnect_delay,
-)
+from ._options import LIFECYCLE_EVENTS, ClientOptions, ClientStatus, check_response, parse_url
 from ._supervisor import ClientBinding, Supervisor
 
 if TYPE_CHECKING:
     from ssl import SSLContext
 
-__all__ = [
-    "ClientCore",
-    "ClientOptions",
-    "ClientStatus",
-    "Endpoint",
-    "LIFECYCLE_EVENTS",
-    "PushBuffer",
-    "PushIterator",
-    "check_response",
-    "is_error_payload",
-    "parse_url",
-    "reconnect_delay",
-]
+__all__ = ["ClientCore", "PushBuffer", "PushIterator"]
 
 log = logging.getLogger("mesh_client")
 
@@ -52,7 +31,7 @@ log = logging.getLogger("mesh_client")
 class PushBuffer:
     """The queue behind one ``pushes()`` iterator. Bounded: a consumer that
     stops reading loses the oldest pushes instead of growing memory. ``wake``
-    is the adapter's hook to resume a waiting reader."""
+    resumes the iterator waiting on it."""
 
     __slots__ = ("closed", "dropped", "items", "wake")
 

@@ -32,8 +32,8 @@ from mesh_core._errors import (
     MeshCommandError,
     MeshConnectionError,
 )
-from mesh_core.client._core import ClientOptions as _ClientOptions
-from mesh_core.client._core import ClientStatus, parse_url, reconnect_delay
+from mesh_core.client import ClientOptions as _ClientOptions
+from mesh_core.client import ClientStatus, parse_url, reconnect_delay
 from mesh_core.protocol import HandshakeReceived, RequestReceived, ServerConnection
 from mesh_core.protocol._client_connection import (
     ClientConnection,
