@@ -27,6 +27,7 @@ adapter to stop reading the socket, so a flood pushes back on its sender.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +42,6 @@ from wsproto.events import (
     CloseConnection,
     Ping,
     RejectConnection,
-    RejectData,
     Request,
     TextMessage,
 )
@@ -53,7 +53,7 @@ from .._errors import LocalProtocolError
 from .._metrics import Metrics, bump
 from ._close_codes import CloseCode
 from ._frames import Frame, Violation, decode_frame, encode_push, encode_response
-from ._handshake import UpgradeRequest
+from ._handshake import UpgradeRequest, send_rejection, upgrade_request
 from ._messages import TOO_BIG, MessageAssembler, Refusal, is_utf8
 from ._state import SERVER_CALLS, State, transition
 from ._wsframes import FAST, INCOMPLETE, scan
@@ -130,6 +130,7 @@ _NOT_RUN = {
 
 
 _SCANNING = (State.OPEN, State.OPENING)
+_TEXT_PLAIN = ((b"content-type", b"text/plain; charset=utf-8"),)
 
 
 class ServerConnection:
@@ -305,30 +306,16 @@ class ServerConnection:
         return self.state is State.CLOSED
 
     def _on_request(self, event: Request) -> None:
-        headers = tuple(
-            (name.decode("latin-1").lower(), value.decode("latin-1"))
-            for name, value in event.extra_headers
-        )
-        headers = (("host", event.host), *headers)
-        request = UpgradeRequest(target=event.target, headers=headers, peer=self.peer)
-        self._events.append(HandshakeReceived(request))
+        self._events.append(HandshakeReceived(upgrade_request(event, self.peer)))
 
     def _reject_bad_request(self, exc: WSRemoteProtocolError) -> None:
         hint = exc.event_hint
         if self.state is State.HANDSHAKE and isinstance(hint, RejectConnection):
             bump(self.metrics.handshake_rejections, hint.status_code)
-            body = str(exc).encode()
-            try:
-                self._out += self._ws.send(
-                    RejectConnection(
-                        status_code=hint.status_code,
-                        headers=[*hint.headers, (b"content-length", str(len(body)).encode())],
-                        has_body=True,
-                    )
+            with contextlib.suppress(WSLocalProtocolError):
+                send_rejection(
+                    self._ws, self._out, hint.status_code, hint.headers, str(exc).encode()
                 )
-                self._out += self._ws.send(RejectData(data=body))
-            except WSLocalProtocolError:
-                pass
         self.state = State.CLOSED
 
     def _on_message_part(self, event: TextMessage | BytesMessage, now: float) -> None:
@@ -443,18 +430,7 @@ class ServerConnection:
         if after is None:
             return
         bump(self.metrics.handshake_rejections, status)
-        body = reason.encode()
-        self._out += self._ws.send(
-            RejectConnection(
-                status_code=status,
-                headers=[
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-                has_body=True,
-            )
-        )
-        self._out += self._ws.send(RejectData(data=body))
+        send_rejection(self._ws, self._out, status, _TEXT_PLAIN, reason.encode())
         self.state = after
         self.wake()
 
