@@ -16,7 +16,7 @@ which add sockets, tasks and the reconnect loop.
 
 The states, and which call is valid in which, are the table in
 :mod:`._state`: a call in a wrong state raises
-:class:`~mesh_core.LocalProtocolError`. Incoming messages are assembled and
+:class:`~mesh_core.protocol.LocalProtocolError`. Incoming messages are assembled and
 decoded by :mod:`._messages`, the path the server role takes too (the size
 limit counts UTF-8 bytes on both ends).
 """
@@ -198,7 +198,7 @@ class ClientConnection:
         """Queue a request and return its id (unique among those in flight).
 
         ``None`` is sent as ``{}``, like the reference client. Raises
-        :class:`~mesh_core.LocalProtocolError` (a ``RuntimeError``) unless
+        :class:`~mesh_core.protocol.LocalProtocolError` (a ``RuntimeError``) unless
         OPEN, and ``TypeError``/``msgspec.EncodeError`` for a payload that is
         not JSON (no id is consumed then)."""
         transition(CLIENT_CALLS, "send_request", self.state)

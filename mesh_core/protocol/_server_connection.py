@@ -10,7 +10,7 @@ flush. Time is always passed in; nothing here blocks or reads a clock.
 
 The states, and which call is valid in which, are the table in
 :mod:`._state`; a call in a wrong state raises
-:class:`~mesh_core.LocalProtocolError`, except one that only comes late
+:class:`~mesh_core.protocol.LocalProtocolError`, except one that only comes late
 (``accept`` after the peer left during authentication) which does nothing.
 Incoming messages are assembled and decoded by :mod:`._messages`, the same
 path the client role takes.

@@ -6,7 +6,7 @@ one state to another are a table, read on its own. Each entry maps a call to
 it is merely *late* and ignored: the connection already closed under the
 caller (the peer left, a timeout fired, the server closed it) while the
 caller was awaiting something, which is a race, not a bug. Any other state
-means the caller misused the API: :class:`~mesh_core.LocalProtocolError`.
+means the caller misused the API: :class:`~mesh_core.protocol.LocalProtocolError`.
 
 Transitions driven by the peer or by timers (a close frame, a lost socket, a
 handshake timeout) are not API calls: the machines make them where the input
