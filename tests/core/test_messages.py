@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState as WSState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -343,3 +345,78 @@ def test_client_calls_by_state() -> None:
     assert client.state in {ClientState.CLOSED}  # (mypy narrowed it)
     with pytest.raises(LocalProtocolError):
         client.send_request("x")
+
+
+# -- every call in every state the server can reach (hypothesis walks it) ----------
+
+
+class ServerCalls(RuleBasedStateMachine):
+    """Random sequences of the server's API calls and the peer's and timers'
+    inputs. A call either does what the table says, does nothing (late), or
+    raises ``LocalProtocolError`` without changing anything; nothing else
+    escapes, and ``ConnectionLost`` comes at most once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server = ServerConnection(OPTIONS, now=0.0)
+        self.peer = WSConnection(ConnectionType.CLIENT)
+        self.server.receive_data(self.peer.send(Request(host="h", target="/")), 0.0)
+        self.answered = False
+        self.lost = 0
+
+    def _call(self, call: Callable[[], None], misuse: bool) -> None:
+        before = (self.server.state, self.server.id)
+        if misuse:
+            with pytest.raises(LocalProtocolError):
+                call()
+            assert (self.server.state, self.server.id) == before
+        else:
+            call()
+
+    @rule(accept=st.booleans())
+    def answer(self, accept: bool) -> None:
+        state = self.server.state
+        misuse = self.answered or state not in (State.HANDSHAKE, State.CLOSED)
+        late = not misuse and state is State.CLOSED
+        self._call(lambda: self.server.accept("c") if accept else self.server.reject(), misuse)
+        if late:
+            assert self.server.id is None and self.server.data_to_send() == b""
+        self.answered = self.answered or not (misuse or late)
+
+    @rule()
+    def opened(self) -> None:
+        misuse = self.server.state in (State.HANDSHAKE, State.OPEN)
+        self._call(lambda: self.server.opened(0.0), misuse)
+
+    @rule()
+    def close(self) -> None:
+        self.server.close()
+
+    @rule()
+    def peer_leaves(self) -> None:
+        self.server.receive_data(None, 0.0)
+
+    @rule()
+    def time_passes(self) -> None:
+        self.server.tick(1e9)
+        self.server.tick(2e9)
+
+    @rule()
+    def peer_sends(self) -> None:
+        if self.peer.state is WSState.OPEN:
+            self.server.receive_data(
+                self.peer.send(TextMessage(data='{"id":1,"command":"a"}')), 0.0
+            )
+
+    @invariant()
+    def drained(self) -> None:
+        data = self.server.data_to_send()
+        if data and self.peer.state is not WSState.CLOSED:
+            self.peer.receive_data(data)
+            list(self.peer.events())
+        self.lost += sum(isinstance(e, ConnectionLost) for e in self.server.events())
+        assert self.lost <= 1
+
+
+test_server_calls_walk = ServerCalls.TestCase
+test_server_calls_walk.settings = settings(max_examples=150, stateful_step_count=12, deadline=None)
