@@ -12,8 +12,13 @@ Transitions driven by the peer or by timers (a close frame, a lost socket, a
 handshake timeout) are not API calls: the machines make them where the input
 is read, and they only ever lead towards ``CLOSING``/``CLOSED``.
 
-``close()`` is in no table: it is valid in every state (a no-op once
-closing), because any party may want a connection gone at any time.
+Decided per method, the other calls are in no table because they are valid
+in every state: ``close()`` (a no-op once closing: the application, a
+shutdown and the peer may all want a connection gone at once); the server's
+``send_message``/``send_push``/``respond`` (they return ``False`` unless
+OPEN: a broadcast or a late response meets closing connections all the
+time); ``receive_data``/``tick`` (input after the end is dropped) and
+``request_done`` (a request may finish after its connection closed).
 """
 
 from __future__ import annotations
