@@ -45,8 +45,11 @@ class _TaskGroup:
         self._cancelled = True
         for task in list(self._tasks):
             task.cancel()
-        if self._body is not None and not self._body.done():
-            self._body.cancel()
+        body = self._body
+        # the body cancelling its own group is about to leave the block (as
+        # after a nursery's cancel, nothing is left for it to wait for)
+        if body is not None and not body.done() and body is not asyncio.current_task():
+            body.cancel()
 
     def __len__(self) -> int:
         return len(self._tasks)
