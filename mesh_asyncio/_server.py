@@ -278,9 +278,11 @@ class MeshServer(ServerCore):
             await self._closed.wait()
 
     @asynccontextmanager
-    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[MeshServer]:
+    async def listen(
+        self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+    ) -> AsyncIterator[MeshServer]:
         """``async with server.listen(host, port):`` serve inside the block."""
-        await self.start(host, port)
+        await self.start(host, port, reuse_port=reuse_port)
         try:
             yield self
         finally:

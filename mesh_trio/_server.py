@@ -23,6 +23,7 @@ import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
@@ -263,10 +264,12 @@ class MeshServer(ServerCore):
         await stopped.wait()
 
     @asynccontextmanager
-    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[MeshServer]:
+    async def listen(
+        self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+    ) -> AsyncIterator[MeshServer]:
         """``async with server.listen(host, port):`` serve inside the block."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.serve, host, port)
+            await nursery.start(partial(self.serve, reuse_port=reuse_port), host, port)
             try:
                 yield self
             finally:

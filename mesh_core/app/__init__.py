@@ -27,7 +27,9 @@ from ._app import (
     WritePolicy,
 )
 from ._builtins import BUILTINS, Builtin, BuiltinCommand, CheckClientWrite, Steps
+from ._run import ListeningServer, serve_until
 from ._server import ServerCore, ServerSockets
+from .exports import lazy_attributes
 
 __all__ = [
     "Authenticator",
@@ -41,6 +43,7 @@ __all__ = [
     "ConnectionsAPI",
     "Context",
     "Handler",
+    "ListeningServer",
     "MeshApp",
     "Middleware",
     "ReadGuard",
@@ -51,4 +54,6 @@ __all__ = [
     "Steps",
     "WriteGuard",
     "WritePolicy",
+    "lazy_attributes",
+    "serve_until",
 ]
