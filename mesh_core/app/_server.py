@@ -151,6 +151,7 @@ class ServerCore:
         self.options = base
         self.runtime = runtime
         self.storage: Storage = storage if storage is not None else MemoryStore()
+        self._store_inline = self.storage.answers_inline  # read once: per request below
         self.instance_id = instance_id or f"inst-{secrets.token_hex(8)}"
         self._local: dict[str, Connection] = {}
         self._inflight = 0  # requests being handled, for graceful shutdown
@@ -378,12 +379,13 @@ class ServerCore:
         store), with no application code (middleware, policy functions) on
         its path, never waits, so it runs right here. That is most traffic,
         and a task per request is most of its cost."""
+        if command not in BUILTINS:
+            return False
+        builtin = BUILTINS[command]
         app = self.app
-        builtin = BUILTINS.get(command)
         return (
-            builtin is not None
+            (self._store_inline or builtin.storeless)
             and command not in app.commands
-            and (self.storage.answers_inline or builtin.storeless)
             and not app.global_middleware
             and command not in app.command_middleware
             and not (builtin.writes_policed and callable(app.client_metadata_writes))
