@@ -21,7 +21,7 @@ import contextlib
 import gc
 import json
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, cast
 
 import msgspec
@@ -32,7 +32,7 @@ from mesh_core import Connection, MeshApp, ServerCore, UpgradeRequest
 from mesh_core.protocol import ServerConnection, State
 from mesh_core.protocol._server_connection import text_frame
 from mesh_core.protocol._wsframes import scan
-from mesh_core.runtime import Runtime
+from mesh_core.runtime import CollectingTaskGroup, Runtime
 
 from ._util import median
 from .loadgen import request_bytes
@@ -62,24 +62,6 @@ class _FixedClock:
         return 1000.0
 
 
-class _Collect:
-    """A task group that keeps what the core starts, for the benchmark to step."""
-
-    __slots__ = ("into",)
-
-    def __init__(self, into: list[Coroutine[Any, Any, Any]]) -> None:
-        self.into = into
-
-    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        self.into.append(fn(*args))
-
-    def cancel(self) -> None:
-        pass
-
-    def __len__(self) -> int:
-        return len(self.into)
-
-
 class BenchServer(ServerCore):
     """A server with a fixed clock whose started coroutines are stepped by hand."""
 
@@ -91,8 +73,8 @@ class BenchServer(ServerCore):
             latency_interval=0,
             instance_id="inst-bench",
         )
-        self.spawned: list[Coroutine[Any, Any, Any]] = []
-        self._group = _Collect(self.spawned)
+        self._group = group = CollectingTaskGroup()
+        self.spawned = group.started
 
     def step_all(self) -> None:
         spawned = self.spawned

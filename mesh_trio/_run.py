@@ -36,18 +36,7 @@ def run(
     be a factory, called inside the event loop (the Redis store's client
     belongs to the loop that runs it)."""
     new_server = partial(MeshServer, app, options=options, **option_overrides)
-    trio.run(
-        partial(
-            serve_until,
-            lambda store: new_server(storage=store),
-            storage,
-            _stop_signal,
-            host=host,
-            port=port,
-            reuse_port=reuse_port,
-            log=log,
-        )
-    )
+    trio.run(serve_until, new_server, storage, _stop_signal, host, port, reuse_port, log)
 
 
 async def _stop_signal() -> None:

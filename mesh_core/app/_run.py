@@ -31,10 +31,9 @@ class ListeningServer(Protocol):
 
 
 async def serve_until(
-    new_server: Callable[[Storage | None], ListeningServer],
+    new_server: Callable[..., ListeningServer],
     storage: Storage | Callable[[], Storage] | None,
     stop_signal: Callable[[], Awaitable[None]],
-    *,
     host: str,
     port: int,
     reuse_port: bool,
@@ -42,11 +41,11 @@ async def serve_until(
 ) -> None:
     """Serve until ``stop_signal()`` returns (the adapter's wait for SIGINT or
     SIGTERM); every client then gets a close frame and every connection is
-    cleaned out of the store. ``storage`` may be a factory, called here,
-    inside the event loop (the Redis store's client belongs to the loop that
-    runs it)."""
+    cleaned out of the store. ``new_server(storage=...)`` makes the adapter's
+    server; ``storage`` may be a factory, called here, inside the event loop
+    (the Redis store's client belongs to the loop that runs it)."""
     store = storage() if callable(storage) and not isinstance(storage, Storage) else storage
-    server = new_server(store)
+    server = new_server(storage=store)
     async with server.listen(host, port, reuse_port=reuse_port):
         try:
             await stop_signal()

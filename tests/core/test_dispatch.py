@@ -8,7 +8,6 @@ output is parsed by a wsproto client.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 import pytest
@@ -33,7 +32,7 @@ from mesh_core.protocol import (
     ServerConnection,
     State,
 )
-from mesh_core.runtime import Runtime
+from mesh_core.runtime import CollectingTaskGroup, Runtime
 from mesh_core.storage import _ops as ops
 
 pytestmark = pytest.mark.anyio
@@ -52,25 +51,6 @@ class FakeRuntime:
         return self.clock
 
 
-class Collect:
-    """A task group that collects what the core would start, for the test
-    to run when it wants."""
-
-    def __init__(self, into: list[Coroutine[Any, Any, Any]]) -> None:
-        self.into = into
-
-    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        coro = fn(*args)
-        assert isinstance(coro, Coroutine)
-        self.into.append(coro)
-
-    def cancel(self) -> None:
-        pass
-
-    def __len__(self) -> int:
-        return len(self.into)
-
-
 class FakeServer(ServerCore):
     def __init__(self, app: MeshApp, **kwargs: Any) -> None:
         self.fake_runtime = FakeRuntime()
@@ -81,8 +61,8 @@ class FakeServer(ServerCore):
             runtime=cast(Runtime, self.fake_runtime),
             **kwargs,
         )
-        self.spawned: list[Coroutine[Any, Any, Any]] = []
-        self._group = Collect(self.spawned)
+        self._group = group = CollectingTaskGroup()
+        self.spawned = group.started
 
     async def run_spawned(self) -> None:
         while self.spawned:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Generator
 from typing import Any, cast
 
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +22,7 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Requ
 from mesh_core import Context, MeshApp, ServerCore
 from mesh_core.app import BUILTINS
 from mesh_core.protocol import State
-from mesh_core.runtime import Runtime
+from mesh_core.runtime import CollectingTaskGroup, Runtime
 
 MAX_DEPTH = 6
 BUDGET = 4
@@ -47,29 +47,13 @@ class _ZeroClock:
         return 0.0
 
 
-class _Collect:
-    """A task group that keeps what the core starts, for the test to step."""
-
-    def __init__(self, into: list[Coroutine[Any, Any, Any]]) -> None:
-        self.into = into
-
-    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        self.into.append(fn(*args))
-
-    def cancel(self) -> None:
-        pass
-
-    def __len__(self) -> int:
-        return len(self.into)
-
-
 class SteppedServer(ServerCore):
     """A ServerCore whose tasks are stepped by the test."""
 
     def __init__(self, app: MeshApp, **options: Any) -> None:
         super().__init__(app, runtime=cast(Runtime, _ZeroClock()), **options)
-        self.tasks: list[Coroutine[Any, Any, Any]] = []
-        self._group = _Collect(self.tasks)
+        self._group = group = CollectingTaskGroup()
+        self.tasks = group.started
 
     def discard(self) -> None:
         """Close tasks left when hypothesis abandons an example midway."""
