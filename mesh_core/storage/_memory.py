@@ -21,6 +21,10 @@ __all__ = ["MemoryStore"]
 
 
 class MemoryStore:
+    #: every operation completes inside ``execute``: the server answers
+    #: built-ins on this store without a task (see :class:`Storage`)
+    answers_inline = True
+
     def __init__(self) -> None:
         self._owner: dict[str, str] = {}  # connection id -> instance id
         # metadata is kept as JSON text, as Redis keeps it: a value that could
@@ -37,11 +41,14 @@ class MemoryStore:
     async def start(self, instance_id: str, deliver: DeliverCallback) -> None:
         self._instances[instance_id] = deliver
 
-    async def stop(self) -> None:
-        """Nothing to release: instances unregister through :meth:`detach`."""
+    async def run(self) -> None:
+        """No background duties: nothing expires, nothing to sweep."""
 
     def detach(self, instance_id: str) -> None:
         self._instances.pop(instance_id, None)
+
+    async def stop(self) -> None:
+        """Nothing to release: instances unregister through :meth:`detach`."""
 
     async def execute(self, op: ops.Op) -> Any:
         return self.apply(op)
