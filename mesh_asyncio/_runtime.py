@@ -44,13 +44,13 @@ class _TaskGroup:
             self.cancel()
 
     def cancel(self) -> None:
-        self._cancelled = True
         for task in list(self._tasks):
             task.cancel()
         body = self._body
         # the body cancelling its own group is about to leave the block (as
         # after a nursery's cancel, nothing is left for it to wait for)
         if body is not None and not body.done() and body is not asyncio.current_task():
+            self._cancelled = True  # the body's CancelledError is ours to absorb
             body.cancel()
 
     def __len__(self) -> int:
