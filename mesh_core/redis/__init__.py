@@ -20,6 +20,8 @@ from ._cluster import (
     parse_redirect,
     split_by_node,
 )
+from ._client import GROW_AT, Link, Network, RedisClient, Stream
+from ._connection import Multiplexed, Waiter
 from ._resp import PING, Arg, on_pubsub_reply, pack
 from ._sentinel import ANNOUNCEMENT_TRUST, SWITCH_CHANNEL, SwitchState, parse_switch
 from ._store import RedisStoreCore, RedisTransport, keys
@@ -29,6 +31,13 @@ __all__ = [
     "ANNOUNCEMENT_TRUST",
     "Arg",
     "ClusterEndpoint",
+    "GROW_AT",
+    "Link",
+    "Multiplexed",
+    "Network",
+    "RedisClient",
+    "Stream",
+    "Waiter",
     "ClusterTransportCore",
     "DEFAULT_SENTINEL_PORT",
     "NodeTransport",

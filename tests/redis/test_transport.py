@@ -21,6 +21,7 @@ import sniffio
 import trio
 
 from mesh_asyncio._redis_transport import AsyncioRedisTransport
+from mesh_asyncio._redis_transport import _Link as _asyncio_link
 from mesh_core._errors import RedisReplyError, RedisUnavailable
 from mesh_trio._redis_transport import TrioRedisTransport
 from tests.helpers.redis_server import RedisServer, free_port
@@ -141,7 +142,7 @@ async def test_error_replies(transport_cls: Any, redis_server: RedisServer) -> N
 
 
 async def test_concurrent_commands_and_pipelines_each_get_their_replies(
-    transport_cls: Any, redis_server: RedisServer
+    transport_cls: Any, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Commands and pipelines issued at once share round trips (auto-pipelining)
     but every caller gets exactly its own replies, errors included."""
@@ -149,14 +150,15 @@ async def test_concurrent_commands_and_pipelines_each_get_their_replies(
         results: dict[int, Any] = {}
         roundtrips = 0
         if transport_cls is AsyncioRedisTransport:
-            real = r._roundtrip
+            # a round trip is one write of a batch on the command connection
+            real = _asyncio_link._flush
 
-            async def counting(data: bytes, count: int) -> list[Any]:
+            def counting(link: Any) -> None:
                 nonlocal roundtrips
-                roundtrips += 1
-                return list(await real(data, count))
+                roundtrips += bool(link.out)
+                real(link)
 
-            r._roundtrip = counting
+            monkeypatch.setattr(_asyncio_link, "_flush", counting)
 
         async def one(i: int) -> None:
             if i % 3 == 0:
