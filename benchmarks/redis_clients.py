@@ -4,9 +4,9 @@
 [--client NAME=module:Class ...]`` starts a private redis-server, then, round
 after round and in alternating order, a ``mesh serve --runtime asyncio
 --redis`` process per client (the class replaces ``AsyncioRedisTransport`` in
-that process only) under the ``meta`` 50×4 load of ``benchmarks/run``, and
+that process only) under the ``meta`` 50x4 load of ``benchmarks/run``, and
 prints the server's CPU per command: each round's figure, the median and the
-spread (min–max). The machine is shared, so only figures of one run, taken in
+spread (min-max). The machine is shared, so only figures of one run, taken in
 alternation, are compared.
 
 By default it measures the asyncio transport of this checkout; name any
@@ -22,8 +22,16 @@ import importlib
 import sys
 from typing import Any
 
-from ._util import RESULTS, free_port, median, private_redis, python, start_process, stop_process
-from ._util import wait_for_port
+from ._util import (
+    RESULTS,
+    free_port,
+    median,
+    private_redis,
+    python,
+    start_process,
+    stop_process,
+    wait_for_port,
+)
 from .driver import run_load, wait_idle
 
 DEFAULT_CLIENTS = {"mesh": "mesh_asyncio._redis_transport:AsyncioRedisTransport"}
@@ -35,7 +43,7 @@ def _serve(spec: str, argv: list[str]) -> None:
     cls = getattr(importlib.import_module(module), name)
     import mesh_asyncio._redis as store_module  # the store picks its transport here
 
-    store_module.AsyncioRedisTransport = cls  # type: ignore[misc]
+    store_module.AsyncioRedisTransport = cls  # type: ignore[attr-defined]
     from mesh_core.cli import main
 
     main(argv)

@@ -14,18 +14,16 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
-from mesh_core.redis import Multiplexed, RedisClient, RedisReplyError, RedisUnavailable
+from mesh_core.redis import Multiplexed, RedisClient, RedisReplyError, RedisUnavailable, Stream
 
 from ._runtime import RUNTIME
 
 __all__ = ["AsyncioRedisTransport", "RedisReplyError", "RedisUnavailable"]
 
 _log = logging.getLogger("mesh_asyncio.redis")
-
-_background: set[asyncio.Task[None]] = set()  # strong references to running tasks
 
 
 class _Protocol(asyncio.Protocol):
@@ -205,25 +203,22 @@ class _Network:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return _Stream(protocol)
 
-    async def start_tls(self, stream: _Stream, context: ssl.SSLContext, hostname: str) -> _Stream:
+    async def start_tls(self, stream: Stream, context: ssl.SSLContext, hostname: str) -> _Stream:
+        assert isinstance(stream, _Stream)
         p = stream.protocol
         assert p.transport is not None
         transport = await p.loop.start_tls(p.transport, p, context, server_hostname=hostname)
         if transport is None:
             raise ConnectionResetError("TLS handshake failed")
-        p.transport = transport  # type: ignore[assignment]  # a stream transport
+        p.transport = transport
         return stream
 
-    def link(self, stream: _Stream, state: Multiplexed, timeout: float) -> _Link:
+    def link(self, stream: Stream, state: Multiplexed, timeout: float) -> _Link:
+        assert isinstance(stream, _Stream)
         return _Link(stream, state, timeout)
 
     def waiter(self, expected: int) -> _Waiter:
         return _Waiter(expected)
-
-    def start_background(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        task = asyncio.get_running_loop().create_task(fn())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
 
 
 class AsyncioRedisTransport(RedisClient):

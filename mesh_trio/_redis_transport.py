@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import trio
 
-from mesh_core.redis import Multiplexed, RedisClient, RedisReplyError, RedisUnavailable
+from mesh_core.redis import Multiplexed, RedisClient, RedisReplyError, RedisUnavailable, Stream
 
 from ._runtime import RUNTIME
 
@@ -47,9 +46,9 @@ class _Stream:
             except _GONE as exc:
                 raise ConnectionResetError(f"connection lost: {exc!r}") from exc
 
-    async def receive_some(self) -> bytes:
+    async def receive_some(self) -> bytes | bytearray:
         try:
-            return bytes(await self.stream.receive_some(_READ_SIZE))
+            return await self.stream.receive_some(_READ_SIZE)
         except _GONE as exc:
             raise ConnectionResetError(f"connection lost: {exc!r}") from exc
 
@@ -184,9 +183,6 @@ class _Link:
 class _Network:
     """``mesh_core.redis.Network`` on trio."""
 
-    def __init__(self, nursery: trio.Nursery | None) -> None:
-        self.nursery = nursery
-
     async def open(
         self, host: str, port: int, *, unix_path: str | None = None, keepalive: bool = True
     ) -> _Stream:
@@ -198,7 +194,8 @@ class _Network:
                 stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return _Stream(stream, stream.socket)
 
-    async def start_tls(self, stream: _Stream, context: ssl.SSLContext, hostname: str) -> _Stream:
+    async def start_tls(self, stream: Stream, context: ssl.SSLContext, hostname: str) -> _Stream:
+        assert isinstance(stream, _Stream)
         tls = trio.SSLStream(stream.stream, context, server_hostname=hostname)
         try:
             await tls.do_handshake()
@@ -206,17 +203,12 @@ class _Network:
             raise ConnectionResetError(f"TLS handshake failed: {exc!r}") from exc
         return _Stream(tls, stream.sock)
 
-    def link(self, stream: _Stream, state: Multiplexed, timeout: float) -> _Link:
+    def link(self, stream: Stream, state: Multiplexed, timeout: float) -> _Link:
+        assert isinstance(stream, _Stream)
         return _Link(stream, state, timeout)
 
     def waiter(self, expected: int) -> _Waiter:
         return _Waiter(expected)
-
-    def start_background(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        if self.nursery is not None:
-            self.nursery.start_soon(fn)
-        else:
-            trio.lowlevel.spawn_system_task(fn, name="mesh-redis-transport")
 
 
 class TrioRedisTransport(RedisClient):
@@ -225,4 +217,7 @@ class TrioRedisTransport(RedisClient):
     run in ``nursery`` if given, else in a trio system task."""
 
     def __init__(self, url: str, *, nursery: trio.Nursery | None = None, **options: Any) -> None:
-        super().__init__(url, runtime=RUNTIME, network=_Network(nursery), logger=_log, **options)
+        spawn = None if nursery is None else nursery.start_soon
+        super().__init__(
+            url, runtime=RUNTIME, network=_Network(), logger=_log, spawn=spawn, **options
+        )

@@ -10,13 +10,21 @@ events and task groups come from the :class:`~mesh_core.runtime.Runtime`.
 Everything else is here: the handshake, the pool, batching, pub/sub,
 Sentinel discovery and switch following.
 
-Why our own client rather than redis-py on asyncio and something else on
-trio: measured on this machine (``benchmarks/redis_clients.py``, the server's
-CPU per command for ``meta`` 50×4 on a private redis-server, the two clients
-in alternation in one run), this design on asyncio costs no more than
-redis-py driven at its lowest level with auto-pipelining (figures in the
-commit that made this the one client), and it is the only one that runs on
-both runtimes; coredis (anyio) cost 12–15× more CPU per concurrent command.
+Why one client of our own on both runtimes, measured on this machine (a
+shared 2-core box) with ``python -m benchmarks.redis_clients``: the server's
+CPU per command for the ``meta`` 50x4 load of ``benchmarks/run`` on a
+private redis-server, ``mesh serve --runtime asyncio`` with each client in
+turn, alternating, 8 rounds of 3 s. This design on asyncio: 68.2 us per
+command (median; rounds 56.5 to 75.4); the previous asyncio transport,
+redis-py's connections and hiredis parser driven directly with our own
+auto-pipelining: 71.5 us (62.7 to 89.5); this design was the cheaper in 7 of
+the 8 paired rounds. So the shared design costs no more, and redis-py (no
+trio support) is no longer needed at run time. coredis (anyio, both
+runtimes) was measured earlier at 12 to 15 times the CPU per concurrent
+command (50-100 us against 4-6 us) and loses acknowledged writes on a
+Sentinel failover. On asyncio a connection keeps one batch in flight (see
+``mesh_asyncio._redis_transport``): a write per loop iteration measured a
+little more CPU.
 
 Design:
 
@@ -79,7 +87,7 @@ from ._connection import (
     sentinel_auth,
     ssl_context,
 )
-from ._resp import PING, Arg, on_pubsub_reply, pack
+from ._resp import PING, Arg, on_pubsub_reply, pack, scan_keys
 from ._sentinel import SWITCH_CHANNEL, SwitchState, parse_switch
 from ._url import RedisEndpoint, SentinelEndpoint, parse_redis_url
 
@@ -104,7 +112,7 @@ class Stream(Protocol):
 
     async def send_all(self, data: bytes) -> None: ...
 
-    async def receive_some(self) -> bytes:
+    async def receive_some(self) -> bytes | bytearray:
         """Some bytes; ``b""`` once the peer closed."""
         ...
 
@@ -137,10 +145,6 @@ class Network(Protocol):
     def link(self, stream: Stream, state: Multiplexed, timeout: float) -> Link: ...
 
     def waiter(self, expected: int) -> Waiter: ...
-
-    def start_background(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run ``fn`` in a task that outlives its caller (until :meth:`RedisClient.aclose`)."""
-        ...
 
 
 def _addr_label(address: tuple[str, int]) -> str:
@@ -187,6 +191,8 @@ class RedisClient:
     ``connect_timeout``).
     """
 
+    cluster = False  # one node (or a Sentinel service): see ClusterTransportCore
+
     def __init__(
         self,
         url: str,
@@ -200,12 +206,15 @@ class RedisClient:
         reconnect_backoff: tuple[float, float] = (0.05, 2.0),
         ssl_context: ssl.SSLContext | None = None,
         logger: logging.Logger | None = None,
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None] | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         target = parse_redis_url(url)
         self._rt = runtime
         self._net = network
+        # where the background tasks run (until aclose): a system task by default
+        self._spawn = spawn or runtime.spawn_system_task
         #: the shims log as ``mesh_asyncio.redis`` / ``mesh_trio.redis``
         self._log = logger or logging.getLogger("mesh_core.redis")
         # With Sentinel, ``_ep`` holds the master's credentials/db/TLS; its
@@ -253,7 +262,7 @@ class RedisClient:
             raise RedisUnavailable("Redis transport is closed")
         if self._started is None:
             self._started = self._rt.event()
-            self._net.start_background(self._supervise)
+            self._spawn(self._supervise)
         await self._started.wait()
         if self._group is None:
             raise RedisUnavailable("Redis transport is closed")
@@ -298,7 +307,8 @@ class RedisClient:
         if self._pubsub_stream is not None:
             self._pubsub_stream.close()
         if self._started is not None:
-            await self._done.wait()
+            with self._rt.shield():
+                await self._done.wait()
         else:
             await self._rt.sleep(0)
 
@@ -659,6 +669,10 @@ class RedisClient:
             return []
         data = b"".join([pack(c) for c in commands])
         return await self._roundtrip(data, len(commands))
+
+    async def scan_all(self, pattern: str, count: int) -> list[bytes]:
+        """Every key matching ``pattern`` (``SCAN``, never ``KEYS``)."""
+        return await scan_keys(self.execute, pattern, count)
 
     # -- pub/sub
 

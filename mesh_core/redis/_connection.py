@@ -111,7 +111,7 @@ class Multiplexed:
         self.pending.append(waiter)
         return True
 
-    def feed(self, data: bytes, now: float) -> None:
+    def feed(self, data: bytes | bytearray, now: float) -> None:
         """Bytes read from the socket: hand each complete reply to its caller."""
         if not data:
             self.fail(RedisUnavailable(f"Redis connection to {self.label} lost: closed by Redis"))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mesh_core import Storage
-from mesh_core.redis._store import keys
+from mesh_core.redis import keys
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.storage_conformance import Deliveries, StorageConformance
 
