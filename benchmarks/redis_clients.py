@@ -27,12 +27,12 @@ from ._util import (
     free_port,
     median,
     private_redis,
-    python,
     start_process,
     stop_process,
     wait_for_port,
 )
 from .driver import run_load, wait_idle
+from .servers import ServerSpec
 
 DEFAULT_CLIENTS = {"mesh": "mesh_asyncio._redis_transport:AsyncioRedisTransport"}
 
@@ -50,27 +50,10 @@ def _serve(spec: str, argv: list[str]) -> None:
 
 
 def _server_argv(spec: str, port: int, redis_url: str) -> list[str]:
-    return [
-        python(),
-        "-m",
-        "benchmarks.redis_clients",
-        "--serve",
-        spec,
-        "serve",
-        "examples.demo:app",
-        "--runtime",
-        "asyncio",
-        "--port",
-        str(port),
-        "--ping-interval",
-        "0",
-        "--latency-interval",
-        "0",
-        "--log-level",
-        "warning",
-        "--redis",
-        redis_url,
-    ]
+    """``benchmarks/run``'s asyncio server on Redis, started through ``--serve``."""
+    argv = ServerSpec("mesh-asyncio", store="redis", redis_url=redis_url).argv(port)
+    assert argv[1:3] == ["-m", "mesh_core.cli"]
+    return [argv[0], "-m", "benchmarks.redis_clients", "--serve", spec, *argv[3:]]
 
 
 def measure(

@@ -8,7 +8,7 @@ shim (a :class:`Network`) and its :class:`~mesh_core.runtime.Runtime`.
 """
 
 from .._errors import RedisReplyError, RedisUnavailable
-from ._client import GROW_AT, Link, Network, RedisClient, Stream
+from ._client import GROW_AT, RedisClient
 from ._cluster import (
     SLOTS,
     ClusterEndpoint,
@@ -25,10 +25,16 @@ from ._cluster import (
     parse_redirect,
     split_by_node,
 )
-from ._connection import Multiplexed, Waiter
+from ._connection import Link, Multiplexed, Network, Stream, Waiter
 from ._layout import keys
 from ._resp import PING, Arg, on_pubsub_reply, pack, scan_keys
-from ._sentinel import ANNOUNCEMENT_TRUST, SWITCH_CHANNEL, SwitchState, parse_switch
+from ._sentinel import (
+    ANNOUNCEMENT_TRUST,
+    SWITCH_CHANNEL,
+    SentinelMaster,
+    SwitchState,
+    parse_switch,
+)
 from ._store import RedisStoreCore
 from ._transport import DEFAULT_URL, NodeClient, RedisTransport, open_transport
 from ._url import DEFAULT_SENTINEL_PORT, RedisEndpoint, SentinelEndpoint, parse_redis_url
@@ -59,6 +65,7 @@ __all__ = [
     "SLOTS",
     "SWITCH_CHANNEL",
     "SentinelEndpoint",
+    "SentinelMaster",
     "SlotTable",
     "SwitchState",
     "Thunk",

@@ -66,32 +66,34 @@ URL forms: see :mod:`mesh_core.redis._url`.
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import replace
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import hiredis
 
 from .._errors import RedisReplyError, RedisUnavailable
 from ..runtime import Event, Runtime, TaskGroup
 from ._connection import (
+    Backoff,
+    Link,
     Multiplexed,
-    Waiter,
+    Network,
+    Stream,
+    addr_label,
     check_replies,
+    exchange,
     handshake,
     is_master,
     new_reader,
-    parse_master_address,
-    sentinel_auth,
+    serve_subscription,
     ssl_context,
 )
-from ._resp import PING, Arg, on_pubsub_reply, pack, scan_keys
-from ._sentinel import SWITCH_CHANNEL, SwitchState, parse_switch
+from ._resp import Arg, on_pubsub_reply, pack, scan_keys
+from ._sentinel import SentinelMaster
 from ._url import RedisEndpoint, SentinelEndpoint, parse_redis_url
 
-__all__ = ["GROW_AT", "Link", "Network", "RedisClient", "Stream"]
+__all__ = ["GROW_AT", "RedisClient"]
 
 
 #: A connection takes any number of commands in flight (they are pipelined);
@@ -100,74 +102,6 @@ GROW_AT = 256
 
 #: what a lost connection raises in a shim's stream
 _LOST = (OSError, EOFError, hiredis.ProtocolError)
-
-
-class Stream(Protocol):
-    """A connected byte stream (set-up exchanges, pub/sub, sentinels).
-
-    ``send_all`` may be called by several tasks at once (the shim keeps
-    their writes whole and in order); a lost connection raises ``OSError``
-    or ``EOFError``. ``close()`` is immediate and wakes a pending
-    ``receive_some`` (which then raises or returns ``b""``)."""
-
-    async def send_all(self, data: bytes) -> None: ...
-
-    async def receive_some(self) -> bytes | bytearray:
-        """Some bytes; ``b""`` once the peer closed."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class Link(Protocol):
-    """A multiplexed command connection as the shim drives it (the hot path)."""
-
-    state: Multiplexed
-
-    async def submit(self, data: bytes, waiter: Waiter) -> None:
-        """Queue ``waiter`` on ``state`` and send ``data``, whole and in order."""
-        ...
-
-    async def run(self) -> None:
-        """Read, write and check timeouts until ``state`` fails; then close."""
-        ...
-
-
-class Network(Protocol):
-    """What a runtime supplies to :class:`RedisClient`."""
-
-    async def open(
-        self, host: str, port: int, *, unix_path: str | None = None, keepalive: bool = True
-    ) -> Stream: ...
-
-    async def start_tls(self, stream: Stream, context: ssl.SSLContext, hostname: str) -> Stream: ...
-
-    def link(self, stream: Stream, state: Multiplexed, timeout: float) -> Link: ...
-
-    def waiter(self, expected: int) -> Waiter: ...
-
-
-def _addr_label(address: tuple[str, int]) -> str:
-    host, port = address
-    return RedisEndpoint(host=host, port=port).label
-
-
-async def exchange(
-    stream: Stream, reader: hiredis.Reader, commands: Sequence[Sequence[Arg]]
-) -> list[Any]:
-    """Send ``commands`` in one write and read one reply each (set-up only)."""
-    await stream.send_all(b"".join(pack(c) for c in commands))
-    replies: list[Any] = []
-    while len(replies) < len(commands):
-        reply = reader.gets()
-        if reply is False:
-            data = await stream.receive_some()
-            if not data:
-                raise EOFError("connection closed by Redis")
-            reader.feed(data)  # type: ignore[arg-type]  # any buffer works
-            continue
-        replies.append(reply)
-    return replies
 
 
 class _Attempt:
@@ -217,28 +151,32 @@ class RedisClient:
         self._spawn = spawn or runtime.spawn_system_task
         #: the shims log as ``mesh_asyncio.redis`` / ``mesh_trio.redis``
         self._log = logger or logging.getLogger("mesh_core.redis")
+        self._backoff = reconnect_backoff  # (low, high) seconds between reconnects
+        self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
+        self._health_check_interval = health_check_interval
         # With Sentinel, ``_ep`` holds the master's credentials/db/TLS; its
         # address is asked of the sentinels before every connect.
-        self._sentinel: SentinelEndpoint | None = None
-        self._sentinels: list[tuple[str, int]] = []  # the last one that answered first
-        self._master_address: tuple[str, int] | None = None
-        # counts the changes of _master_address: a connect that began before
-        # a change may have reached the old master
-        self._switch_epoch = 0
-        self._switch = SwitchState()  # the last +switch-master heard, trusted for a while
+        self._sentinel: SentinelMaster | None = None
         if isinstance(target, SentinelEndpoint):
-            self._sentinel = target
-            self._sentinels = list(target.sentinels)
             self._ep = target.master
+            self._sentinel = SentinelMaster(
+                target,
+                runtime=runtime,
+                network=network,
+                open_node=lambda ep: self._open_node(ep, expect_master=True),
+                on_moved=self._master_moved,
+                log=self._log,
+                connect_timeout=connect_timeout,
+                command_timeout=command_timeout,
+                health_check_interval=health_check_interval,
+                reconnect_backoff=reconnect_backoff,
+            )
         else:
             self._ep = target
         self._label = target.label
         self._ssl_context = ssl_context
-        self._command_timeout = command_timeout
-        self._connect_timeout = connect_timeout
         self._max_connections = max_connections
-        self._health_check_interval = health_check_interval
-        self._backoff_min, self._backoff_max = reconnect_backoff
         self._links: list[Link] = []
         self._attempt: _Attempt | None = None
         self._group: TaskGroup | None = None
@@ -273,7 +211,7 @@ class RedisClient:
             async with self._rt.open_task_group() as group:
                 self._group = group
                 if self._sentinel is not None:
-                    group.start_soon(self._listen_for_switches, self._sentinel)
+                    group.start_soon(self._sentinel.listen)
                 assert self._started is not None
                 self._started.set()
                 if not self._closed:
@@ -316,35 +254,20 @@ class RedisClient:
 
     @property
     def _attempt_timeout(self) -> float:
-        """Bound on one connect attempt, as a safety net over its per-step bounds.
-
-        With Sentinel an attempt may ask every sentinel (connect + one command
-        each) before connecting to the master it names.
-        """
+        """Bound on one connect attempt, as a safety net over its per-step bounds."""
         if self._sentinel is None:
             return self._connect_timeout
-        per_sentinel = self._connect_timeout + self._command_timeout
-        return len(self._sentinels) * per_sentinel + self._connect_timeout
+        return self._sentinel.attempt_timeout
 
     async def _open_stream(
         self,
     ) -> tuple[Stream, hiredis.Reader, str, tuple[str, int] | None]:
         """A connected, authenticated stream to the (current) master, its label and
         (with Sentinel) its address."""
-        if self._sentinel is None:
-            stream, reader = await self._open_node(self._ep)
-            return stream, reader, self._ep.label, None
-        for _ in range(3):
-            epoch = self._switch_epoch
-            stream, reader, label, master = await self._open_sentinel_master(self._sentinel)
-            if epoch == self._switch_epoch or master == self._master_address:
-                if self._master_address != master:
-                    self._master_moved(master, "named by the sentinels")
-                return stream, reader, label, master
-            # A switch to another node was announced while we connected: this
-            # may be the old master, still accepting writes. Ask again.
-            stream.close()
-        raise RedisUnavailable(f"the master of {self._label} kept moving")
+        if self._sentinel is not None:
+            return await self._sentinel.open()
+        stream, reader = await self._open_node(self._ep)
+        return stream, reader, self._ep.label, None
 
     async def _open_node(
         self, ep: RedisEndpoint, *, expect_master: bool = False
@@ -371,188 +294,16 @@ class RedisClient:
                 raise RedisUnavailable(f"cannot connect to Redis at {ep.label}: {exc!r}") from exc
             raise
 
-    async def _open_sentinel_master(
-        self, target: SentinelEndpoint
-    ) -> tuple[Stream, hiredis.Reader, str, tuple[str, int]]:
-        """Ask each sentinel in turn for the master, connect to it, check it is one."""
-        problems: list[str] = []
-        for address in list(self._sentinels):
-            label = _addr_label(address)
-            try:
-                async with self._rt.timeout(self._connect_timeout + self._command_timeout):
-                    master = await self._ask_sentinel(address, target)
-            except TimeoutError:
-                problems.append(f"sentinel {label} did not answer in time")
-                continue
-            except RedisUnavailable as exc:
-                problems.append(str(exc))
-                continue
-            if master is None:
-                problems.append(f"sentinel {label} knows no master {target.service_name!r}")
-                continue
-            announced = self._trusted_announcement()
-            if announced is not None and master != announced:
-                self._log.debug(
-                    "sentinel %s still names %s; %s was announced", label, master, announced
-                )
-                master = announced
-            ep = replace(self._ep, host=master[0], port=master[1])
-            try:
-                async with self._rt.timeout(self._connect_timeout):
-                    stream, reader = await self._open_node(ep, expect_master=True)
-            except TimeoutError:
-                problems.append(f"master {ep.label} (from sentinel {label}) did not answer in time")
-                continue
-            except RedisUnavailable as exc:
-                problems.append(f"{exc} (named by sentinel {label})")
-                continue
-            if self._sentinels[0] != address:  # ask the one that answered first next time
-                self._sentinels.remove(address)
-                self._sentinels.insert(0, address)
-            return stream, reader, ep.label, master
-        raise RedisUnavailable(f"no Redis master for {target.label}: {'; '.join(problems)}")
-
-    async def _ask_sentinel(
-        self, address: tuple[str, int], target: SentinelEndpoint
-    ) -> tuple[str, int] | None:
-        label = _addr_label(address)
-        try:
-            async with self._rt.timeout(self._connect_timeout):
-                stream = await self._net.open(*address)
-        except OSError as exc:  # (TimeoutError is one)
-            raise RedisUnavailable(f"cannot connect to sentinel {label}: {exc!r}") from exc
-        commands = sentinel_auth(target)
-        commands.append(("SENTINEL", "get-master-addr-by-name", target.service_name))
-        try:
-            async with self._rt.timeout(self._command_timeout):
-                replies = await exchange(stream, new_reader(), commands)
-        except TimeoutError:
-            raise RedisUnavailable(f"sentinel {label} did not answer in time") from None
-        except _LOST as exc:
-            raise RedisUnavailable(f"sentinel {label}: connection lost: {exc!r}") from exc
-        finally:
-            stream.close()
-        check_replies(f"sentinel {label}", commands, replies)
-        return parse_master_address(label, replies[-1])
-
     def _master_moved(self, master: tuple[str, int], why: str) -> None:
-        """Drop every connection to another node as soon as the master is known to be ``master``.
-
-        They would otherwise keep talking to the old master until it is
-        demoted (which Sentinel may do only seconds after the failover), and
-        writes made there meanwhile would be lost.
-        """
-        previous, self._master_address = self._master_address, master
-        if previous != master:
-            # a connect that began before may have reached the old master
-            self._switch_epoch += 1
-            self._log.info(
-                "Redis master for %s is now %s (%s)", self._label, _addr_label(master), why
-            )
-        error = RedisUnavailable(f"Redis master moved to {_addr_label(master)} ({why})")
+        """Drop every connection to another node than ``master``, the new
+        master: in-flight commands get ``RedisUnavailable``; the pub/sub
+        connection reconnects and re-subscribes on the new master."""
+        error = RedisUnavailable(f"Redis master moved to {addr_label(master)} ({why})")
         for link in list(self._links):
             if link.state.address is not None and link.state.address != master:
                 link.state.fail(error)
         if self._pubsub_stream is not None and self._pubsub_address != master:
             self._pubsub_stream.close()
-
-    def _trusted_announcement(self) -> tuple[str, int] | None:
-        return self._switch.trusted_master(self._rt.now())
-
-    def _switch_announced(self, master: tuple[str, int], why: str) -> None:
-        self._switch.announce(master, self._rt.now())
-        self._master_moved(master, why)
-
-    async def _backoff(self, backoff: float) -> float:
-        """Sleep a jittered ``backoff``; the next one."""
-        await self._rt.sleep(backoff * (0.5 + random.random()))
-        return min(backoff * 2, self._backoff_max)
-
-    async def _listen_for_switches(self, target: SentinelEndpoint) -> None:
-        """Stay subscribed to ``+switch-master`` on one sentinel, the next one if it fails."""
-        backoff = self._backoff_min
-        turn = 0
-        while True:
-            address = target.sentinels[turn % len(target.sentinels)]
-            try:
-                if await self._switch_session(address, target):
-                    backoff = self._backoff_min
-            except (*_LOST, RedisUnavailable) as exc:  # (TimeoutError is an OSError)
-                self._log.debug("listening for failovers on sentinel %s failed: %r", address, exc)
-            except Exception:
-                self._log.exception("listening for failovers on sentinel %s failed", address)
-            turn += 1
-            backoff = await self._backoff(backoff)
-
-    async def _switch_session(self, address: tuple[str, int], target: SentinelEndpoint) -> bool:
-        """Serve one subscription until it breaks; True if it was confirmed."""
-        label = _addr_label(address)
-        async with self._rt.timeout(self._connect_timeout):
-            stream = await self._net.open(*address)
-        try:
-            reader = new_reader()
-            commands = sentinel_auth(target)
-            commands.append(("SUBSCRIBE", SWITCH_CHANNEL))
-            async with self._rt.timeout(self._command_timeout):
-                replies = await exchange(stream, reader, commands)
-            check_replies(f"sentinel {label}", commands, replies)
-            self._log.debug("listening for failovers on sentinel %s", label)
-            # a switch announced while nobody listened is caught up with now
-            await self._check_master(address, target)
-
-            def on_reply(msg: Any) -> None:
-                if type(msg) is list and len(msg) == 3 and msg[0] == b"message":
-                    master = parse_switch(msg[2], target.service_name)
-                    if master is not None:
-                        self._switch_announced(master, f"announced by sentinel {label}")
-
-            await self._serve_subscription(stream, reader, f"sentinel {label}", on_reply)
-            return True
-        finally:
-            stream.close()
-
-    async def _serve_subscription(
-        self, stream: Stream, reader: hiredis.Reader, label: str, on_reply: Callable[[Any], None]
-    ) -> None:
-        """Read a subscribed connection until it breaks (raises ``EOFError``
-        or ``RedisUnavailable``); after ``health_check_interval`` seconds of
-        silence, a PING must be answered within ``command_timeout``."""
-        interval = self._health_check_interval
-        pinged = False
-        while True:
-            wait = self._command_timeout if pinged else interval
-            try:
-                if wait is None:
-                    data = await stream.receive_some()
-                else:
-                    async with self._rt.timeout(wait):
-                        data = await stream.receive_some()
-            except TimeoutError:  # nothing for a while: PING, then expect something
-                if pinged:
-                    raise RedisUnavailable(f"{label} stopped answering") from None
-                async with self._rt.timeout(self._command_timeout):
-                    await stream.send_all(PING)
-                pinged = True
-                continue
-            if not data:
-                raise EOFError(f"connection closed by {label}")
-            pinged = False
-            reader.feed(data)  # type: ignore[arg-type]  # any buffer works
-            while (msg := reader.gets()) is not False:
-                on_reply(msg)
-
-    async def _check_master(self, address: tuple[str, int], target: SentinelEndpoint) -> None:
-        """Follow the master the sentinel names now, if it is not the one we talk to."""
-        if self._master_address is None:
-            return  # not connected yet: the first connect asks the sentinels anyway
-        try:
-            master = await self._ask_sentinel(address, target)
-        except RedisUnavailable as exc:
-            self._log.debug("asking sentinel %s for the master failed: %r", address, exc)
-            return
-        announced = self._trusted_announcement()
-        if master is not None and master != self._master_address and announced in (None, master):
-            self._switch_announced(master, f"named by sentinel {_addr_label(address)}")
 
     async def _connect_attempt(self, attempt: _Attempt) -> None:
         try:
@@ -725,7 +476,7 @@ class RedisClient:
                 raise
 
     async def _pubsub_loop(self) -> None:
-        backoff = self._backoff_min
+        backoff = Backoff(self._rt, *self._backoff)
         while True:
             try:
                 async with self._rt.timeout(self._attempt_timeout):
@@ -738,13 +489,13 @@ class RedisClient:
             else:
                 try:
                     if await self._pubsub_session(stream, reader, label):
-                        backoff = self._backoff_min
+                        backoff.reset()
                 except Exception:
                     self._log.exception("pub/sub session error; reconnecting")
                 finally:
                     self._pubsub_stream = None
                     stream.close()
-            backoff = await self._backoff(backoff)
+            await backoff.sleep()
 
     async def _pubsub_session(self, stream: Stream, reader: hiredis.Reader, label: str) -> bool:
         """Serve one pub/sub connection until it breaks; True if it got subscribed."""
@@ -756,13 +507,22 @@ class RedisClient:
                 subscribed = True
 
         self._pubsub_stream = stream
-        if self._pubsub_address not in (None, self._master_address):
+        master = None if self._sentinel is None else self._sentinel.address
+        if self._pubsub_address not in (None, master):
             return False  # the master moved while we connected
         try:
             if self._subs:
                 async with self._rt.timeout(self._command_timeout):
                     await stream.send_all(pack(("SUBSCRIBE", *self._subs)))
-            await self._serve_subscription(stream, reader, f"Redis at {label}", on_reply)
+            await serve_subscription(
+                self._rt,
+                stream,
+                reader,
+                f"Redis at {label}",
+                on_reply,
+                interval=self._health_check_interval,
+                timeout=self._command_timeout,
+            )
         except (*_LOST, RedisUnavailable) as exc:  # (TimeoutError is an OSError)
             self._log.debug("pub/sub connection lost: %r", exc)
         return subscribed

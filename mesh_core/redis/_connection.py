@@ -1,4 +1,5 @@
-"""One multiplexed Redis command connection, as state (no I/O).
+"""One Redis connection: the multiplexed command state (no I/O), the
+handshake, and what a runtime's socket shim supplies (:class:`Network`).
 
 Any number of callers write commands on one connection and Redis answers in
 order, so the replies are matched to callers by a FIFO of :class:`Waiter` s.
@@ -8,11 +9,13 @@ decides which caller a reply belongs to, when a caller has waited too long,
 when the connection is stuck, and when a reply means the node was demoted
 (``READONLY`` on a Sentinel-managed connection). Also here: the connection
 handshake (``AUTH``/``SELECT``/``ROLE``) as commands and the checks of its
-replies, and a TLS context from the URL's options (configuration, no I/O).
+replies, a TLS context from the URL's options (configuration, no I/O), and
+the few exchanges every connection kind shares, over a shim's :class:`Stream`.
 """
 
 from __future__ import annotations
 
+import random
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,18 +24,26 @@ from typing import Any, Protocol
 import hiredis
 
 from .._errors import RedisReplyError, RedisUnavailable
-from ._resp import Arg
+from ..runtime import Runtime
+from ._resp import PING, Arg, pack
 from ._url import RedisEndpoint, SentinelEndpoint
 
 __all__ = [
+    "Backoff",
+    "Link",
     "Multiplexed",
+    "Network",
+    "Stream",
     "Waiter",
+    "addr_label",
     "check_replies",
+    "exchange",
     "handshake",
     "is_master",
     "new_reader",
     "parse_master_address",
     "sentinel_auth",
+    "serve_subscription",
     "ssl_context",
 ]
 
@@ -178,6 +189,131 @@ class Multiplexed:
             w.set()
         if self.on_fail is not None:
             self.on_fail()
+
+
+# ------------------------------------------- what a runtime's shim supplies
+
+
+class Stream(Protocol):
+    """A connected byte stream (set-up exchanges, pub/sub, sentinels).
+
+    ``send_all`` may be called by several tasks at once (the shim keeps
+    their writes whole and in order); a lost connection raises ``OSError``
+    or ``EOFError``. ``close()`` is immediate and wakes a pending
+    ``receive_some`` (which then raises or returns ``b""``)."""
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive_some(self) -> bytes | bytearray:
+        """Some bytes; ``b""`` once the peer closed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Link(Protocol):
+    """A multiplexed command connection as the shim drives it (the hot path)."""
+
+    state: Multiplexed
+
+    async def submit(self, data: bytes, waiter: Waiter) -> None:
+        """Queue ``waiter`` on ``state`` and send ``data``, whole and in order."""
+        ...
+
+    async def run(self) -> None:
+        """Read, write and check timeouts until ``state`` fails; then close."""
+        ...
+
+
+class Network(Protocol):
+    """What a runtime supplies to :class:`~mesh_core.redis.RedisClient`."""
+
+    async def open(
+        self, host: str, port: int, *, unix_path: str | None = None, keepalive: bool = True
+    ) -> Stream: ...
+
+    async def start_tls(self, stream: Stream, context: ssl.SSLContext, hostname: str) -> Stream: ...
+
+    def link(self, stream: Stream, state: Multiplexed, timeout: float) -> Link: ...
+
+    def waiter(self, expected: int) -> Waiter: ...
+
+
+def addr_label(address: tuple[str, int]) -> str:
+    host, port = address
+    return RedisEndpoint(host=host, port=port).label
+
+
+async def exchange(
+    stream: Stream, reader: hiredis.Reader, commands: Sequence[Sequence[Arg]]
+) -> list[Any]:
+    """Send ``commands`` in one write and read one reply each (set-up only)."""
+    await stream.send_all(b"".join(pack(c) for c in commands))
+    replies: list[Any] = []
+    while len(replies) < len(commands):
+        reply = reader.gets()
+        if reply is False:
+            data = await stream.receive_some()
+            if not data:
+                raise EOFError("connection closed by Redis")
+            reader.feed(data)  # type: ignore[arg-type]  # any buffer works
+            continue
+        replies.append(reply)
+    return replies
+
+
+async def serve_subscription(
+    runtime: Runtime,
+    stream: Stream,
+    reader: hiredis.Reader,
+    label: str,
+    on_reply: Callable[[Any], None],
+    *,
+    interval: float | None,
+    timeout: float,
+) -> None:
+    """Read a subscribed connection until it breaks (raises ``EOFError``,
+    ``OSError`` or ``RedisUnavailable``); after ``interval`` seconds of
+    silence, a PING must be answered within ``timeout``."""
+    pinged = False
+    while True:
+        wait = timeout if pinged else interval
+        try:
+            if wait is None:
+                data = await stream.receive_some()
+            else:
+                async with runtime.timeout(wait):
+                    data = await stream.receive_some()
+        except TimeoutError:  # nothing for a while: PING, then expect something
+            if pinged:
+                raise RedisUnavailable(f"{label} stopped answering") from None
+            async with runtime.timeout(timeout):
+                await stream.send_all(PING)
+            pinged = True
+            continue
+        if not data:
+            raise EOFError(f"connection closed by {label}")
+        pinged = False
+        reader.feed(data)  # type: ignore[arg-type]  # any buffer works
+        while (msg := reader.gets()) is not False:
+            on_reply(msg)
+
+
+class Backoff:
+    """Exponential backoff with jitter between reconnects: ``low`` after a
+    success, doubling up to ``high``."""
+
+    def __init__(self, runtime: Runtime, low: float, high: float) -> None:
+        self.runtime = runtime
+        self.low, self.high = low, high
+        self.current = low
+
+    def reset(self) -> None:
+        self.current = self.low
+
+    async def sleep(self) -> None:
+        await self.runtime.sleep(self.current * (0.5 + random.random()))
+        self.current = min(self.current * 2, self.high)
 
 
 # -------------------------------------------------------------- the handshake
