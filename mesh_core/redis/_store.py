@@ -37,7 +37,7 @@ from typing import Any
 import msgspec
 
 from .._errors import RedisUnavailable
-from ..runtime import Event, Runtime
+from ..runtime import Runtime
 from ..storage import _ops as ops
 from ..storage._base import DeliverCallback
 from ._layout import (
@@ -57,29 +57,11 @@ from ._layout import (
 )
 from ._resp import Arg
 from ._transport import NodeClient, RedisTransport, open_transport
+from ._turns import Turns, Update
 
 __all__ = ["RedisStoreCore"]
 
 log = logging.getLogger("mesh_core.redis")
-
-
-class _Update:
-    """One writer's update of a metadata value, waiting its turn."""
-
-    __slots__ = ("abandoned", "done", "error", "fn", "leads", "result")
-
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
-        self.fn = fn
-        self.done: Event | None = None
-        self.leads = False
-        self.abandoned = False  # its writer was cancelled while in a leader's batch
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def outcome(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 _MISSING: Any = object()  # not in the cache (None there means "absent in Redis")
@@ -129,7 +111,7 @@ class RedisStoreCore:
             )
         self.transport = transport
         self.runtime = runtime
-        self._writers: dict[tuple[str, str], list[_Update]] = {}
+        self._turns = Turns(runtime)  # local writers of one key take turns
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl = heartbeat_ttl
         self.sweep_interval = sweep_interval
@@ -429,64 +411,14 @@ class RedisStoreCore:
         # applies every update queued behind it in one compare-and-set, so
         # local contention costs one round trip per batch, not a retry storm;
         # only writers on other instances can make a compare-and-set fail.
-        me = _Update(op.update)
-        location = (hash_key, field)
-        queue = self._writers.get(location)
-        if queue is None:
-            queue = self._writers[location] = []
-        else:
-            me.done = self.runtime.event()
-            queue.append(me)
-            try:
-                await me.done.wait()
-            except BaseException:
-                # cancelled while waiting: a turn it was given, or a place in
-                # the queue, must not stall the writers behind it for good
-                if me.leads:
-                    self._pass_turn(location, queue)
-                elif any(update is me for update in queue):
-                    queue.remove(me)
-                else:
-                    me.abandoned = True  # in a leader's batch: not retried for it
-                raise
-            if not me.leads:
-                return me.outcome()
-        batch = [me, *queue]
-        queue.clear()
-        try:
-            await self._apply_batch(op, hash_key, field, guard, batch)
-        except Exception as exc:
-            for update in batch:
-                update.error = exc
-        except BaseException:
-            # The leader was cancelled: the others' updates may not have been
-            # written, so they must not report success. They go back to the
-            # head of the queue, the first of them leads, and they are applied
-            # again to whatever Redis holds then (if the interrupted write did
-            # land, applying them again is harmless: an update is computed
-            # from the stored value, and the strategies are idempotent).
-            queue[:0] = [update for update in batch[1:] if not update.abandoned]
-            del batch[1:]
-            raise
-        finally:
-            self._pass_turn(location, queue)
-            for update in batch[1:]:
-                assert update.done is not None
-                update.done.set()
-        return me.outcome()
-
-    def _pass_turn(self, location: tuple[str, str], queue: list[_Update]) -> None:
-        """Wake the next writer queued for ``location`` as its new leader."""
-        if queue:
-            successor = queue.pop(0)
-            successor.leads = True
-            assert successor.done is not None
-            successor.done.set()
-        else:
-            del self._writers[location]
+        return await self._turns.take(
+            (hash_key, field),
+            op.update,
+            lambda batch: self._apply_batch(op, hash_key, field, guard, batch),
+        )
 
     async def _apply_batch(
-        self, op: ops.UpdateMetadata, hash_key: str, field: str, guard: str, batch: list[_Update]
+        self, op: ops.UpdateMetadata, hash_key: str, field: str, guard: str, batch: list[Update]
     ) -> None:
         location = (hash_key, field)
         raw = self._cache.get(location, _MISSING)
