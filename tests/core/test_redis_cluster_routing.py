@@ -1,4 +1,4 @@
-"""The runtime-neutral Redis Cluster router (mesh_core._redis_cluster), without
+"""The runtime-neutral Redis Cluster router (mesh_core.redis._cluster), without
 a server: slots, command routing, CLUSTER SLOTS and MOVED/ASK parsing, URLs,
 and the transport logic over in-memory fake nodes."""
 

@@ -12,8 +12,8 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -31,15 +31,9 @@ pytestmark = pytest.mark.anyio
 Arg = bytes | str | int | float
 
 if TYPE_CHECKING:
-    # Local stub of the protocol the lead puts in mesh_core/_redis_transport.py;
-    # the assignments below make mypy check that both transports implement it.
-    class RedisTransport(Protocol):
-        async def connect(self) -> None: ...
-        async def execute(self, *args: Arg) -> Any: ...
-        async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]: ...
-        async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None: ...
-        async def aclose(self) -> None: ...
+    from mesh_core.redis import RedisTransport
 
+    # the assignments make mypy check that both transports implement it
     _a: RedisTransport = AsyncioRedisTransport("redis://127.0.0.1:1")
     _t: RedisTransport = TrioRedisTransport("redis://127.0.0.1:1")
 
