@@ -1,11 +1,11 @@
 """asyncio's socket shim under the project's Redis client (``mesh_core.redis.RedisClient``).
 
-The client's logic (handshake, pool, request FIFO, pub/sub, Sentinel) is
-runtime-neutral; this module only supplies asyncio's sockets. A command
-connection is an ``asyncio.Protocol``: the bytes Redis sends are fed to the
-core from ``data_received`` (no reader task), and the commands issued in one
-loop iteration leave in one ``write`` (automatic pipelining). Why this
-client and not redis-py: see :mod:`mesh_core.redis._client`.
+The client's logic (handshake, pool, request FIFO, batching, pub/sub,
+Sentinel) is runtime-neutral; this module only supplies asyncio's sockets. A
+command connection is an ``asyncio.Protocol``: the bytes Redis sends are fed
+to the core from ``data_received`` (no reader task), and commands leave in
+one ``write`` per batch, one batch in flight. Why this client and not
+redis-py: see :mod:`mesh_core.redis._client`.
 """
 
 from __future__ import annotations
@@ -127,17 +127,14 @@ class _Link:
     """A multiplexed command connection, one batch in flight: what is
     submitted while a batch is out is written, in one ``write``, once its
     replies are in (or, when nothing is out, at the end of the loop
-    iteration). Batches then grow with the load, so fewer writes and reads
-    serve more commands (measured, a little less CPU per command than a
-    write per loop iteration)."""
+    iteration). Measured, a little less CPU per command than a write per
+    loop iteration."""
 
     def __init__(self, stream: _Stream, state: Multiplexed, timeout: float) -> None:
         self.protocol = p = stream.protocol
         self.state = state
         self.timeout = timeout
-        self.out: list[bytes] = []
         self.flushing = False
-        self.batch_end = 0  # ``state.answered`` once the last batch written is answered
         state.on_fail = self._on_fail
         p.state = state
         p.on_answers = self._answers
@@ -147,31 +144,22 @@ class _Link:
             state.feed(b"", p.loop.time())
 
     async def submit(self, data: bytes, waiter: Any) -> None:
-        p = self.protocol
-        if not self.state.queue(waiter, p.loop.time()):
-            return
-        self.out.append(data)
-        if self.state.answered < self.batch_end:
-            return  # written once the batch in flight is answered
-        if not self.flushing:
-            self.flushing = True
-            p.loop.call_soon(self._flush)
+        state = self.state
+        if state.queue(waiter, self.protocol.loop.time(), data) and not state.batch_in_flight:
+            self._answers()
 
     def _answers(self) -> None:
-        if self.out and not self.flushing and self.state.answered >= self.batch_end:
+        if self.state.out and not self.flushing and not self.state.batch_in_flight:
             self.flushing = True
             self.protocol.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self.flushing = False
-        out = self.out
-        self.batch_end = self.state.answered + len(self.state.pending)
-        if out and self.state.error is None and self.protocol.transport is not None:
-            self.protocol.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
+        data = self.state.take_output()
+        if data and self.state.error is None and self.protocol.transport is not None:
+            self.protocol.transport.write(data)
 
     def _on_fail(self) -> None:
-        self.out.clear()
         if self.protocol.transport is not None:
             self.protocol.transport.abort()
 

@@ -1,7 +1,7 @@
 """trio's socket shim under the project's Redis client (``mesh_core.redis.RedisClient``).
 
-The client's logic (handshake, pool, request FIFO, pub/sub, Sentinel) is
-runtime-neutral; this module only supplies trio's streams. On a command
+The client's logic (handshake, pool, request FIFO, batching, pub/sub,
+Sentinel) is runtime-neutral; this module only supplies trio's streams. On a command
 connection a caller writes directly when nothing else is being sent (saving a
 task switch); meanwhile other callers' commands queue up and a writer task
 sends them in one ``send_all`` (automatic pipelining). Callers park with
@@ -98,7 +98,6 @@ class _Link:
         self.sock = stream.sock
         self.state = state
         self.timeout = timeout
-        self.outbuf: list[bytes] = []
         self.lot = trio.lowlevel.ParkingLot()
         self.sending = False
         self.scope = trio.CancelScope()
@@ -111,13 +110,12 @@ class _Link:
         command is never half-written; a socket that takes nothing for a
         whole timeout is a stuck connection, which the watcher fails
         (cancelling that write)."""
-        if not self.state.queue(waiter, trio.current_time()):
+        state = self.state
+        if not state.queue(waiter, trio.current_time(), data):
             return
-        if self.sending or self.outbuf:
-            self.outbuf.append(data)
-            if len(self.outbuf) == 1 and not self.sending:
-                self.lot.unpark_all()
-            return
+        if self.sending or len(state.out) > 1:
+            return  # the writer sends it with the rest
+        data = state.take_output()
         self.sending = True
         try:
             with trio.CancelScope(shield=True) as self.send_scope:
@@ -126,14 +124,13 @@ class _Link:
             self._lost(exc)
         finally:
             self.sending = False
-            if self.outbuf:
+            if state.out:
                 self.lot.unpark_all()
 
     def _lost(self, exc: BaseException) -> None:
         self.state.fail(RedisUnavailable(f"Redis connection to {self.state.label} lost: {exc!r}"))
 
     def _on_fail(self) -> None:
-        self.outbuf.clear()
         self.scope.cancel()
         self.send_scope.cancel()
 
@@ -155,11 +152,10 @@ class _Link:
     async def _write_loop(self) -> None:
         try:
             while True:
-                if not self.outbuf or self.sending:
+                if not self.state.out or self.sending:
                     await self.lot.park()
                     continue
-                data = self.outbuf[0] if len(self.outbuf) == 1 else b"".join(self.outbuf)
-                self.outbuf.clear()
+                data = self.state.take_output()
                 self.sending = True
                 try:
                     await self.stream.send_all(data)

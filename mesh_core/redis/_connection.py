@@ -80,10 +80,12 @@ class Multiplexed:
     __slots__ = (
         "address",
         "answered",
+        "batch_end",
         "error",
         "label",
         "last_reply_at",
         "on_fail",
+        "out",
         "pending",
         "reader",
         "sentinel_managed",
@@ -107,20 +109,42 @@ class Multiplexed:
         self.pending: deque[Waiter] = deque()
         #: how many callers got all their replies so far
         self.answered = 0
+        #: ``answered`` once the replies to the last write are all in
+        self.batch_end = 0
+        #: commands queued for writing, in order
+        self.out: list[bytes] = []
         self.error: RedisUnavailable | None = None
         self.last_reply_at = now
         self.on_fail: Callable[[], None] | None = None
 
-    def queue(self, waiter: Waiter, now: float) -> bool:
-        """Expect ``waiter``'s replies next; False (and the waiter woken with
-        the error) if the connection has failed."""
+    def queue(self, waiter: Waiter, now: float, data: bytes) -> bool:
+        """Expect ``waiter``'s replies next and queue ``data``, its commands,
+        for writing; False (and the waiter woken with the error) if the
+        connection has failed."""
         if self.error is not None:
             waiter.error = self.error
             waiter.set()
             return False
         waiter.sent_at = now
         self.pending.append(waiter)
+        self.out.append(data)
         return True
+
+    def take_output(self) -> bytes:
+        """Everything queued, for one write (automatic pipelining): the
+        replies to it end the batch now in flight."""
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.batch_end = self.answered + len(self.pending)
+        return data
+
+    @property
+    def batch_in_flight(self) -> bool:
+        """Replies to the last write are still due. A shim that writes only
+        then (asyncio's) lets batches grow with the load: fewer writes and
+        reads serve more commands."""
+        return self.answered < self.batch_end
 
     def feed(self, data: bytes | bytearray, now: float) -> None:
         """Bytes read from the socket: hand each complete reply to its caller."""
@@ -183,6 +207,7 @@ class Multiplexed:
         if self.error is not None:
             return
         self.error = error
+        self.out.clear()
         while self.pending:
             w = self.pending.popleft()
             w.error = error
@@ -217,7 +242,8 @@ class Link(Protocol):
     state: Multiplexed
 
     async def submit(self, data: bytes, waiter: Waiter) -> None:
-        """Queue ``waiter`` on ``state`` and send ``data``, whole and in order."""
+        """``state.queue`` the command(s), and have ``state.take_output()``
+        written, whole and in order."""
         ...
 
     async def run(self) -> None:

@@ -149,7 +149,7 @@ async def test_concurrent_commands_and_pipelines_each_get_their_replies(
 
             def counting(link: Any) -> None:
                 nonlocal roundtrips
-                roundtrips += bool(link.out)
+                roundtrips += bool(link.state.out)
                 real(link)
 
             monkeypatch.setattr(_asyncio_link, "_flush", counting)
