@@ -18,7 +18,8 @@ turn, alternating, 8 rounds of 3 s. This design on asyncio: 68.2 us per
 command (median; rounds 56.5 to 75.4); the previous asyncio transport,
 redis-py's connections and hiredis parser driven directly with our own
 auto-pipelining: 71.5 us (62.7 to 89.5); this design was the cheaper in 7 of
-the 8 paired rounds. So the shared design costs no more, and redis-py (no
+the 8 paired rounds (run again on the finished code: 68.3 against 71.4 us,
+6 of 8). So the shared design costs no more, and redis-py (no
 trio support) is no longer needed at run time. coredis (anyio, both
 runtimes) was measured earlier at 12 to 15 times the CPU per concurrent
 command (50-100 us against 4-6 us) and loses acknowledged writes on a
