@@ -12,7 +12,7 @@ embedder on another loop implements these few methods and nothing else.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
 __all__ = ["CollectingTaskGroup", "Event", "Runtime", "TaskGroup"]
@@ -76,6 +76,19 @@ class Runtime(Protocol):
         ...
 
     def open_task_group(self) -> AbstractAsyncContextManager[TaskGroup]: ...
+
+    def shield(self) -> AbstractContextManager[object]:
+        """``with runtime.shield():`` a block the caller's cancellation does
+        not interrupt, for clean-up that must finish (closing connections):
+        trio's shielded cancel scope; on asyncio, which delivers a
+        cancellation once, a plain block."""
+        ...
+
+    def spawn_system_task(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``fn()`` in the background, outliving the task that started it
+        (a trio system task, an asyncio task kept referenced); ``fn`` ends
+        itself (by an event or its own task group) and handles its errors."""
+        ...
 
 
 class CollectingTaskGroup:

@@ -1,4 +1,4 @@
-"""Encoding Redis commands, shared by both runtimes' transports.
+"""Encoding Redis commands and routing pub/sub replies, shared by every transport.
 
 hiredis does the work; it is imported here, not in the rest of the core, so
 that only users of the Redis store need it.
@@ -7,12 +7,12 @@ that only users of the Redis store need it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import hiredis
 
-__all__ = ["PING", "Arg", "on_pubsub_reply", "pack"]
+__all__ = ["PING", "Arg", "on_pubsub_reply", "pack", "scan_keys"]
 
 Arg = bytes | str | int | float
 
@@ -76,3 +76,16 @@ def on_pubsub_reply(
             event.set()
         return True
     return False
+
+
+async def scan_keys(
+    execute: Callable[..., Awaitable[Any]], pattern: str, count: int
+) -> list[bytes]:
+    """Every key of one node matching ``pattern``, by ``SCAN`` cursor."""
+    found: list[bytes] = []
+    cursor: bytes | int = 0
+    while True:
+        cursor, keys = await execute("SCAN", cursor, "MATCH", pattern, "COUNT", count)
+        found += keys
+        if int(cursor) == 0:
+            return found

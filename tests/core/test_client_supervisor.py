@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Coroutine
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any
 
 import anyio
@@ -71,6 +71,12 @@ class RecordingRuntime:
 
     def open_task_group(self) -> AbstractAsyncContextManager[CoreTaskGroup]:
         return self.inner.open_task_group()
+
+    def shield(self) -> AbstractContextManager[object]:
+        return self.inner.shield()
+
+    def spawn_system_task(self, fn: Any) -> None:
+        self.inner.spawn_system_task(fn)
 
 
 class FakeStream:
