@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mesh_core.redis import Multiplexed, RedisClient, RedisReplyError, RedisUnavailable, Stream
+from mesh_core.runtime import TLSContext
 
 from ._runtime import RUNTIME
 
@@ -193,8 +194,9 @@ class _Network:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return _Stream(protocol)
 
-    async def start_tls(self, stream: Stream, context: ssl.SSLContext, hostname: str) -> _Stream:
+    async def start_tls(self, stream: Stream, context: TLSContext, hostname: str) -> _Stream:
         assert isinstance(stream, _Stream)
+        assert isinstance(context, ssl.SSLContext)
         p = stream.protocol
         assert p.transport is not None
         transport = await p.loop.start_tls(p.transport, p, context, server_hostname=hostname)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
-__all__ = ["CollectingTaskGroup", "Event", "Runtime", "TaskGroup"]
+__all__ = ["CollectingTaskGroup", "Event", "Runtime", "TLSContext", "TaskGroup"]
 
 T = TypeVar("T")
 
@@ -28,6 +28,16 @@ class Event(Protocol):
     def is_set(self) -> bool: ...
 
     async def wait(self) -> Any: ...
+
+
+class TLSContext(Protocol):
+    """An ``ssl.SSLContext`` as the core sees it. The runtime side creates
+    contexts (loading CA files is I/O) and wraps sockets with them; the core
+    only passes them on, and relaxes verification for ``rediss://`` URLs that
+    ask for it."""
+
+    check_hostname: bool
+    verify_mode: Any
 
 
 class TaskGroup(Protocol):

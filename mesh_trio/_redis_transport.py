@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from mesh_core.redis import Multiplexed, RedisClient, RedisReplyError, RedisUnavailable, Stream
+from mesh_core.runtime import TLSContext
 
 from ._runtime import RUNTIME
 
@@ -192,8 +193,9 @@ class _Network:
                 stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return _Stream(stream, stream.socket)
 
-    async def start_tls(self, stream: Stream, context: ssl.SSLContext, hostname: str) -> _Stream:
+    async def start_tls(self, stream: Stream, context: TLSContext, hostname: str) -> _Stream:
         assert isinstance(stream, _Stream)
+        assert isinstance(context, ssl.SSLContext)
         tls = trio.SSLStream(stream.stream, context, server_hostname=hostname)
         try:
             await tls.do_handshake()

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any, Self
 import hiredis
 
 if TYPE_CHECKING:
-    import ssl
+    from ..runtime import TLSContext
 
 from .._errors import RedisReplyError, RedisUnavailable
 from ..runtime import Event, Runtime, TaskGroup
@@ -141,7 +141,7 @@ class RedisClient:
         max_connections: int = 4,
         health_check_interval: float | None = 10.0,
         reconnect_backoff: tuple[float, float] = (0.05, 2.0),
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: TLSContext | None = None,
         logger: logging.Logger | None = None,
         spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None] | None = None,
     ) -> None:

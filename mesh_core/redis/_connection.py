@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import hiredis
 
 if TYPE_CHECKING:
-    import ssl
+    from ..runtime import TLSContext
 
 from .._errors import RedisReplyError, RedisUnavailable
 from ..runtime import Runtime
@@ -260,9 +260,9 @@ class Network(Protocol):
         self, host: str, port: int, *, unix_path: str | None = None, keepalive: bool = True
     ) -> Stream: ...
 
-    async def start_tls(self, stream: Stream, context: ssl.SSLContext, hostname: str) -> Stream: ...
+    async def start_tls(self, stream: Stream, context: TLSContext, hostname: str) -> Stream: ...
 
-    def create_tls_context(self, *, cafile: str | None = None) -> ssl.SSLContext:
+    def create_tls_context(self, *, cafile: str | None = None) -> TLSContext:
         """``ssl.create_default_context``: loading CA files is I/O, which the
         core leaves to the runtime's side."""
         ...
@@ -404,7 +404,7 @@ def parse_master_address(label: str, reply: Any) -> tuple[str, int] | None:
         raise RedisUnavailable(f"sentinel {label} sent a malformed address {reply!r}") from None
 
 
-def ssl_context(ep: RedisEndpoint, net: Network) -> ssl.SSLContext:
+def ssl_context(ep: RedisEndpoint, net: Network) -> TLSContext:
     """The TLS settings of a ``rediss://`` URL (``ssl_cert_reqs``, ``ssl_ca_certs``)."""
     ctx = net.create_tls_context(cafile=ep.ssl_ca_certs)
     if ep.ssl_cert_reqs in ("none", "optional"):

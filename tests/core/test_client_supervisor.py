@@ -34,7 +34,7 @@ from mesh_core.protocol import (
     ServerConnection,
     State,
 )
-from mesh_core.runtime import Event, Runtime
+from mesh_core.runtime import Event, Runtime, TLSContext
 from mesh_core.runtime import TaskGroup as CoreTaskGroup
 from mesh_trio._runtime import RUNTIME as TRIO_RUNTIME
 
@@ -163,7 +163,7 @@ class FakeServer:
             "mesh/join-room": lambda payload: {"success": True, "present": []},
         }
 
-    async def open_stream(self, endpoint: Endpoint, ssl_context: ssl.SSLContext | None) -> Any:
+    async def open_stream(self, endpoint: Endpoint, ssl_context: TLSContext | None) -> Any:
         assert (endpoint.host, endpoint.port, ssl_context) == ("mesh.test", 80, None)
         self.attempts += 1
         await self.runtime.sleep(0)
