@@ -6,9 +6,10 @@ bare wsproto + msgspec floors), ``scale`` (idle memory, accepting, room
 broadcast), ``profile`` (py-spy on the noop path). Prints tables, writes
 ``benchmarks/results/results.json`` and ``results.md``, and ``chart.png``
 when matplotlib is installed, and refreshes the committed summary
-``benchmarks/RESULTS.md`` (not on a ``--quick`` run). Every comparison is measured in the same run;
-figures are medians of several rounds, and e2e rounds alternate between
-servers so that drift on a shared machine hits all of them alike.
+``benchmarks/RESULTS.md`` (not on a ``--quick`` run). Every comparison is
+measured in the same run; figures are medians of several rounds, and e2e
+rounds alternate between servers so that drift on a shared machine hits all
+of them alike.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ REPORT = ROOT / "benchmarks" / "RESULTS.md"
 #: where the hand-written part of the summary starts: a refresh keeps it
 KEPT_HEADING = "## How the figures are measured"
 
-# the issue's reference figures (measured outside this run; see README)
+# the issue's reference figures (measured outside this run; see benchmarks/RESULTS.md)
 SOCKETIO_CPU_US = 91.0  # python-socketio's best plain setup, server CPU per call
 SOCKETIO_KIB_PER_CONN = 78.0  # its smallest idle connection
 REFERENCE_META_REDIS_CPU_US = 20.0  # the TypeScript server, meta on Redis
