@@ -57,7 +57,7 @@ from ..protocol import (
     encode_push,
     text_frame,
 )
-from ..runtime import Runtime, TaskGroup
+from ..runtime import Runtime, TaskGroup, run_inline
 from ..storage import _ops as ops
 from ..storage._base import Storage
 from ..storage._memory import MemoryStore
@@ -186,7 +186,7 @@ class ServerCore:
                 if connection is None:
                     proto.request_done()
                 elif self._runs_inline(event.command):
-                    _run_inline(self._handle_request(connection, event))
+                    run_inline(self._handle_request(connection, event))
                 else:
                     self._group.start_soon(self._handle_request, connection, event)
             elif isinstance(event, ConnectionLost):
@@ -606,18 +606,3 @@ def _check_size(scope: str, key: str, value: Any, limit: int) -> None:
             code="ETOOLARGE",
             name="MetadataTooLarge",
         )
-
-
-def _run_inline(coro: Coroutine[Any, Any, Any]) -> None:
-    """Run a coroutine that cannot suspend to completion, right now.
-
-    Only for requests :meth:`ServerCore._runs_inline` vouches for: their
-    whole path awaits nothing that waits. (A coroutine that did suspend here
-    would have started waiting on behalf of whichever task called us, so it
-    cannot be handed to a task afterwards: that is a bug, said loudly.)"""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    coro.close()
-    raise RuntimeError("a request run inline suspended; it must run in a task")
