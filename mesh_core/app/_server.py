@@ -172,9 +172,15 @@ class ServerCore:
 
     # -- the adapter API (see the module docstring) -----------------------------
 
-    def new_protocol(self, peer: tuple[str, int] | None, now: float) -> ServerConnection:
-        """The state machine for a socket the adapter just accepted."""
-        return ServerConnection(self.options, peer=peer, now=now, metrics=self._metrics)
+    def new_protocol(
+        self, peer: tuple[str, int] | None, now: float, *, framed: bool = True
+    ) -> ServerConnection:
+        """The state machine for a socket the adapter just accepted
+        (``framed=False``: for a server that frames messages itself, as an
+        ASGI server does; see ``ServerConnection``'s message level)."""
+        return ServerConnection(
+            self.options, peer=peer, now=now, metrics=self._metrics, framed=framed
+        )
 
     def handle_events(self, proto: ServerConnection, events: list[Event]) -> None:
         """Act on the events ``proto`` produced: start a handshake, answer a

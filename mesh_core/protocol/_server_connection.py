@@ -18,6 +18,14 @@ path the client role takes.
 ``ConnectionLost`` is emitted exactly once, when a connection that was
 accepted stops being usable; that is the adapter's cue to clean it up.
 
+**Message level.** Made with ``framed=False``, a connection is for a server
+that owns the upgrade and the framing (ASGI): :meth:`~ServerConnection.receive_upgrade`,
+:meth:`~ServerConnection.receive_message` (one whole message, through the
+same assembly path and rules: size limit, violations, in-flight limits),
+:meth:`~ServerConnection.receive_closed` replace the bytes;
+:meth:`~ServerConnection.messages_to_send`, :attr:`~ServerConnection.rejection`
+and :attr:`~ServerConnection.close_to_send` replace the bytes out.
+
 Requests are released as ``RequestReceived`` events at most
 ``max_requests_in_flight`` at a time; the server reports each one finished
 with :meth:`~ServerConnection.request_done`. The rest wait in a queue, and
@@ -54,7 +62,7 @@ from .._metrics import Metrics, bump
 from ._close_codes import CloseCode
 from ._frames import Frame, Violation, decode_frame, encode_push, encode_response
 from ._handshake import UpgradeRequest, send_rejection, upgrade_request
-from ._messages import TOO_BIG, MessageAssembler, Refusal, is_utf8
+from ._messages import TOO_BIG, MessageAssembler, Refusal, is_utf8, utf8_size
 from ._state import SERVER_CALLS, State, transition
 from ._wsframes import FAST, INCOMPLETE, scan
 
@@ -143,8 +151,15 @@ class ServerConnection:
         peer: tuple[str, int] | None = None,
         now: float | None = None,
         metrics: Metrics | None = None,
+        framed: bool = True,
     ) -> None:
         self.options = options
+        #: False: the server around us frames messages (the message-level entry point)
+        self.framed = framed
+        #: message level: the HTTP refusal to send, ``(status, reason)``, once CLOSED
+        self.rejection: tuple[int, str] | None = None
+        #: message level: the close to send, ``(code, reason)``, once CLOSED
+        self.close_to_send: tuple[int, str] | None = None
         self.peer = peer
         #: counters shared with the server (a private set when standalone)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -196,6 +211,23 @@ class ServerConnection:
         self.metrics.bytes_out += len(data)
         return data
 
+    def messages_to_send(self) -> list[str]:
+        """Message level: the text messages queued (what :meth:`data_to_send`
+        would return as frames, unframed; one output path for both)."""
+        data = self.data_to_send()
+        messages = []
+        pos, end = 0, len(data)
+        while pos < end:
+            n = data[pos + 1] & 0x7F
+            pos += 2
+            if n >= 126:
+                width = 2 if n == 126 else 8
+                n = int.from_bytes(data[pos : pos + width], "big")
+                pos += width
+            messages.append(data[pos : pos + n].decode("utf-8"))
+            pos += n
+        return messages
+
     @property
     def reading_paused(self) -> bool:
         """Too many requests wait for a slot: stop reading until this is
@@ -237,6 +269,26 @@ class ServerConnection:
             data = bytes(self._inbuf) + data
             self._inbuf.clear()
         self._feed_ws(data, now)
+
+    def receive_upgrade(self, request: UpgradeRequest) -> None:
+        """Message level: the server around us received this upgrade request;
+        answer it as usual (``HandshakeReceived``)."""
+        if self.state is State.HANDSHAKE and not self._answered:
+            self._events.append(HandshakeReceived(request))
+
+    def receive_message(self, data: str | bytes, now: float) -> None:
+        """Message level: one whole message (text as ``str``, binary as
+        ``bytes``), taken by the same rules as a frame's."""
+        if self.state not in _SCANNING:
+            return
+        self.metrics.bytes_in += utf8_size(data)
+        self._on_message(data, True, now)
+
+    def receive_closed(self, code: int = CloseCode.ABNORMAL, reason: str = "") -> None:
+        """Message level: the peer closed (or the server around us lost it)."""
+        if self.state is not State.CLOSED:
+            self._lose(code, reason)
+            self.state = State.CLOSED
 
     def _scan_frames(self, now: float) -> None:
         """Take whole masked data frames off the buffer ourselves (the common
@@ -292,7 +344,7 @@ class ServerConnection:
             return
         for event in self._ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
-                self._on_message_part(event, now)
+                self._on_message(event.data, event.message_finished, now)
             elif isinstance(event, Request):
                 self._on_request(event)
             elif isinstance(event, CloseConnection):
@@ -318,10 +370,10 @@ class ServerConnection:
                 )
         self.state = State.CLOSED
 
-    def _on_message_part(self, event: TextMessage | BytesMessage, now: float) -> None:
+    def _on_message(self, data: bytes | bytearray | str, finished: bool, now: float) -> None:
         if self.state not in _SCANNING:
             return
-        result = self._messages.feed(event.data, event.message_finished)
+        result = self._messages.feed(data, finished)
         if result is None:
             return
         if isinstance(result, Refusal):
@@ -420,7 +472,8 @@ class ServerConnection:
         if after is None:
             return
         self.id = connection_id
-        self._out += self._ws.send(AcceptConnection())
+        if self.framed:
+            self._out += self._ws.send(AcceptConnection())
         self.state = after
         self.wake()
 
@@ -430,7 +483,10 @@ class ServerConnection:
         if after is None:
             return
         bump(self.metrics.handshake_rejections, status)
-        send_rejection(self._ws, self._out, status, _TEXT_PLAIN, reason.encode())
+        if self.framed:
+            send_rejection(self._ws, self._out, status, _TEXT_PLAIN, reason.encode())
+        else:
+            self.rejection = (status, reason)
         self.state = after
         self.wake()
 
@@ -491,20 +547,29 @@ class ServerConnection:
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the closing handshake (or finish an unfinished upgrade)."""
         if self.state in (State.OPEN, State.OPENING):
-            if self._ws.state is WSState.OPEN:
-                # every request gets one response: those still queued (never
-                # run) are answered before the close frame, so a client knows
-                # to send them again elsewhere
-                for request in self._queued:
-                    self._out += text_frame(encode_response(request.id, request.command, _NOT_RUN))
-                self._queued.clear()
-                self._out += self._ws.send(CloseConnection(code=code, reason=reason))
-            self.state = State.CLOSING
-            self._close_deadline = None  # set by the next tick
-            self._lose(code, reason)
+            if not self.framed:  # the server around us does the closing handshake
+                self._answer_queued()
+                self.close_to_send = (code, reason)
+                self._lose(code, reason)
+                self.state = State.CLOSED
+            else:
+                if self._ws.state is WSState.OPEN:
+                    self._answer_queued()
+                    self._out += self._ws.send(CloseConnection(code=code, reason=reason))
+                self.state = State.CLOSING
+                self._close_deadline = None  # set by the next tick
+                self._lose(code, reason)
         elif self.state is State.HANDSHAKE:
             self.state = State.CLOSED
         self.wake()
+
+    def _answer_queued(self) -> None:
+        """Every request gets one response: those still queued (never run)
+        are answered before the close, so a client knows to send them again
+        elsewhere."""
+        for request in self._queued:
+            self._out += text_frame(encode_response(request.id, request.command, _NOT_RUN))
+        self._queued.clear()
 
     def _lose(self, code: int, reason: str) -> None:
         if self._lost or self.id is None:
