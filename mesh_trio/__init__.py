@@ -7,6 +7,7 @@ from mesh_core.app.exports import *  # noqa: F403  (what every runtime package e
 
 from ._client import MeshClient
 from ._run import run
+from ._runtime import RUNTIME
 from ._server import MeshServer
 
 if TYPE_CHECKING:
@@ -14,4 +15,4 @@ if TYPE_CHECKING:
 
 __getattr__ = lazy_attributes(__name__, {"RedisStore": "._redis"})
 
-__all__ = [*exports.__all__, "MeshClient", "MeshServer", "RedisStore", "run"]
+__all__ = [*exports.__all__, "MeshClient", "MeshServer", "RUNTIME", "RedisStore", "run"]

@@ -1,0 +1,283 @@
+"""The ASGI binding of the core: one ASGI application serving Mesh over the
+ASGI WebSocket protocol.
+
+The ASGI server owns the upgrade and the framing, so each connection is a
+message-level ``ServerConnection`` (``framed=False``): whole messages in,
+text messages out, the core's rules unchanged. The running library is found
+with ``sniffio`` and the core gets ``mesh_asyncio``'s or ``mesh_trio``'s
+runtime, so one object works under uvicorn, hypercorn and hypercorn's trio
+worker. Per connection, two tasks: one reads ASGI messages into the core,
+one drains the core (events, messages, timers) into ``send``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import sniffio
+
+from mesh_core import MeshApp, ServerCore, ServerOptions, Storage, UpgradeRequest
+from mesh_core.protocol import CloseCode, ServerConnection, State
+from mesh_core.runtime import Event, Runtime, TaskGroup
+
+__all__ = ["MeshASGI"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_TEXT_PLAIN = [(b"content-type", b"text/plain; charset=utf-8")]
+
+
+def _runtime() -> Runtime:
+    if sniffio.current_async_library() == "trio":
+        from mesh_trio import RUNTIME as trio_runtime
+
+        return trio_runtime
+    from mesh_asyncio import RUNTIME as asyncio_runtime
+
+    return asyncio_runtime
+
+
+def upgrade_request(scope: Scope) -> UpgradeRequest:
+    """The ASGI scope as handshake authentication sees it: the full path (the
+    mount point included) and query, the headers, the client as the peer."""
+    client = scope.get("client")
+    peer = (str(client[0]), int(client[1])) if client else None
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else scope.get("root_path", "") + scope["path"]
+    query = scope.get("query_string", b"").decode("latin-1")
+    headers = tuple(
+        (name.decode("latin-1").lower(), value.decode("latin-1"))
+        for name, value in scope.get("headers", ())
+    )
+    return UpgradeRequest(f"{path}?{query}" if query else path, headers, peer)
+
+
+class _Sockets:
+    """The open connections, as :meth:`ServerCore.shutdown` sees them."""
+
+    def __init__(self) -> None:
+        self.open: dict[ServerConnection, TaskGroup] = {}
+        self.closing = False
+
+    async def stop_accepting(self) -> None:
+        self.closing = True
+
+    def protocols(self) -> list[ServerConnection]:
+        return list(self.open)
+
+    def abort(self) -> None:
+        for group in list(self.open.values()):
+            group.cancel()
+
+
+class _Session:
+    """One WebSocket: the core's machine between ASGI ``receive`` and ``send``."""
+
+    def __init__(self, server: ServerCore, proto: ServerConnection, scope: Scope, send: Send):
+        self.server, self.proto, self.scope, self._send = server, proto, scope, send
+        self.runtime = server.runtime
+        self.wakeup = self.runtime.event()
+        self.resume = self.runtime.event()
+        self.accepted = False
+        self.gone = False  # the peer disconnected: nothing more to send
+        proto.wake = self.poke
+
+    def poke(self) -> None:
+        self.wakeup.set()
+
+    async def send(self, message: Message) -> None:
+        if self.gone:
+            return
+        try:
+            await self._send(message)
+        except Exception:  # the server lost the client under us
+            self.gone = True
+            self.proto.receive_closed(CloseCode.ABNORMAL, "connection lost")
+
+    async def read(self, receive: Receive) -> None:
+        proto, runtime = self.proto, self.runtime
+        while True:
+            if proto.reading_paused:  # back-pressure: the core wakes us when a slot frees
+                self.resume = runtime.event()
+                await self.resume.wait()
+                continue
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                proto.receive_message(
+                    text if text is not None else message.get("bytes") or b"", runtime.now()
+                )
+            elif kind == "websocket.disconnect":
+                self.gone = True
+                proto.receive_closed(
+                    message.get("code", CloseCode.ABNORMAL), message.get("reason") or ""
+                )
+                self.poke()
+                return
+            self.poke()
+
+    async def write(self) -> None:
+        proto, server, runtime = self.proto, self.server, self.runtime
+        while True:
+            self.wakeup = runtime.event()  # before draining: a wake from now on is seen
+            server.handle_events(proto, proto.events())
+            if not self.accepted and proto.id is not None:
+                self.accepted = True
+                await self.send({"type": "websocket.accept"})
+            for text in proto.messages_to_send():
+                await self.send({"type": "websocket.send", "text": text})
+            if proto.state is State.CLOSED:
+                server.handle_events(proto, proto.events())  # ConnectionLost: the cleanup
+                await self.finish()
+                return
+            if not proto.reading_paused:
+                self.resume.set()
+            deadline = proto.next_deadline()
+            if deadline is None:
+                await self.wakeup.wait()
+                continue
+            delay = deadline - runtime.now()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with runtime.timeout(delay):
+                        await self.wakeup.wait()
+            now = runtime.now()
+            if now >= deadline:
+                proto.tick(now)
+
+    async def finish(self) -> None:
+        proto = self.proto
+        if proto.rejection is not None and not self.accepted:
+            status, reason = proto.rejection
+            if "websocket.http.response" in self.scope.get("extensions", {}):
+                await self.send({"type": "websocket.http.response.start", "status": status,
+                                 "headers": _TEXT_PLAIN})  # fmt: skip
+                await self.send({"type": "websocket.http.response.body", "body": reason.encode()})
+            else:
+                await self.send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+            return
+        code, reason = proto.close_to_send or (proto.close_code or CloseCode.NORMAL, "")
+        await self.send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+class MeshASGI:
+    """Mesh as one ASGI application: ``app.mount("/ws", MeshASGI(mesh_app))``.
+
+    Takes what ``MeshServer`` takes (``storage``, ``options``, option
+    overrides). Storage starts and stops with the ASGI lifespan (this app's
+    own, or :meth:`lifespan` passed to Starlette/FastAPI, which do not
+    forward lifespan events to mounted apps), or with the first connection
+    when the server runs no lifespan. :attr:`server` is the ``ServerCore``
+    (``rooms``, ``broadcast``...) while it runs."""
+
+    def __init__(
+        self,
+        app: MeshApp,
+        *,
+        storage: Storage | None = None,
+        options: ServerOptions | None = None,
+        **option_overrides: Any,
+    ) -> None:
+        self.app = app
+        self._storage = storage
+        self._options = options
+        self._overrides = option_overrides
+        self.server: ServerCore | None = None
+        self._ready: Event | None = None
+        self._sockets = _Sockets()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            body = b"Upgrade Required: this is a Mesh WebSocket endpoint"
+            await send({"type": "http.response.start", "status": 426,
+                        "headers": [*_TEXT_PLAIN, (b"upgrade", b"websocket")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": body})
+
+    @asynccontextmanager
+    async def lifespan(self, _app: object = None) -> AsyncIterator[None]:
+        """Serve inside the block: Starlette's and FastAPI's ``lifespan=``."""
+        runtime = _runtime()
+        self._ready = self._ready or runtime.event()
+        server = ServerCore(
+            self.app, runtime=runtime, storage=self._storage, options=self._options,
+            **self._overrides,
+        )  # fmt: skip
+        self._sockets = _Sockets()
+        await server.start_storage()
+        try:
+            async with server.serving():
+                self.server = server
+                self._ready.set()
+                try:
+                    yield
+                finally:
+                    await server.shutdown(self._sockets)
+        finally:
+            await server.stop_storage()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        started = False
+        try:
+            async with self.lifespan():
+                started = True
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+        except Exception as exc:
+            if started:
+                raise
+            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _serving(self) -> ServerCore:
+        """The running server; started here, for the life of the process, by
+        the first connection when no lifespan started it."""
+        if self._ready is None:
+            runtime = _runtime()
+            self._ready = runtime.event()
+
+            async def serve_forever() -> None:
+                async with self.lifespan():
+                    await runtime.event().wait()
+
+            runtime.spawn_system_task(serve_forever)
+        await self._ready.wait()
+        assert self.server is not None
+        return self.server
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = await self._serving()
+        sockets = self._sockets
+        request = upgrade_request(scope)
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if sockets.closing:
+            await send({"type": "websocket.close", "code": CloseCode.GOING_AWAY})
+            return
+        proto = server.new_protocol(request.peer, server.runtime.now(), framed=False)
+        session = _Session(server, proto, scope, send)
+        proto.receive_upgrade(request)
+        async with server.runtime.open_task_group() as group:
+            sockets.open[proto] = group
+            try:
+                group.start_soon(session.read, receive)
+                await session.write()
+            finally:
+                sockets.open.pop(proto, None)
+                if proto.state is not State.CLOSED:  # aborted by the shutdown
+                    proto.receive_closed()
+                    server.handle_events(proto, proto.events())
+                group.cancel()
