@@ -4,7 +4,8 @@ app, ``examples.demo:app``) at ``/ws``, on one port.
     uvicorn examples.asgi_app:app
     hypercorn examples.asgi_app:app --worker-class trio
 
-``MESH_PING_INTERVAL`` (seconds) sets the ping interval when set. The page
+``MESH_PING_INTERVAL`` (seconds) sets the ping interval when set
+(``MESH_LATENCY_INTERVAL`` the latency probes'). The page
 speaks the Mesh wire format with the browser's own ``WebSocket``: join a
 room (``mesh/join-room``), send with the demo's ``broadcast-room``, show the
 ``chat`` pushes, answer pings.
@@ -99,8 +100,12 @@ async def page(request: Request) -> HTMLResponse:
     return HTMLResponse(PAGE)
 
 
-_ping = os.environ.get("MESH_PING_INTERVAL")
-_options: dict[str, Any] = {"ping_interval": float(_ping)} if _ping else {}
+_options: dict[str, Any] = {
+    option: float(os.environ[variable])
+    for option, variable in (("ping_interval", "MESH_PING_INTERVAL"),
+                             ("latency_interval", "MESH_LATENCY_INTERVAL"))
+    if os.environ.get(variable)
+}  # fmt: skip
 mesh = MeshASGI(demo_app, **_options)
 # Starlette does not pass lifespan events to the routes' apps: hand Mesh's over
 app = Starlette(routes=[Route("/", page), WebSocketRoute("/ws", mesh)], lifespan=mesh.lifespan)

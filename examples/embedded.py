@@ -50,8 +50,8 @@ class EmbeddedServer:
         self.selector.register(self.listener, _READ, "accept")
         # stop() may come from a signal handler or another thread: it wakes the select
         self._waker, self._wake_end = socket.socketpair()
-        for sock in (self.listener, self._waker):
-            sock.setblocking(False)
+        self.listener.setblocking(False)
+        self._waker.setblocking(False)
         self.selector.register(self._waker, _READ, "wake")
         self.clients: dict[ServerConnection, _Client] = {}
         self.dirty: set[_Client] = set()  # clients the core queued something for
@@ -145,9 +145,6 @@ class EmbeddedServer:
         """Events to the core (handlers run right here), then write."""
         proto = client.proto
         self.core.handle_events(proto, proto.events())
-        if proto.aborted:  # a slow consumer: drop, do not flush
-            self._drop(client)
-            return
         if not client.out:  # the kernel took everything: take the core's next batch
             client.out = proto.data_to_send()
         if client.out:
@@ -160,7 +157,7 @@ class EmbeddedServer:
                 return
             client.out = client.out[sent:]
         if proto.state is State.CLOSED:
-            self._drop(client)  # what the kernel did not take of a close is lost
+            self._drop(client)  # also a slow consumer's (proto.aborted: nothing queued)
             return
         # reading paused (too many requests queued): the core wakes us when a slot frees
         mask = (0 if proto.reading_paused else _READ) | (_WRITE if client.out else 0)
@@ -186,10 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--ping-interval", type=float, default=30.0, metavar="SECONDS")
+    parser.add_argument("--latency-interval", type=float, default=5.0, metavar="SECONDS")
     args = parser.parse_args(argv)
     from examples.demo import app
 
-    server = EmbeddedServer(app, args.host, args.port, ping_interval=args.ping_interval)
+    server = EmbeddedServer(app, args.host, args.port, ping_interval=args.ping_interval,
+                            latency_interval=args.latency_interval)  # fmt: skip
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     print(f"Mesh server (embedded selectors loop) listening on ws://{args.host}:{server.port}")

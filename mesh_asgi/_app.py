@@ -223,23 +223,35 @@ class MeshASGI:
                 try:
                     yield
                 finally:
-                    await server.shutdown(self._sockets)
+                    if not self._sockets.closing:
+                        await server.shutdown(self._sockets)
         finally:
             await server.stop_storage()
 
+    async def close(self) -> None:
+        """Mesh's graceful shutdown now (``ServerCore.shutdown``: stop taking
+        connections, finish requests, close every client 1001, clean the
+        store), before the ASGI server stops: it would close the sockets
+        itself (uvicorn with 1012) before the lifespan's shutdown comes."""
+        if self.server is not None and not self._sockets.closing:
+            await self.server.shutdown(self._sockets)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
-        started = False
+        started = stopping = False
         try:
             async with self.lifespan():
                 started = True
                 await send({"type": "lifespan.startup.complete"})
-                await receive()  # lifespan.shutdown
+                await receive()  # lifespan.shutdown (unless close() ended serving first)
+                stopping = True
         except Exception as exc:
             if started:
                 raise
             await send({"type": "lifespan.startup.failed", "message": repr(exc)})
             return
+        if not stopping:  # close() shut Mesh down: the server's own shutdown comes later
+            await receive()
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _serving(self) -> ServerCore:

@@ -2,7 +2,9 @@
 
 ``anyio_backend`` is parametrized over both runtimes; ``server_cls`` is the
 ``MeshServer`` of the runtime the test body runs on, so the same test drives
-``mesh_asyncio`` on asyncio and ``mesh_trio`` on trio.
+``mesh_asyncio`` on asyncio and ``mesh_trio`` on trio. In the modules of
+``ALL_SERVERS_MODULES`` it is also each other server of ``tests.helpers.servers``
+(the embedded selectors loop, the ASGI app under uvicorn and hypercorn-trio).
 """
 
 from __future__ import annotations
@@ -13,8 +15,40 @@ import pytest
 
 
 @pytest.fixture
-def server_cls(anyio_backend: str) -> Any:
+def server_cls(anyio_backend: str, server_kind: str, request: pytest.FixtureRequest) -> Any:
     import mesh_asyncio
     import mesh_trio
 
+    if server_kind not in ("native", anyio_backend):
+        from tests.helpers.servers import SERVERS
+
+        if server_kind == "embedded" and request.node.get_closest_marker("handlers_wait"):
+            pytest.skip("the app's handlers wait on an event loop: the embedded loop has none")
+        if server_kind in ASGI_SERVERS and request.node.get_closest_marker("own_framing"):
+            pytest.skip("checks Mesh's frame layer: under ASGI the server frames (and drops)")
+        return next(cls for _, kind, cls in SERVERS if kind == server_kind)
     return mesh_trio.MeshServer if anyio_backend == "trio" else mesh_asyncio.MeshServer
+
+
+#: the e2e modules whose ``server_cls`` tests also run against the embedded
+#: loop and the ASGI app (uvicorn, hypercorn's trio worker)
+ALL_SERVERS_MODULES = {"tests.e2e.test_protocol", "tests.e2e.test_demo"}
+ASGI_SERVERS = {"uvicorn", "hypercorn-trio"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server_cls" in metafunc.fixturenames and metafunc.module.__name__ in ALL_SERVERS_MODULES:
+        from tests.helpers.servers import SERVERS
+
+        metafunc.parametrize(
+            ("anyio_backend", "server_kind"),
+            [(backend, kind) for backend, kind, _ in SERVERS],
+            ids=[kind for _, kind, _ in SERVERS],
+        )
+
+
+@pytest.fixture
+def server_kind() -> str:
+    """The server ``server_cls`` makes where only ``MeshServer`` runs: the native one."""
+    return "native"

@@ -1,4 +1,5 @@
-"""A JavaScript Mesh client (tests/node) against examples/demo.py, both runtimes.
+"""A JavaScript Mesh client (tests/node) against examples/demo.py, both runtimes,
+and against the demo on examples/embedded.py and examples/asgi_app.py (processes).
 
 The harness drives the reference client when it is installable
 (``@mesh-kit/client``); otherwise tests/node/mesh_client_shim.mjs, a stand-in
@@ -16,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from examples.demo import app
-from tests.helpers.server_thread import ServerThread
+from tests.helpers.server_process import serve_demo
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 NODE = shutil.which("node")
@@ -26,6 +26,10 @@ pytestmark = pytest.mark.skipif(
     NODE is None or not (NODE_DIR / "node_modules" / "ws").is_dir(),
     reason="needs node and `npm ci` in tests/node",
 )
+
+
+#: MeshServer on each runtime, the embedded loop, the ASGI app (uvicorn, hypercorn-trio)
+SERVERS = ["asyncio", "trio", "embedded", "uvicorn", "hypercorn-trio"]
 
 
 def run_harness(*args: str, timeout: float = 60) -> dict[str, Any]:
@@ -44,11 +48,10 @@ def run_harness(*args: str, timeout: float = 60) -> dict[str, Any]:
     return result
 
 
-@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+@pytest.mark.parametrize("runtime", SERVERS)
 def test_js_client_scenario_against_demo(runtime: str) -> None:
-    with ServerThread(runtime, app) as server:
-        port = server.port
-        result = run_harness(f"ws://127.0.0.1:{port}")
+    with serve_demo(runtime) as server:
+        result = run_harness(server.url)
         steps = result["steps"]
         assert result["ok"] is True and not result["failed_checks"]
         assert steps["echo"] == {"hello": "world", "n": [1, 2, 3]}
@@ -63,13 +66,12 @@ def test_js_client_scenario_against_demo(runtime: str) -> None:
         assert steps["chat_push"] == {"text": "yo"}
 
 
-@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+@pytest.mark.parametrize("runtime", SERVERS)
 def test_js_client_stays_connected_when_idle(runtime: str) -> None:
     # the client requires pings: with a 1 s ping timeout, a server that did not
     # ping every second would make it reconnect within the 4 s idle window
-    with ServerThread(runtime, app, ping_interval=0.5, latency_interval=0.3) as server:
-        port = server.port
-        result = run_harness(f"ws://127.0.0.1:{port}", "idle", "4", "1000", "1")
+    with serve_demo(runtime, ping_interval=0.5, latency_interval=0.3) as server:
+        result = run_harness(server.url, "idle", "4", "1000", "1")
         assert result["ok"] is True
         assert result["counts"]["reconnect"] == 0
         assert result["wire_counts"]["ping_in"] >= 5

@@ -49,6 +49,7 @@ def make_app() -> MeshApp:
     return app
 
 
+@pytest.mark.handlers_wait
 async def test_many_in_flight_answered_out_of_order(server_cls: Any) -> None:
     server = server_cls(make_app(), **FAST)
     async with server.listen():
@@ -299,6 +300,7 @@ async def test_bad_input_keeps_the_connection(server_cls: Any) -> None:
         await c.close()
 
 
+@pytest.mark.handlers_wait
 async def test_message_size_limit_closes_1009(server_cls: Any) -> None:
     server = server_cls(make_app(), max_message_size=64 * 1024, **FAST)
     async with server.listen():
@@ -312,6 +314,7 @@ async def test_message_size_limit_closes_1009(server_cls: Any) -> None:
         await c.abort()
 
 
+@pytest.mark.handlers_wait
 async def test_one_mebibyte_payload_round_trip_by_default(server_cls: Any) -> None:
     server = server_cls(make_app(), **FAST)
     async with server.listen():
@@ -343,6 +346,7 @@ async def test_graceful_close_sends_1001_and_cleans_store(server_cls: Any) -> No
             await c.abort()
 
 
+@pytest.mark.own_framing
 async def test_invalid_utf8_text_frame_closes_1007(server_cls: Any) -> None:
     server = server_cls(make_app(), **FAST)
     async with server.listen():

@@ -1,16 +1,22 @@
-"""Run ``mesh serve examples.demo:app`` as a real process, as a user would."""
+"""Run ``mesh serve examples.demo:app`` as a real process, as a user would;
+and the demo on the other servers (``examples/embedded.py``, ``examples/asgi_app.py``
+under uvicorn and hypercorn's trio worker), as processes too."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .redis_server import free_port
 
-__all__ = ["ROOT", "free_port", "start_server"]
+__all__ = ["EXAMPLE_SERVERS", "ROOT", "DemoServer", "free_port", "serve_demo", "start_server"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,11 +28,16 @@ def start_server(runtime: str, port: int, *extra: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    _wait_listening(proc, port)
+    return proc
+
+
+def _wait_listening(proc: subprocess.Popen[str], port: int) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
+                return
         except OSError:
             if proc.poll() is not None:
                 output = proc.stdout.read() if proc.stdout else ""
@@ -34,3 +45,70 @@ def start_server(runtime: str, port: int, *extra: str) -> subprocess.Popen[str]:
             time.sleep(0.05)
     proc.kill()
     raise AssertionError("server did not start listening")
+
+
+#: the other servers of the demo app, as processes: a command for a port
+#: and the ping/latency intervals, and the path Mesh is served at
+EXAMPLE_SERVERS: dict[str, tuple[Callable[[int, float, float], list[str]], str]] = {
+    "embedded": (
+        lambda port, ping, latency: [sys.executable, "-m", "examples.embedded",
+            "--port", str(port), "--ping-interval", str(ping), "--latency-interval", str(latency)],
+        "",
+    ),
+    "uvicorn": (
+        lambda port, ping, latency: [sys.executable, "-m", "uvicorn", "examples.asgi_app:app",
+            "--port", str(port), "--log-level", "warning"],
+        "/ws",
+    ),
+    "hypercorn-trio": (
+        lambda port, ping, latency: [sys.executable, "-m", "hypercorn", "examples.asgi_app:app",
+            "--worker-class", "trio", "--bind", f"127.0.0.1:{port}"],
+        "/ws",
+    ),
+}  # fmt: skip
+
+
+class DemoServer:
+    """Where a demo server listens: ``port``, and ``url`` for WebSocket clients."""
+
+    def __init__(self, port: int, path: str = "") -> None:
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}{path}"
+
+
+@contextlib.contextmanager
+def serve_demo(
+    kind: str, ping_interval: float = 30.0, latency_interval: float = 5.0
+) -> Iterator[DemoServer]:
+    """The demo app served by ``kind``: ``asyncio`` / ``trio`` (``MeshServer``
+    in a thread), or a process of :data:`EXAMPLE_SERVERS`."""
+    if kind in ("asyncio", "trio"):
+        from examples.demo import app
+
+        from .server_thread import ServerThread
+
+        options: dict[str, Any] = {
+            "ping_interval": ping_interval,
+            "latency_interval": latency_interval,
+        }
+        with ServerThread(kind, app, **options) as thread:
+            yield DemoServer(thread.port)
+        return
+    command, path = EXAMPLE_SERVERS[kind]
+    port = free_port()
+    env = {**os.environ, "MESH_PING_INTERVAL": str(ping_interval),
+           "MESH_LATENCY_INTERVAL": str(latency_interval)}  # fmt: skip
+    argv = command(port, ping_interval, latency_interval)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        _wait_listening(proc, port)
+        yield DemoServer(port, path)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
