@@ -87,11 +87,8 @@ def serve_demo(
 
         from .server_thread import ServerThread
 
-        options: dict[str, Any] = {
-            "ping_interval": ping_interval,
-            "latency_interval": latency_interval,
-        }
-        with ServerThread(kind, app, **options) as thread:
+        intervals = {"ping_interval": ping_interval, "latency_interval": latency_interval}
+        with ServerThread(kind, app, **intervals) as thread:  # type: ignore[arg-type]
             yield DemoServer(thread.port)
         return
     command, path = EXAMPLE_SERVERS[kind]
