@@ -29,7 +29,7 @@ from typing import Any
 from . import core, prof, scale
 from ._util import RESULTS, ROOT, median, private_redis, raise_fd_limit
 from .driver import WORKER_LOG, run_load, wait_idle
-from .servers import FLOOR_OF, KINDS, ServerFailed, ServerSpec, Unavailable, running
+from .servers import FLOOR_OF, KINDS, OTHER_ARGV, ServerFailed, ServerSpec, Unavailable, running
 
 PARTS = ("core", "e2e", "scale", "profile")
 #: load name -> (mix, clients, in flight per client)
@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> None:
         scale_kinds = mesh_kinds[:1] if quick else kinds
         _log(f"scale: {', '.join(scale_kinds)}")
         results["scale"] = scale.run(
-            [k for k in scale_kinds if not k.startswith("bare-uvloop")],
+            # the embedded loop and uvicorn serve the demo app only: not the broadcast one
+            [k for k in scale_kinds if not k.startswith("bare-uvloop") and k not in OTHER_ARGV],
             quick=quick,
             rounds=3,
             procs=args.procs,

@@ -1,4 +1,6 @@
-"""The servers under test: Mesh on each runtime, and the bare floors.
+"""The servers under test: Mesh on each runtime, the other drivers of its
+core (the embedded selectors loop, the ASGI app under uvicorn), and the bare
+floors.
 
 Every server runs in its own process, started here and measured from the
 outside (/proc), so its CPU time and memory are its own.
@@ -25,7 +27,20 @@ KINDS: dict[str, tuple[str, bool, bool]] = {
     "bare-asyncio": ("asyncio", False, True),
     "bare-uvloop": ("asyncio", True, True),
     "bare-trio": ("trio", False, True),
+    # the other drivers of the core: examples/embedded.py's selectors loop, and
+    # mesh_asgi under uvicorn (plain asyncio loop, wsproto, as mesh-asyncio)
+    "mesh-embedded": ("selectors", False, False),
+    "mesh-uvicorn": ("asyncio", False, False),
 }
+
+#: the servers that are not ``mesh serve``: their command for a port
+OTHER_ARGV = {
+    "mesh-embedded": lambda port: [python(), "-m", "examples.embedded", "--port", str(port),
+        "--ping-interval", "0", "--latency-interval", "0"],
+    "mesh-uvicorn": lambda port: [python(), "-m", "uvicorn", "benchmarks.asgi_app:app",
+        "--port", str(port), "--loop", "asyncio", "--ws", "wsproto", "--http", "h11",
+        "--log-level", "warning", "--no-access-log"],
+}  # fmt: skip
 
 #: the bare server answering the same frames on the same runtime
 FLOOR_OF = {"mesh-asyncio": "bare-asyncio", "mesh-uvloop": "bare-uvloop", "mesh-trio": "bare-trio"}
@@ -61,6 +76,10 @@ class ServerSpec:
                 raise Unavailable("the bare servers keep no state")
             argv = [python(), "-m", f"benchmarks.bare_{runtime}", "--port", str(port)]
             return [*argv, "--uvloop"] if uvloop else argv
+        if self.kind in OTHER_ARGV:
+            if self.store != "memory" or self.app != DEMO_APP:
+                raise Unavailable(f"{self.kind} serves the demo app on the memory store only")
+            return OTHER_ARGV[self.kind](port)
         argv = [
             python(),
             "-m",
