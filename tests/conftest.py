@@ -24,15 +24,16 @@ def server_cls(anyio_backend: str, server_kind: str, request: pytest.FixtureRequ
 
         if server_kind == "embedded" and request.node.get_closest_marker("handlers_wait"):
             pytest.skip("the app's handlers wait on an event loop: the embedded loop has none")
-        if server_kind in ASGI_SERVERS and request.node.get_closest_marker("own_framing"):
-            pytest.skip("checks Mesh's frame layer: under ASGI the server frames (and drops)")
+        framing = request.node.get_closest_marker("own_framing")
+        if framing is not None and server_kind in (framing.args or ASGI_SERVERS):
+            pytest.skip("checks Mesh's own HTTP and WebSocket layer: under ASGI, the server's")
         return next(cls for _, kind, cls in SERVERS if kind == server_kind)
     return mesh_trio.MeshServer if anyio_backend == "trio" else mesh_asyncio.MeshServer
 
 
 #: the e2e modules whose ``server_cls`` tests also run against the embedded
 #: loop and the ASGI app (uvicorn, hypercorn's trio worker)
-ALL_SERVERS_MODULES = {"tests.e2e.test_protocol", "tests.e2e.test_demo"}
+ALL_SERVERS_MODULES = {"tests.e2e.test_protocol", "tests.e2e.test_demo", "tests.e2e.test_limits"}
 ASGI_SERVERS = {"uvicorn", "hypercorn-trio"}
 
 

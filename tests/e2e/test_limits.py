@@ -138,6 +138,7 @@ async def test_metadata_size_at_the_limit_is_stored_and_past_it_refused(server_c
 # -- requests in flight --------------------------------------------------------------
 
 
+@pytest.mark.handlers_wait
 async def test_requests_in_flight_at_the_limit_run_and_past_it_wait(server_cls: Any) -> None:
     gate = Gate()
     server = server_cls(make_app(gate), max_requests_in_flight=3, **FAST)
@@ -187,6 +188,7 @@ async def test_max_connections_at_the_limit_and_past_it_503(server_cls: Any) -> 
 # -- handshake timeout ----------------------------------------------------------------
 
 
+@pytest.mark.own_framing
 async def test_handshake_timeout(server_cls: Any) -> None:
     timeout = 0.5
     server = server_cls(make_app(), handshake_timeout=timeout, **FAST)
@@ -245,7 +247,9 @@ async def test_allowed_origins(server_cls: Any) -> None:
 # -- read and write policies -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", ["deny", "guard", "async-guard"])
+@pytest.mark.parametrize(
+    "policy", ["deny", "guard", pytest.param("async-guard", marks=pytest.mark.handlers_wait)]
+)
 async def test_client_metadata_read_policy(server_cls: Any, policy: str) -> None:
     seen: list[tuple[str, str]] = []
 
@@ -380,6 +384,7 @@ async def test_frames_after_close_are_ignored(server_cls: Any) -> None:
 # -- graceful shutdown ------------------------------------------------------------------
 
 
+@pytest.mark.handlers_wait
 async def test_shutdown_answers_the_request_in_flight_before_1001(server_cls: Any) -> None:
     gate = Gate()
     server = server_cls(make_app(gate), shutdown_timeout=10, **FAST)
@@ -407,6 +412,7 @@ async def test_shutdown_answers_the_request_in_flight_before_1001(server_cls: An
 # -- counters -----------------------------------------------------------------------------
 
 
+@pytest.mark.own_framing("hypercorn-trio")  # it reports every peer close as 1006
 async def test_metrics_dict_and_prometheus_text(server_cls: Any) -> None:
     server = server_cls(make_app(), **FAST)
     async with server.listen():
