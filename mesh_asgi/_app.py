@@ -86,10 +86,14 @@ class _Session:
         self.resume = self.runtime.event()
         self.accepted = False
         self.gone = False  # the peer disconnected: nothing more to send
+        self.group: TaskGroup | None = None  # this connection's reader and writer
         proto.wake = self.poke
 
     def poke(self) -> None:
         self.wakeup.set()
+        if self.proto.aborted and self.group is not None:
+            # a slow consumer: the writer may be blocked in send() for good
+            self.group.cancel()
 
     async def send(self, message: Message) -> None:
         if self.gone:
@@ -283,13 +287,12 @@ class MeshASGI:
         session = _Session(server, proto, scope, send)
         proto.receive_upgrade(request)
         async with server.runtime.open_task_group() as group:
-            sockets.open[proto] = group
+            sockets.open[proto] = session.group = group
             try:
                 group.start_soon(session.read, receive)
                 await session.write()
             finally:
                 sockets.open.pop(proto, None)
-                if proto.state is not State.CLOSED:  # aborted by the shutdown
-                    proto.receive_closed()
-                    server.handle_events(proto, proto.events())
+                proto.receive_closed()  # if the shutdown aborted it; else nothing
+                server.handle_events(proto, proto.events())  # the cleanup, if not done
                 group.cancel()
