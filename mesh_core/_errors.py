@@ -31,10 +31,19 @@ class MeshError(Exception):
     """An error a handler or middleware raises to fail one request.
 
     ``code`` travels to the client as the payload's ``code`` (default
-    ``ESERVER``, like the reference); ``name`` defaults to the class name.
+    ``ESERVER``, like the reference). ``name`` is ``"Error"`` for a plain
+    ``MeshError``, the name the reference sends for a plain application error,
+    so a mixed fleet answers alike; a subclass is named after itself
+    (``CommandError``) unless it sets ``name``.
     """
 
     code: str = "ESERVER"
+    name: str = "Error"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__name__
 
     def __init__(self, message: str = "", *, code: str | None = None, name: str | None = None):
         super().__init__(message)
