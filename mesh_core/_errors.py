@@ -24,6 +24,7 @@ __all__ = [
     "ValidationError",
     "error_payload",
     "not_found_payload",
+    "unavailable_payload",
 ]
 
 
@@ -80,6 +81,16 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
         "code": code if isinstance(code, str) else "ESERVER",
         "name": name if isinstance(name, str) else type(exc).__name__,
     }
+
+
+#: what a client reads when the store failed it: a stable code and a generic
+#: message. The driver's text (host, port, errno) describes the server's
+#: network, not the client's mistake, so it goes to the server log only.
+UNAVAILABLE_MESSAGE = "storage unavailable, safe to retry"
+
+
+def unavailable_payload() -> dict[str, Any]:
+    return {"error": UNAVAILABLE_MESSAGE, "code": "EUNAVAILABLE", "name": "StorageUnavailable"}
 
 
 def not_found_payload(command: str) -> dict[str, Any]:

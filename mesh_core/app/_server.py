@@ -41,7 +41,13 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 from .._config import ServerOptions
-from .._errors import MeshError, RedisUnavailable, error_payload, not_found_payload
+from .._errors import (
+    MeshError,
+    StorageUnavailable,
+    error_payload,
+    not_found_payload,
+    unavailable_payload,
+)
 from .._metrics import UNKNOWN_COMMAND, Metrics, bump, prometheus_text
 from ..protocol import (
     CloseCode,
@@ -495,9 +501,9 @@ class ServerCore:
             except (MeshError, ops.UnknownConnection) as exc:  # expected: the client's doing
                 result = error_payload(exc)
                 bump(self._metrics.errors, result["code"])
-            except RedisUnavailable as exc:  # an outage: no traceback per request
-                log.warning("command %r: %s", request.command, exc)
-                result = error_payload(exc)
+            except StorageUnavailable as exc:  # an outage: no traceback per request
+                log.warning("command %r: %s", request.command, exc)  # the driver's text: log only
+                result = unavailable_payload()
                 bump(self._metrics.errors, result["code"])
             except Exception as exc:
                 log.exception("command %r failed", request.command)
