@@ -22,6 +22,7 @@ from ._errors import (
     MeshCommandError,
     MeshConnectionError,
     MeshError,
+    ServerStartupError,
     StorageUnavailable,
     ValidationError,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "RoomsAPI",
     "ServerCore",
     "ServerOptions",
+    "ServerStartupError",
     "Storage",
     "StorageUnavailable",
     "UnknownConnection",

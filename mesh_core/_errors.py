@@ -21,6 +21,7 @@ __all__ = [
     "CommandError",
     "LocalProtocolError",
     "MeshError",
+    "ServerStartupError",
     "ValidationError",
     "error_payload",
     "not_found_payload",
@@ -156,6 +157,16 @@ class RedisReplyError(Exception):
 
     def __hash__(self) -> int:
         return hash(self.message)
+
+
+# -- running a server ------------------------------------------------------------
+
+
+class ServerStartupError(Exception):
+    """The server could not start: the port is taken, the store is down, the
+    store's URL is wrong. The message says what and what to do, in one line,
+    for an operator (``mesh serve`` prints it and exits 1); the original
+    exception is its ``__cause__``."""
 
 
 # -- errors --------------------------------------------------------------------

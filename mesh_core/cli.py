@@ -11,13 +11,75 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from ._config import ServerOptions
+from ._errors import ServerStartupError
 from .app._app import MeshApp
 
 __all__ = ["load_app", "main", "options_from_args"]
+
+#: the extra that provides each optional package, for the install hint
+_EXTRAS = {"hiredis": "redis", "redis": "redis", "uvloop": "uvloop"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line on stderr (exit 2), not the usage block:
+    an operator reads what is wrong and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 0-65535")
+    return port
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str:
+    """The one-line hint for an optional package that is not installed."""
+    package = (exc.name or "").split(".")[0]
+    extra = _EXTRAS.get(package)
+    if extra is None:
+        return f"{exc}"
+    return f"{package} is not installed: pip install 'mesh-python[{extra}]'"
+
+
+def _redis_url(text: str) -> str:
+    """Check a ``--redis`` URL when the flags are parsed, with the message
+    the store would give (which names every supported scheme)."""
+    try:
+        from .redis import _url
+    except ModuleNotFoundError as exc:
+        raise argparse.ArgumentTypeError(_missing_extra(exc)) from None
+    try:
+        if _url.is_cluster_url(text):
+            _url.parse_cluster_url(text)
+        else:
+            _url.parse_redis_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def load_app(spec: str) -> MeshApp:
@@ -47,7 +109,7 @@ def load_app(spec: str) -> MeshApp:
 
 def _parser() -> argparse.ArgumentParser:
     defaults = ServerOptions()
-    parser = argparse.ArgumentParser(prog="mesh", description="Mesh for Python")
+    parser = _Parser(prog="mesh", description="Mesh for Python")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a Mesh server for an app")
     serve.add_argument(
@@ -55,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--runtime", choices=("asyncio", "trio"), default="asyncio")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--port", type=_port, default=8765)
     serve.add_argument(
         "--ping-interval",
         type=float,
@@ -155,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     shared.add_argument(
         "--redis",
         metavar="URL",
+        type=_redis_url,
         help="share state through Redis (redis://host:port/db, rediss://, unix:///path, "
         "redis+sentinel://host[,host...]/service/db, redis+cluster://host[,host...]); "
         "default: the in-memory store of this process",
@@ -168,14 +231,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     shared.add_argument(
         "--redis-command-timeout",
-        type=float,
+        type=_positive(float),
         default=2.0,
         metavar="SECONDS",
         help="a request waits this long for Redis before EUNAVAILABLE",
     )
-    shared.add_argument("--redis-heartbeat-interval", type=float, default=15.0, metavar="SECONDS")
-    shared.add_argument("--redis-heartbeat-ttl", type=int, default=120, metavar="SECONDS")
-    shared.add_argument("--redis-sweep-interval", type=float, default=60.0, metavar="SECONDS")
+    shared.add_argument(
+        "--redis-heartbeat-interval", type=_positive(float), default=15.0, metavar="SECONDS"
+    )
+    shared.add_argument(
+        "--redis-heartbeat-ttl", type=_positive(int), default=120, metavar="SECONDS"
+    )
+    shared.add_argument(
+        "--redis-sweep-interval", type=_positive(float), default=60.0, metavar="SECONDS"
+    )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--uvloop", action="store_true", help="asyncio only: run on uvloop")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -221,6 +290,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = options_from_args(args)
     if args.uvloop and args.runtime != "asyncio":
         raise SystemExit("error: --uvloop needs --runtime asyncio")
+    if args.uvloop:
+        try:
+            importlib.import_module("uvloop")
+        except ModuleNotFoundError as exc:
+            raise SystemExit(f"error: {_missing_extra(exc)}") from None
     if args.workers < 1:
         raise SystemExit("error: --workers must be at least 1")
     if args.workers > 1:
@@ -232,6 +306,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         load_app(args.app)  # fail here, once, rather than in every worker
         raise SystemExit(_supervise(argv, args.workers))
     app = load_app(args.app)
+    try:
+        _serve(app, args, options)
+    except ServerStartupError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _EXTRAS:
+            raise
+        raise SystemExit(f"error: {_missing_extra(exc)}") from None
+
+
+def _serve(app: MeshApp, args: argparse.Namespace, options: ServerOptions) -> None:
     runtime = importlib.import_module(f"mesh_{args.runtime}")
     kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "options": options}
     if args.redis:

@@ -159,6 +159,7 @@ class ServerCore:
         self.storage: Storage = storage if storage is not None else MemoryStore()
         self._store_inline = self.storage.answers_inline  # read once: per request below
         self.instance_id = instance_id or f"inst-{secrets.token_hex(8)}"
+        self._storage_started = False  # stop_storage leaves only a store it joined
         self._local: dict[str, Connection] = {}
         self._inflight = 0  # requests being handled, for graceful shutdown
         self._metrics = Metrics()
@@ -205,10 +206,16 @@ class ServerCore:
     async def start_storage(self) -> None:
         """Register this instance with the store (before :meth:`serving`)."""
         await self.storage.start(self.instance_id, self._deliver_from_elsewhere)
+        self._storage_started = True
 
     async def stop_storage(self) -> None:
         """Leave the store (after :meth:`serving`): no more deliveries to this
-        instance, then the driver releases what it holds."""
+        instance, then the driver releases what it holds. A no-op if
+        :meth:`start_storage` failed: a server that never started has no
+        shutdown to report."""
+        if not self._storage_started:
+            return
+        self._storage_started = False
         self.storage.detach(self.instance_id)
         await self.storage.stop()
 
