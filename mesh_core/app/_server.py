@@ -204,8 +204,20 @@ class ServerCore:
                 self._group.start_soon(self._handshake, proto, event.request)
 
     async def start_storage(self) -> None:
-        """Register this instance with the store (before :meth:`serving`)."""
-        await self.storage.start(self.instance_id, self._deliver_from_elsewhere)
+        """Register this instance with the store (before :meth:`serving`).
+
+        A start that fails half way (registered, then the subscription
+        failed) is undone at once: the store is told to stop, so the instance
+        leaves no registration and live heartbeat behind for another
+        instance's sweep to find."""
+        try:
+            await self.storage.start(self.instance_id, self._deliver_from_elsewhere)
+        except Exception:
+            try:
+                await self.storage.stop()
+            except Exception as exc:  # the start's own error is the one to report
+                log.debug("undoing the failed start of the store: %s", exc)
+            raise
         self._storage_started = True
 
     async def stop_storage(self) -> None:

@@ -130,6 +130,7 @@ class RedisStoreCore:
         self._registered: dict[str, Any] = {}
         # unregistrations that could not reach Redis, retried by heartbeat()
         self._pending_unregister: set[str] = set()
+        self._started = False  # start() completed: a failed stop is then worth a warning
         # the raw text last read or written per (hash, field): the value an
         # update is computed from before any read (see the module docstring)
         self._cache: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
@@ -148,6 +149,7 @@ class RedisStoreCore:
         await self.transport.connect()
         await self.heartbeat()
         await self.transport.subscribe(keys.pubsub(instance_id), self._on_message)
+        self._started = True
 
     async def stop(self) -> None:
         """Leave the shared state as if this instance had never been: its
@@ -164,8 +166,10 @@ class RedisStoreCore:
                     ]
                 )
         except RedisUnavailable:
-            log.warning(
-                "Redis unavailable at shutdown: the sweep of another instance will clean up"
+            # after a failed start the start's error is what the operator reads
+            log.log(
+                logging.WARNING if self._started else logging.DEBUG,
+                "Redis unavailable at shutdown: the sweep of another instance will clean up",
             )
         finally:
             await self.transport.aclose()

@@ -4,6 +4,7 @@ store fails (issue 14). Each test runs on both runtimes."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 
 import anyio
@@ -13,7 +14,7 @@ from examples.demo import app as demo_app
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.server_thread import ServerThread
 from tests.helpers.wsclient import WSClient
-from tests.redis.test_instances import QUIET, redis_store
+from tests.redis.test_instances import QUIET, raw, redis_store
 
 
 @pytest.fixture
@@ -47,3 +48,28 @@ def test_outage_answers_a_generic_error_and_logs_the_driver_text(
         anyio.run(scenario)
     logged = [r.getMessage() for r in caplog.records if "mesh/join-room" in r.getMessage()]
     assert logged and all("Redis" in line for line in logged)
+
+
+@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+def test_a_failed_start_leaves_no_registration(redis_server: RedisServer, runtime: str) -> None:
+    """The start registers the instance and its heartbeat, then fails (its
+    user may not subscribe, and separately its port is taken): nothing of
+    the instance is left in Redis for another instance's sweep to find."""
+    admin = raw(redis_server.url)
+    admin.execute_command("ACL", "SETUSER", "nosub", "on", ">pw", "~*", "&*", "+@all", "-subscribe")
+    limited = redis_server.url.replace("redis://", "redis://nosub:pw@")
+    store = redis_store(runtime, limited, command_timeout=0.3, connect_timeout=0.3)
+    with pytest.raises(BaseException):  # noqa: B017 (either runtime's own error)
+        ServerThread(runtime, demo_app, storage=store, **QUIET).__enter__()
+    assert admin.smembers("mesh:instances") == set()
+    assert admin.keys("mesh:instance:*") == []
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        store = redis_store(runtime, redis_server.url)
+        with pytest.raises(BaseException):  # noqa: B017
+            ServerThread(runtime, demo_app, storage=store, port=port, **QUIET).__enter__()
+    assert admin.smembers("mesh:instances") == set()
+    assert admin.keys("mesh:instance:*") == []
