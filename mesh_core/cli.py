@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from ._config import ServerOptions
 from ._errors import ServerStartupError
 from .app._app import MeshApp
+from .app._logging import LOG_FORMAT, WORKER_ENV
 
 __all__ = ["load_app", "main", "options_from_args"]
 
@@ -284,9 +285,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     options = options_from_args(args)
     if args.uvloop and args.runtime != "asyncio":
         raise SystemExit("error: --uvloop needs --runtime asyncio")
@@ -336,7 +335,8 @@ def _serve(app: MeshApp, args: argparse.Namespace, options: ServerOptions) -> No
     runtime.run(app, **kwargs)
 
 
-def _worker(argv: list[str]) -> None:
+def _worker(argv: list[str], number: int) -> None:
+    os.environ[WORKER_ENV] = str(number)  # named in the worker's startup line
     main(argv)
 
 
@@ -349,7 +349,7 @@ def _supervise(argv: list[str], workers: int) -> int:
     child_argv = [*argv, "--workers", "1", "--reuse-port"]
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=_worker, args=(child_argv,), name=f"mesh-worker-{i}")
+        context.Process(target=_worker, args=(child_argv, i + 1), name=f"mesh-worker-{i + 1}")
         for i in range(workers)
     ]
     for child in children:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from .._errors import ServerStartupError, StorageUnavailable
 from ..storage import Storage
 from ._api import ConnectionsAPI
+from ._logging import ensure_logging
 
 __all__ = ["ListeningServer", "describe_startup_failure", "serve_until"]
 
@@ -46,6 +47,7 @@ async def serve_until(
     cleaned out of the store. ``new_server(storage=...)`` makes the adapter's
     server; ``storage`` may be a factory, called here, inside the event loop
     (the Redis store's client belongs to the loop that runs it)."""
+    ensure_logging()
     async with AsyncExitStack() as stack:
         try:
             store = storage() if callable(storage) and not isinstance(storage, Storage) else storage

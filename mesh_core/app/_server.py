@@ -70,6 +70,7 @@ from ..storage._memory import MemoryStore
 from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, id_set
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
+from ._logging import OutageLog, listening_line, peer_label
 
 __all__ = ["ServerCore", "ServerSockets"]
 
@@ -160,6 +161,8 @@ class ServerCore:
         self._store_inline = self.storage.answers_inline  # read once: per request below
         self.instance_id = instance_id or f"inst-{secrets.token_hex(8)}"
         self._storage_started = False  # stop_storage leaves only a store it joined
+        #: rate-limits outage warnings; ``outage_log.interval`` is in seconds
+        self.outage_log = OutageLog(log)
         self._local: dict[str, Connection] = {}
         self._inflight = 0  # requests being handled, for graceful shutdown
         self._metrics = Metrics()
@@ -199,9 +202,27 @@ class ServerCore:
             elif isinstance(event, ConnectionLost):
                 connection = self._local.get(proto.id or "")
                 if connection is not None:
+                    if log.isEnabledFor(logging.DEBUG):
+                        self._log_closed(connection, event)
                     self._connection_lost(connection)
             elif isinstance(event, HandshakeReceived):
                 self._group.start_soon(self._handshake, proto, event.request)
+
+    def listening_line(self, addresses: Iterable[Sequence[Any]], runtime: str) -> str:
+        """The startup line an adapter logs once it listens (``runtime``:
+        ``asyncio``, ``uvloop`` or ``trio``): the addresses as clients type
+        them (``ws://[::1]:8765``), the store, the instance id, pid, worker."""
+        return listening_line(addresses, runtime, self.storage, self.instance_id)
+
+    def _log_closed(self, connection: Connection, event: ConnectionLost) -> None:
+        log.debug(
+            "connection %s from %s closed: %s %r after %.3f s",
+            connection.id,
+            peer_label(connection.proto.peer),
+            event.code,
+            event.reason,
+            self.runtime.now() - connection.opened_at,
+        )
 
     async def start_storage(self) -> None:
         """Register this instance with the store (before :meth:`serving`).
@@ -434,6 +455,8 @@ class ServerCore:
         self._metrics.connections_total += 1
         connection = Connection(self, proto, request)
         self._local[connection.id] = connection
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection %s opened from %s", connection.id, peer_label(proto.peer))
         await self._open(connection, verdict.metadata)
 
     async def _admit(self, request: UpgradeRequest) -> _Admitted | _Refusal:
@@ -521,7 +544,7 @@ class ServerCore:
                 result = error_payload(exc)
                 bump(self._metrics.errors, result["code"])
             except StorageUnavailable as exc:  # an outage: no traceback per request
-                log.warning("command %r: %s", request.command, exc)  # the driver's text: log only
+                self.outage_log.failed(self.runtime.now(), request.command, exc)  # log only
                 result = unavailable_payload()
                 bump(self._metrics.errors, result["code"])
             except Exception as exc:

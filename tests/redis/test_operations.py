@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -73,3 +74,33 @@ def test_a_failed_start_leaves_no_registration(redis_server: RedisServer, runtim
             ServerThread(runtime, demo_app, storage=store, port=port, **QUIET).__enter__()
     assert admin.smembers("mesh:instances") == set()
     assert admin.keys("mesh:instance:*") == []
+
+
+@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+def test_outage_warnings_are_rate_limited(
+    redis_server: RedisServer, runtime: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under an outage the first failure is logged, the next ones are counted
+    and summarised once per interval, not one warning per command."""
+    caplog.set_level(logging.WARNING, logger="mesh_core.server")
+    store = redis_store(runtime, redis_server.url, command_timeout=0.2, connect_timeout=0.2)
+    server = ServerThread(runtime, demo_app, storage=store, **QUIET)
+    with server:
+        server.server.outage_log.interval = 1.0
+
+        async def scenario() -> None:
+            c = await WSClient.connect(server.port)
+            await anyio.to_thread.run_sync(redis_server.stop)
+            started = time.monotonic()
+            for _ in range(20):
+                await c.request("mesh/join-room", {"roomName": "lobby"}, timeout=10)
+            assert time.monotonic() - started < 1.0  # (the summary below needs it)
+            await anyio.sleep(1.0 - (time.monotonic() - started) + 0.1)
+            await c.request("mesh/join-room", {"roomName": "lobby"}, timeout=10)
+            await c.close()
+
+        anyio.run(scenario)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mesh_core.server"]
+    lines = [line for line in lines if "mesh/join-room" in line or "commands failed" in line]
+    assert len(lines) == 3, lines  # the first, the summary, the first of the next interval
+    assert lines[1].startswith("20 commands failed in the last 1 s: Redis unavailable")
