@@ -53,7 +53,7 @@ def test_client_example_runs() -> None:
     assert "'name': 'alice'" in lines[2] and "connectedAt" in lines[2]
     assert lines[3] == "None"  # the lobby has no metadata
     assert "chat: hi" in lines
-    assert "ESERVER MeshError Insufficient permissions" in lines
+    assert "ESERVER Error Insufficient permissions" in lines
 
 
 @pytest.mark.anyio
