@@ -104,21 +104,33 @@ def load_app(spec: str) -> MeshApp:
     if callable(obj) and not isinstance(obj, MeshApp):
         obj = obj()  # an app factory
     if not isinstance(obj, MeshApp):
-        raise SystemExit(f"error: {spec} is a {type(obj).__name__}, not a MeshApp")
+        kind = type(obj).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise SystemExit(f"error: {spec} is {article} {kind}, not a MeshApp")
     return obj
 
 
 def _parser() -> argparse.ArgumentParser:
     defaults = ServerOptions()
     parser = _Parser(prog="mesh", description="Mesh for Python")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a Mesh server for an app")
     serve.add_argument(
         "app", metavar="MODULE:ATTR", help="the MeshApp to serve, e.g. examples.demo:app"
     )
-    serve.add_argument("--runtime", choices=("asyncio", "trio"), default="asyncio")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8765)
+    serve.add_argument(
+        "--runtime",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="the event loop to serve on; the same app runs on either (default %(default)s)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=_port, default=8765, help="port to listen on (default %(default)s)"
+    )
     serve.add_argument(
         "--ping-interval",
         type=float,
@@ -126,7 +138,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="0 disables pings (default %(default)s)",
     )
-    serve.add_argument("--max-missed-pongs", type=int, default=defaults.max_missed_pongs)
+    serve.add_argument(
+        "--max-missed-pongs",
+        type=int,
+        default=defaults.max_missed_pongs,
+        metavar="N",
+        help="ping intervals without a pong before the connection is closed (default %(default)s)",
+    )
     serve.add_argument(
         "--latency-interval",
         type=float,
@@ -228,28 +246,59 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run N server processes on one port (SO_REUSEPORT); needs --redis",
+        help="run N server processes on one port (SO_REUSEPORT); needs --redis "
+        "(default %(default)s)",
     )
     shared.add_argument(
         "--redis-command-timeout",
         type=_positive(float),
         default=2.0,
         metavar="SECONDS",
-        help="a request waits this long for Redis before EUNAVAILABLE",
+        help="a request waits this long for Redis before EUNAVAILABLE (default %(default)s)",
     )
     shared.add_argument(
-        "--redis-heartbeat-interval", type=_positive(float), default=15.0, metavar="SECONDS"
+        "--redis-heartbeat-interval",
+        type=_positive(float),
+        default=15.0,
+        metavar="SECONDS",
+        help="seconds between heartbeats of this instance (default %(default)s)",
     )
     shared.add_argument(
-        "--redis-heartbeat-ttl", type=_positive(int), default=120, metavar="SECONDS"
+        "--redis-heartbeat-ttl",
+        type=_positive(int),
+        default=120,
+        metavar="SECONDS",
+        help="an instance silent this long is dead and swept (default %(default)s)",
     )
     shared.add_argument(
-        "--redis-sweep-interval", type=_positive(float), default=60.0, metavar="SECONDS"
+        "--redis-sweep-interval",
+        type=_positive(float),
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between sweeps for dead instances (default %(default)s)",
     )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    serve.add_argument("--uvloop", action="store_true", help="asyncio only: run on uvloop")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="asyncio only: run on uvloop, pip install 'mesh-python[uvloop]' (default: off)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="debug adds a line per connection opened and closed (default %(default)s)",
+    )
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mesh-python")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
