@@ -198,6 +198,23 @@ class MeshCommandError(MeshClientError):
         return f"MeshCommandError({self.command!r}, code={self.code!r}, error={str(self)!r})"
 
 
+class MessageTooLarge(MeshClientError, ValueError):
+    """A request is larger than the client's ``max_message_size``: it is not
+    sent, because a server with the same limit would close the connection
+    (1009) and every command in flight on it would fail."""
+
+    code = "ETOOLARGE"
+
+    def __init__(self, command: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"request {command!r} is {size} bytes, over the client's max_message_size "
+            f"of {limit} bytes: not sent (the server's --max-message-size is usually the same)"
+        )
+        self.command = command
+        self.size = size
+        self.limit = limit
+
+
 class CommandTimeout(MeshClientError, TimeoutError):
     """No response within the command's timeout (the reference's ``ETIMEOUT``).
     The request id is freed: a late response is dropped, never misrouted."""
