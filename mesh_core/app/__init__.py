@@ -6,6 +6,8 @@ operations, and the connections/rooms API handed to handlers.
 
 from ._app import (
     Authenticator,
+    ChannelGuard,
+    ChannelPattern,
     ConnectionHook,
     Context,
     Handler,
@@ -17,6 +19,7 @@ from ._app import (
     WritePolicy,
 )
 from ._builtins import BUILTINS, Builtin, CheckClientWrite, Steps
+from ._channels import CHANNEL_BUILTINS, SUBSCRIPTION_MESSAGE, ChannelsAPI
 from ._pubsub import Listener, PubSub
 from ._server import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, ServerCore
 
@@ -24,6 +27,10 @@ __all__ = [
     "Authenticator",
     "BUILTINS",
     "Builtin",
+    "CHANNEL_BUILTINS",
+    "ChannelGuard",
+    "ChannelPattern",
+    "ChannelsAPI",
     "CheckClientWrite",
     "Connection",
     "ConnectionHook",
@@ -38,6 +45,7 @@ __all__ = [
     "ReadGuard",
     "ReadPolicy",
     "RoomsAPI",
+    "SUBSCRIPTION_MESSAGE",
     "ServerCore",
     "Steps",
     "WriteGuard",

@@ -37,6 +37,7 @@ from ..storage._memory import MemoryStore
 from ..storage._strategies import updater
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
+from ._channels import CHANNEL_BUILTINS, ChannelsAPI, ChannelServerOp
 from ._pubsub import PubSub
 
 __all__ = ["Connection", "ConnectionRef", "ConnectionsAPI", "RoomsAPI", "ServerCore"]
@@ -237,6 +238,8 @@ class ServerCore:
         self.rooms = RoomsAPI(self)
         #: the store's named channels, one store subscription per channel
         self.pubsub = PubSub(self._execute, self.instance_id, self._new_event)
+        self.channels = ChannelsAPI(self)
+        self.write_channel = self.channels.write
         # the reference's names, on the server itself
         self.add_to_room = self.rooms.add_to_room
         self.remove_from_room = self.rooms.remove_from_room
@@ -279,6 +282,8 @@ class ServerCore:
     async def _execute(self, op: ops.Op) -> Any:
         if isinstance(op, CheckClientWrite):
             return await self._check_client_write(op)
+        if isinstance(op, ChannelServerOp):
+            return await self.channels.execute(op)
         if isinstance(op, ops.UpdateMetadata) and self.options.max_metadata_size:
             op = self._bounded(op)
         return await self.storage.execute(op)
@@ -371,6 +376,7 @@ class ServerCore:
 
     async def _stop_storage(self) -> None:
         self.pubsub.clear()  # the store drops its subscriptions as it stops
+        self.channels.clear()
         if isinstance(self.storage, MemoryStore):
             self.storage.detach(self.instance_id)
         await self.storage.stop()
@@ -493,6 +499,7 @@ class ServerCore:
                     await hook(connection)
                 except Exception:
                     log.exception("on_disconnection hook failed for %s", connection.id)
+            await self.channels.connection_closed(connection)
             await self._execute(ops.UnregisterConnection(connection.id, self.instance_id))
         except Exception:
             log.exception("cleaning up connection %s failed", connection.id)
@@ -541,7 +548,7 @@ class ServerCore:
     async def _run_command(self, ctx: Context) -> Any:
         name = ctx.command
         handler = self.app.commands.get(name)
-        builtin = BUILTINS.get(name) if handler is None else None
+        builtin = (BUILTINS.get(name) or CHANNEL_BUILTINS.get(name)) if handler is None else None
         if handler is None and builtin is None:
             bump(self._metrics.requests, UNKNOWN_COMMAND)
             bump(self._metrics.errors, "ENOTFOUND")

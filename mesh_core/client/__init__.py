@@ -9,6 +9,7 @@ from .._errors import (
     MeshCommandError,
     MeshConnectionError,
 )
+from ._channels import ChannelCallback, ChannelSubscription, History
 from ._core import (
     LIFECYCLE_EVENTS,
     ClientCore,
@@ -23,12 +24,15 @@ from ._core import (
 )
 
 __all__ = [
+    "ChannelCallback",
+    "ChannelSubscription",
     "ClientCore",
     "ClientOptions",
     "ClientStatus",
     "CommandTimeout",
     "ConnectionRejected",
     "Endpoint",
+    "History",
     "LIFECYCLE_EVENTS",
     "MeshClientError",
     "MeshCommandError",

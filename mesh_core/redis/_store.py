@@ -33,10 +33,12 @@ from typing import Any, Protocol
 
 import msgspec
 
-from .._errors import RedisReplyError, RedisUnavailable
+from .._errors import RedisUnavailable
 from ..storage import _ops as ops
 from ..storage._base import DeliverCallback
+from ._channels import RedisChannels
 from ._pubsub import RedisPubSub
+from ._script import Script as _Script
 
 __all__ = ["RedisStoreCore", "RedisTransport", "keys"]
 
@@ -193,25 +195,7 @@ return 0
 _MISSING: Any = object()  # not in the cache (None there means "absent in Redis")
 
 
-class _Script:
-    def __init__(self, source: str) -> None:
-        import hashlib
-
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(
-        self, transport: RedisTransport, keys_: Sequence[str], args: Sequence[Arg]
-    ) -> Any:
-        try:
-            return await transport.execute("EVALSHA", self.sha, len(keys_), *keys_, *args)
-        except RedisReplyError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
-            return await transport.execute("EVAL", self.source, len(keys_), *keys_, *args)
-
-
-class RedisStoreCore(RedisPubSub):
+class RedisStoreCore(RedisPubSub, RedisChannels):
     """A storage driver on a shared Redis; see the module docstring.
 
     The runtime adapters subclass it to supply the transport, a wall clock

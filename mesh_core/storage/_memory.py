@@ -17,14 +17,16 @@ from typing import Any
 from ..protocol._frames import decode_json, encode_json
 from . import _ops as ops
 from ._base import DeliverCallback
+from ._memory_channels import MemoryChannels
 
 __all__ = ["MemoryStore"]
 
 log = logging.getLogger("mesh_core.storage")
 
 
-class MemoryStore:
+class MemoryStore(MemoryChannels):
     def __init__(self) -> None:
+        super().__init__()
         self._owner: dict[str, str] = {}  # connection id -> instance id
         # metadata is kept as JSON text, as Redis keeps it: a value that could
         # not be stored in Redis fails here too, and readers get fresh copies

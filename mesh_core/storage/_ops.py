@@ -15,12 +15,14 @@ from typing import Any, Literal
 
 __all__ = [
     "AddToRoom",
+    "ChannelHistory",
     "ClearRoom",
     "DeleteRoom",
     "DeleteRoomMetadata",
     "GetAllConnectionIds",
     "GetAllMetadata",
     "GetAllRooms",
+    "GetChannelHistory",
     "GetConnectionRooms",
     "GetMetadata",
     "GetRoomMembers",
@@ -28,6 +30,7 @@ __all__ = [
     "HANDLER_NAMES",
     "IsInRoom",
     "MessageCallback",
+    "OFFSETS_PREFIX",
     "Op",
     "Publish",
     "PublishMessage",
@@ -40,7 +43,11 @@ __all__ = [
     "UNCHANGED",
     "Unsubscribe",
     "UpdateMetadata",
+    "WriteChannel",
     "handlers",
+    "offsets_channel",
+    "offsets_envelope",
+    "split_envelope",
 ]
 
 Scope = Literal["connection", "room"]
@@ -255,6 +262,83 @@ class PublishMessage(Op):
     data: bytes | str
 
 
+# -- channels with history ------------------------------------------------------
+#
+# A channel's kept messages are the reference's list (``mesh:history:<channel>``
+# on Redis, RPUSH then LTRIM -N -1). Each message written by our instances
+# with history also gets the channel's next *offset* (1, 2, ...), and the
+# channel an *epoch* (a random id, new whenever the store lost the channel's
+# state), in the same atomic step as the list write. It is then published
+# twice, back to back: ``<offset>:<epoch>:<message>`` on
+# :func:`offsets_channel` (read by our instances) and the bare message on the
+# channel itself (read by reference instances; ours drop that copy).
+
+#: where our instances announce a message with its offset (``mesh:``: never
+#: exposable, so no client can subscribe to it directly)
+OFFSETS_PREFIX = "mesh:channel:"
+
+
+def offsets_channel(channel: str) -> str:
+    return OFFSETS_PREFIX + channel
+
+
+def offsets_envelope(offset: int, epoch: str, message: bytes) -> bytes:
+    return b"%d:%s:%s" % (offset, epoch.encode(), message)
+
+
+def split_envelope(data: bytes) -> tuple[int, str, bytes]:
+    """``(offset, epoch, message)`` of an :func:`offsets_envelope`; raises
+    ``ValueError`` if it is not one."""
+    offset, epoch, message = data.split(b":", 2)
+    return int(offset), epoch.decode(), message
+
+
+@dataclass(frozen=True, slots=True)
+class WriteChannel(Op):
+    """In one atomic step: give ``message`` the channel's next offset (and
+    the channel an epoch, ``epoch`` being the one to use if it has none),
+    append it to the channel's history keeping the last ``history`` (>= 1),
+    and publish it as described above. Result: ``(offset, epoch)``."""
+
+    channel: str
+    message: str
+    history: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHistory:
+    """What :class:`GetChannelHistory` read, in one atomic step.
+
+    ``messages`` oldest first; ``offset`` is the offset of the last of them
+    (``None`` when there are none, or when a writer that assigns no offsets,
+    a reference instance, appended since our last write); ``last`` is the
+    channel's last offset and ``epoch`` its epoch (``None``: never written
+    with history). ``recovered`` (only with ``since``): ``True`` if
+    ``messages`` are exactly every message after ``since``, ``False`` if some
+    are missing (trimmed away, more than ``limit``, another epoch)."""
+
+    messages: list[str]
+    offset: int | None
+    last: int
+    epoch: str | None
+    recovered: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetChannelHistory(Op):
+    """Result: a :class:`ChannelHistory`. Without ``since``: the latest
+    ``limit`` kept messages. With ``since`` (an offset, and the ``epoch`` it
+    belongs to, if known): the kept messages after it, at most the latest
+    ``limit``; when they cannot all be given, the latest ``limit`` kept
+    messages and ``recovered=False``. ``limit=0`` reads only the position."""
+
+    channel: str
+    limit: int
+    since: int | None = None
+    epoch: str | None = None
+
+
 #: The method of a storage driver that carries out each operation: every
 #: driver names its methods so, and builds its dispatch table with
 #: :func:`handlers` (a driver missing one fails when it is created).
@@ -279,6 +363,8 @@ HANDLER_NAMES: dict[type[Op], str] = {
     Subscribe: "_subscribe",
     Unsubscribe: "_unsubscribe",
     PublishMessage: "_publish_message",
+    WriteChannel: "_write_channel",
+    GetChannelHistory: "_get_channel_history",
 }
 
 
