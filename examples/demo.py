@@ -9,6 +9,7 @@ either runtime unchanged.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -141,3 +142,30 @@ async def count_disconnect(connection: Connection) -> None:
     # a client that goes away without leaving still stops being a member
     for room in await connection.server.rooms.get_connection_rooms(connection):
         await connection.server.rooms.update_metadata(room, _add_members(-1))
+
+
+# -- channels ----------------------------------------------------------------
+# Every chat:* channel is open to any client, except chat:admin: only a
+# connection whose metadata says role "admin" may subscribe to it or read
+# its history (the guard is asked on every subscribe and every read).
+
+
+async def chat_guard(connection: Connection, channel: str) -> bool:
+    if channel != "chat:admin":
+        return True
+    metadata = await connection.get_metadata()
+    return isinstance(metadata, dict) and metadata.get("role") == "admin"
+
+
+app.expose_channel(re.compile(r"^chat:"), guard=chat_guard)
+
+
+@app.command("post")
+async def post(ctx: Context) -> dict[str, Any]:
+    """Write ``message`` (a string) to ``channel``, keeping the last
+    ``history`` (default 50) messages."""
+    payload = _require(ctx.payload, "channel", "message")
+    await ctx.server.write_channel(
+        payload["channel"], payload["message"], payload.get("history", 50)
+    )
+    return {"success": True}

@@ -6,8 +6,9 @@ are ``PUBLISH``-ed on the channel name itself. What we add lives beside it, in
 a hash of our own (:func:`history_meta_key`): the channel's last ``offset``,
 its ``epoch``, and how many of the list's newest entries are ours with
 consecutive offsets (``known``, checked against a SHA1 of the newest entry,
-``tail``: a reference writer's append breaks the run, and the next read
-says so instead of misnumbering).
+``tail``: a reference writer's append breaks the run, and a read says so
+instead of misnumbering), and ``floor``, the first offset written after
+entries without offsets (a resume from before it missed those).
 
 Each step is one Lua script, so a write's offset, list entry and the two
 publishes (the offset announcement, then the bare message) are atomic: every
@@ -65,6 +66,10 @@ end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then epoch = ARGV[3] end
 local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
+if known == 0 and redis.call('LLEN', KEYS[1]) > 0 then
+  -- entries without offsets before this one: whoever is older missed them
+  redis.call('HSET', KEYS[2], 'floor', offset)
+end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 known = math.min(known + 1, redis.call('LLEN', KEYS[1]))
@@ -79,14 +84,16 @@ return {offset, epoch}
 # last offset, epoch or nil, known, recovered: 1, 0, or -1 without since}.
 _READ = """
 local len = redis.call('LLEN', KEYS[1])
-local meta = redis.call('HMGET', KEYS[2], 'offset', 'epoch', 'known', 'tail')
+local meta = redis.call('HMGET', KEYS[2], 'offset', 'epoch', 'known', 'tail', 'floor')
 local last = tonumber(meta[1] or '0')
 local known = tonumber(meta[3] or '0')
+local floor = tonumber(meta[5] or '0')
 if known > 0 then
   local tail = redis.call('LINDEX', KEYS[1], -1)
   if (not tail) or redis.sha1hex(tail) ~= meta[4] then known = 0 end
 end
 known = math.min(known, len)
+local foreign = len > 0 and known == 0
 local limit = tonumber(ARGV[1])
 local n = math.min(limit, len)
 local recovered = -1
@@ -97,7 +104,11 @@ if ARGV[2] ~= '' then
   else
     local missing = last - since
     n = math.min(missing, known, limit)
-    if missing <= known and missing <= limit then recovered = 1 else recovered = 0 end
+    if missing <= known and missing <= limit and since >= floor and not foreign then
+      recovered = 1
+    else
+      recovered = 0
+    end
   end
 end
 local items = {}

@@ -20,14 +20,20 @@ def plan_read(
     known: int,
     epoch: str | None,
     op: ops.GetChannelHistory,
+    floor: int = 0,
 ) -> tuple[int, bool | None]:
     """How many of the newest kept messages to return, and ``recovered``.
 
     ``length`` messages are kept; the newest ``known`` of them have the
     offsets ``last - known + 1 .. last`` (older ones, or a reference writer's,
-    have none). With ``since``, the messages after it can be given when the
-    epoch is the same, ``since`` is not ahead of ``last``, and all of them are
-    among the known ones and fit in ``limit``."""
+    have none); ``floor`` is the first offset written after messages without
+    one (0: none). Without ``since``: the latest ``limit``. With ``since``:
+    the messages after it that have an offset, at most the latest ``limit``
+    (so nothing is ever given twice), and ``recovered`` only if that is
+    every message written after it: same epoch, ``since`` not ahead of
+    ``last`` nor before ``floor``, nothing newer without an offset, all of
+    them kept and within ``limit``. Another epoch (or ``since`` ahead): a
+    different history, whose latest ``limit`` are all new to the reader."""
     limit = op.limit
     if op.since is None:
         return min(limit, length), None
@@ -35,7 +41,9 @@ def plan_read(
     if not same_epoch or op.since > last:
         return min(limit, length), False
     missing = last - op.since
-    return min(missing, known, limit), missing <= known and missing <= limit
+    foreign = length > 0 and known == 0
+    complete = missing <= known and missing <= limit and op.since >= floor and not foreign
+    return min(missing, known, limit), complete
 
 
 @dataclass

@@ -329,9 +329,12 @@ class ChannelHistory:
 class GetChannelHistory(Op):
     """Result: a :class:`ChannelHistory`. Without ``since``: the latest
     ``limit`` kept messages. With ``since`` (an offset, and the ``epoch`` it
-    belongs to, if known): the kept messages after it, at most the latest
-    ``limit``; when they cannot all be given, the latest ``limit`` kept
-    messages and ``recovered=False``. ``limit=0`` reads only the position."""
+    belongs to, if known): the kept messages after it that have an offset,
+    at most the latest ``limit`` (never one the reader had), and
+    ``recovered=False`` when that is not every message written after it
+    (trimmed away, over ``limit``, written by a reference instance); with
+    another epoch, the latest ``limit``. ``limit=0`` reads only the position.
+    The rules: :func:`mesh_core.storage._memory_channels.plan_read`."""
 
     channel: str
     limit: int
