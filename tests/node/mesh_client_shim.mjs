@@ -25,7 +25,18 @@
 //     a received ping resets the count; when the count exceeds `maxMissedPings`
 //     the client drops the socket and reconnects (when `shouldReconnect`);
 //   * server pushes (frames whose command is not a system command) are emitted
-//     as client events: `client.on("chat", payload => ...)`.
+//     as client events: `client.on("chat", payload => ...)`, except
+//     `mesh/subscription-message`, which goes to the callback given to
+//     `subscribeChannel` for its channel (`payload.message` only) and is not
+//     emitted as an event;
+//   * channels (client.ts `subscribeChannel`, `unsubscribeChannel`,
+//     `getChannelHistory`, `handleChannelMessage`): the subscription is
+//     recorded *before* the command is sent, so live messages that arrive
+//     before the response already reach the callback; the history in the
+//     response is then handed to the callback too, in order; a failed
+//     subscribe keeps the recorded subscription (as the reference does);
+//     after a reconnect every channel is subscribed again with the same
+//     `historyLimit` (resubscribeAll; no `since`), after the rooms.
 
 const Status = Object.freeze({
   ONLINE: "online",
@@ -128,6 +139,7 @@ export class MeshClient extends Emitter {
     this.missedPings = 0;
     this.isReconnecting = false;
     this.joinedRooms = new Map();
+    this.channelSubscriptions = new Map();
   }
 
   get status() {
@@ -190,6 +202,8 @@ export class MeshClient extends Emitter {
       this._heartbeat();
       this.emit("ping");
       this._fireAndForget("pong", {});
+    } else if (command === "mesh/subscription-message") {
+      this._handleChannelMessage(payload);
     } else if (typeof command === "string" && !SYSTEM_COMMANDS.has(command)) {
       this.emit(command, payload);
     }
@@ -311,6 +325,11 @@ export class MeshClient extends Emitter {
               await this.joinRoom(roomName);
             } catch {}
           }
+          for (const [channel, { callback, historyLimit }] of this.channelSubscriptions) {
+            try {
+              await this.subscribeChannel(channel, callback, { historyLimit });
+            } catch {}
+          }
           this.emit("connect");
           this.emit("reconnect");
         },
@@ -361,6 +380,49 @@ export class MeshClient extends Emitter {
     const result = await this.command("mesh/leave-room", { roomName });
     if (result && result.success) this.joinedRooms.delete(roomName);
     return { success: result ? result.success : undefined };
+  }
+
+  async _handleChannelMessage(payload) {
+    const { channel, message } = payload || {};
+    const subscription = this.channelSubscriptions.get(channel);
+    if (subscription) {
+      try {
+        await subscription.callback(message);
+      } catch (e) {
+        this.emit("error", e);
+      }
+    }
+  }
+
+  async subscribeChannel(channel, callback, options) {
+    this.channelSubscriptions.set(channel, { callback, historyLimit: options?.historyLimit });
+    const result = await this.command("mesh/subscribe-channel", {
+      channel,
+      historyLimit: options?.historyLimit,
+      since: options?.since,
+    });
+    if (result.success && result.history && result.history.length > 0) {
+      result.history.forEach((message) => callback(message));
+    }
+    return { success: result.success, history: result.history || [] };
+  }
+
+  unsubscribeChannel(channel) {
+    this.channelSubscriptions.delete(channel);
+    return this.command("mesh/unsubscribe-channel", { channel });
+  }
+
+  async getChannelHistory(channel, options) {
+    try {
+      const result = await this.command("mesh/get-channel-history", {
+        channel,
+        limit: options?.limit,
+        since: options?.since,
+      });
+      return { success: result.success, history: result.history || [] };
+    } catch {
+      return { success: false, history: [] };
+    }
   }
 
   async getRoomMetadata(roomName) {

@@ -7,6 +7,7 @@
 // Usage:
 //   node reference_client.mjs ws://127.0.0.1:PORT                 # scenario
 //   node reference_client.mjs ws://127.0.0.1:PORT idle SECONDS [PING_TIMEOUT_MS] [MAX_MISSED_PINGS]
+//   node reference_client.mjs ws://127.0.0.1:PORT channels        # channels scenario
 //
 // Which client runs:
 //   * MESH_CLIENT_MODULE=<package name or path to the client's entry file>
@@ -262,6 +263,118 @@ async function scenario(url, MeshClient, out) {
   });
 }
 
+// ---- channels ----------------------------------------------------------------
+
+async function channels(url, MeshClient, out) {
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
+  const checks = (out.checks = {});
+  async function step(name, fn) {
+    try {
+      const value = await withTimeout(Promise.resolve().then(fn), STEP_TIMEOUT, name);
+      steps[name] = value === undefined ? null : value;
+      return value;
+    } catch (e) {
+      steps[name] = { __error__: errInfo(e) };
+      failures.push({ step: name, ...errInfo(e) });
+      return undefined;
+    }
+  }
+  const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
+  const opts = { shouldReconnect: false };
+  const a = new MeshClient(url, opts);
+  const b = new MeshClient(url, opts);
+  await step("connect_a", () => a.connect());
+  await step("connect_b", () => b.connect());
+  const post = (channel, message, history) => a.command("post", { channel, message, history });
+  for (let i = 1; i <= 5; i++) await step(`post_old${i}`, () => post("chat:general", `old${i}`, 3));
+
+  const got = (out.got = []);
+  let waiter = null;
+  const arrived = (n) =>
+    new Promise((resolve) => {
+      if (got.length >= n) return resolve(got.length);
+      waiter = { n, resolve };
+    });
+  const onMessage = (message) => {
+    got.push(message);
+    if (waiter && got.length >= waiter.n) {
+      waiter.resolve(got.length);
+      waiter = null;
+    }
+  };
+  await step("subscribe_with_history", () =>
+    b.subscribeChannel("chat:general", onMessage, { historyLimit: 2 }),
+  );
+  steps.got_after_subscribe = [...got];
+  const plain = [];
+  await step("subscribe_without_history", () => a.subscribeChannel("chat:general", (m) => plain.push(m)));
+  for (let i = 0; i < 10; i++) await step(`post_live${i}`, () => post("chat:general", `live${i}`));
+  await step("live_arrived", () => withTimeout(arrived(12), 5_000, "12 messages"));
+  steps.got_live = [...got];
+  steps.plain_live = [...plain];
+  await step("history_3", () => b.getChannelHistory("chat:general", { limit: 3 }));
+  await step("subscribe_admin_denied", () => b.subscribeChannel("chat:admin", () => {}));
+  await step("subscribe_not_exposed", () => b.subscribeChannel("news", () => {}));
+  await step("subscribe_internal", () => b.subscribeChannel("mesh:channel:chat:general", () => {}));
+  await step("history_not_exposed", () => b.getChannelHistory("news"));
+  await step("become_admin", () => b.setConnectionMetadata({ role: "admin" }, { strategy: "merge" }));
+  const admin = [];
+  await step("subscribe_admin", () => b.subscribeChannel("chat:admin", (m) => admin.push(m)));
+  await step("post_admin", () => post("chat:admin", "for admins"));
+  await step("admin_arrived", async () => {
+    for (let i = 0; i < 100 && admin.length === 0; i++) await sleep(20);
+    return [...admin];
+  });
+  await step("unsubscribe", () => b.unsubscribeChannel("chat:general"));
+  await step("post_after_unsubscribe", () => post("chat:general", "after"));
+  await step("after_unsubscribe", async () => {
+    await sleep(300);
+    return [...got];
+  });
+  await step("unsubscribe_again", () => b.unsubscribeChannel("chat:general"));
+  await step("negative_history_limit", () =>
+    b.command("mesh/subscribe-channel", { channel: "chat:x", historyLimit: -1 }),
+  );
+  await step("huge_history_limit", () =>
+    b.command("mesh/subscribe-channel", { channel: "chat:x", historyLimit: 1e9 }),
+  );
+  await step("missing_channel", () => b.command("mesh/subscribe-channel", {}));
+  await step("non_string_message", () => a.command("post", { channel: "chat:x", message: { x: 1 } }));
+  for (let i = 0; i < 6; i++) await step(`post_short${i}`, () => post("chat:short", `s${i}`, 4));
+  await step("history_trimmed", () => b.getChannelHistory("chat:short", { limit: 10 }));
+  await step("close_a", () => a.close());
+  await step("close_b", () => b.close());
+
+  const s = steps;
+  const isErr = (v, code) => v && typeof v === "object" && v.code === code && typeof v.error === "string";
+  checks.history_is_latest_n = same(s.subscribe_with_history, { success: true, history: ["old4", "old5"] });
+  checks.history_handed_to_callback = same(s.got_after_subscribe, ["old4", "old5"]);
+  checks.no_history_when_not_asked = same(s.subscribe_without_history, { success: true, history: [] });
+  const live = Array.from({ length: 10 }, (_, i) => `live${i}`);
+  checks.live_in_order = same(s.got_live, ["old4", "old5", ...live]);
+  checks.live_in_order_plain = same(s.plain_live, live);
+  checks.get_history = same(s.history_3, { success: true, history: ["live7", "live8", "live9"] });
+  const refused = { success: false, history: [] };
+  checks.guard_refuses = same(s.subscribe_admin_denied, refused);
+  checks.not_exposed_refused = same(s.subscribe_not_exposed, refused);
+  checks.internal_refused = same(s.subscribe_internal, refused);
+  checks.history_not_exposed_refused = same(s.history_not_exposed, refused);
+  checks.guard_admits_admin = same(s.subscribe_admin, { success: true, history: [] });
+  checks.admin_message = same(s.admin_arrived, ["for admins"]);
+  checks.unsubscribe_true = s.unsubscribe === true;
+  checks.unsubscribe_stops_delivery = same(s.after_unsubscribe, ["old4", "old5", ...live]);
+  checks.unsubscribe_again_false = s.unsubscribe_again === false;
+  checks.negative_limit_error = isErr(s.negative_history_limit, "EINVAL");
+  checks.huge_limit_error = isErr(s.huge_history_limit, "EINVAL");
+  checks.missing_channel_error = isErr(s.missing_channel, "EINVAL");
+  checks.non_string_message_error = isErr(s.non_string_message, "EINVAL");
+  checks.history_trimmed_to_n = same(s.history_trimmed, { success: true, history: ["s2", "s3", "s4", "s5"] });
+  const pushes = wire.filter((w) => w.dir === "in" && w.frame.command === "mesh/subscription-message");
+  checks.push_shape = pushes.length > 0 && pushes.every((w) => typeof w.frame.payload.channel === "string" &&
+    typeof w.frame.payload.message === "string" && !("id" in w.frame));
+}
+
 // ---- idle ------------------------------------------------------------------
 
 async function idle(url, MeshClient, out, seconds, pingTimeout, maxMissedPings) {
@@ -331,7 +444,7 @@ async function idle(url, MeshClient, out, seconds, pingTimeout, maxMissedPings) 
 async function main() {
   const url = process.argv[2];
   const mode = process.argv[3] || "scenario";
-  if (!url || !/^wss?:\/\//.test(url) || !["scenario", "idle"].includes(mode)) {
+  if (!url || !/^wss?:\/\//.test(url) || !["scenario", "idle", "channels"].includes(mode)) {
     emit({ ok: false, error: "usage: reference_client.mjs ws://host:port [idle SECONDS [PING_TIMEOUT_MS [MAX_MISSED_PINGS]]]" }, 2);
     return;
   }
@@ -360,6 +473,8 @@ async function main() {
       const pingTimeout = process.argv[5] ? Number(process.argv[5]) : undefined;
       const maxMissed = process.argv[6] !== undefined ? Number(process.argv[6]) : undefined;
       await idle(url, MeshClient, out, seconds, pingTimeout, maxMissed);
+    } else if (mode === "channels") {
+      await channels(url, MeshClient, out);
     } else {
       await scenario(url, MeshClient, out);
     }
