@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 from mesh_core.runtime import Event
@@ -14,6 +15,8 @@ __all__ = ["AsyncioRuntime", "RUNTIME"]
 
 T = TypeVar("T")
 
+_SYSTEM_TASKS: set[asyncio.Task[None]] = set()  # strong references while they run
+
 
 class _TaskGroup:
     """A nursery on asyncio: tasks started here are awaited when the block
@@ -21,16 +24,18 @@ class _TaskGroup:
     ``asyncio.TaskGroup``, ``cancel()`` is public and ``len()`` counts the
     tasks still running."""
 
-    __slots__ = ("_body", "_cancelled", "_errors", "_tasks")
+    __slots__ = ("_body", "_cancelled", "_errors", "_loop", "_tasks")
 
     def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._errors: list[BaseException] = []
         self._body = asyncio.current_task()
         self._cancelled = False
 
     def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        task = asyncio.get_running_loop().create_task(fn(*args))
+        # the server's hot path: a request that waits costs this one task
+        task = self._loop.create_task(fn(*args))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -42,11 +47,14 @@ class _TaskGroup:
             self.cancel()
 
     def cancel(self) -> None:
-        self._cancelled = True
         for task in list(self._tasks):
             task.cancel()
-        if self._body is not None and not self._body.done():
-            self._body.cancel()
+        body = self._body
+        # the body cancelling its own group is about to leave the block (as
+        # after a nursery's cancel, nothing is left for it to wait for)
+        if body is not None and not body.done() and body is not asyncio.current_task():
+            self._cancelled = True  # the body's CancelledError is ours to absorb
+            body.cancel()
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -84,21 +92,32 @@ class AsyncioRuntime:
 
         return list(await asyncio.gather(*(run(t) for t in thunks)))
 
+    def shield(self) -> AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+    def spawn_system_task(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.get_running_loop().create_task(fn())
+        _SYSTEM_TASKS.add(task)
+        task.add_done_callback(_SYSTEM_TASKS.discard)
+
     @asynccontextmanager
     async def open_task_group(self) -> AsyncIterator[_TaskGroup]:
         group = _TaskGroup()
         try:
             yield group
+            await group._join()
         except asyncio.CancelledError:
+            # the body (or the join) was cancelled: by the group's own
+            # cancel(), which ends the block quietly as a nursery's does, or
+            # from outside, which propagates once every task has ended
             for task in list(group._tasks):
                 task.cancel()
-            await group._join()
             body = group._body
-            # the group's own cancel() ends the block quietly, as a nursery's does
-            if group._cancelled and body is not None and body.uncancel() == 0:
+            own = group._cancelled and body is not None and body.uncancel() == 0
+            await group._join()
+            if own:
                 return
             raise
-        await group._join()
 
 
 RUNTIME = AsyncioRuntime()

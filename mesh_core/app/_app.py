@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from ..protocol._handshake import UpgradeRequest
 
 if TYPE_CHECKING:
-    from ._server import Connection, ServerCore
+    from ._api import Connection
+    from ._server import ServerCore
 
 __all__ = [
     "Authenticator",

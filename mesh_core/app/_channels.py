@@ -40,13 +40,13 @@ from ..protocol._frames import encode_push
 from ..protocol._server_connection import text_frame
 from ..storage import _ops as ops
 from ._app import RESERVED_CHANNEL_PREFIX
-from ._builtins import Builtin, Steps
 
 if TYPE_CHECKING:
-    from ._server import Connection, ConnectionRef, ServerCore
+    from ._api import Connection, ConnectionRef
+    from ._builtins import Steps
+    from ._server import ServerCore
 
 __all__ = [
-    "CHANNEL_BUILTINS",
     "ChannelAccess",
     "ChannelServerOp",
     "ChannelSettings",
@@ -54,6 +54,9 @@ __all__ = [
     "JoinChannel",
     "LeaveChannel",
     "SUBSCRIPTION_MESSAGE",
+    "get_channel_history",
+    "subscribe_channel",
+    "unsubscribe_channel",
 ]
 
 log = logging.getLogger("mesh_core.channels")
@@ -180,13 +183,6 @@ def get_channel_history(connection_id: str, payload: Any) -> Steps:
     return _reply(read, since, since)
 
 
-CHANNEL_BUILTINS: dict[str, Builtin] = {
-    "mesh/subscribe-channel": subscribe_channel,
-    "mesh/unsubscribe-channel": unsubscribe_channel,
-    "mesh/get-channel-history": get_channel_history,
-}
-
-
 # -- local subscriptions --------------------------------------------------------
 
 
@@ -264,7 +260,7 @@ class ChannelsAPI:
         if not history:
             await self._server.pubsub.publish(channel, message)
             return None
-        offset, _ = await self._server._execute(
+        offset, _ = await self._server.execute(
             ops.WriteChannel(channel, message, history, secrets.token_hex(4))
         )
         return int(offset)
@@ -279,7 +275,7 @@ class ChannelsAPI:
     ) -> ops.ChannelHistory:
         """The latest ``limit`` kept messages (with ``since``: those after
         that offset; see :class:`~mesh_core.storage.GetChannelHistory`)."""
-        return await self._server._execute(  # type: ignore[no-any-return]
+        return await self._server.execute(  # type: ignore[no-any-return]
             ops.GetChannelHistory(channel, limit, since, epoch)
         )
 

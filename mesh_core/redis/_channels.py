@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..storage import _ops as ops
-from ._script import Script
+from ._layout import Script
 
 if TYPE_CHECKING:
-    from ._store import RedisTransport
+    from ._transport import RedisTransport
 
 __all__ = ["RedisChannels", "history_key", "history_meta_key"]
 

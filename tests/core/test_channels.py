@@ -11,10 +11,9 @@ from typing import Any
 import anyio
 import pytest
 
+import mesh_asyncio
 from mesh_core import Connection, MemoryStore, MeshApp, ValidationError
-from mesh_core.client import ClientOptions
 from mesh_core.client._core import ClientCore
-from mesh_core.runtime import Event
 from mesh_core.storage import _ops as ops
 from tests.core.test_dispatch import Client, FakeServer, connect
 
@@ -22,8 +21,10 @@ pytestmark = pytest.mark.anyio
 
 
 class Server(FakeServer):
-    def _new_event(self) -> Event:
-        return anyio.Event()
+    def __init__(self, app: MeshApp, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        # what PubSub waits on when two tasks change one channel at once
+        self.fake_runtime.event = anyio.Event  # type: ignore[attr-defined]
 
 
 def make(app: MeshApp, **options: Any) -> Server:
@@ -249,10 +250,13 @@ async def test_server_side_subscribe_and_a_reference_writer() -> None:
 
 
 class ScriptedClient(ClientCore):
-    """A client whose commands are answered by the test."""
+    """A client whose commands are answered by the test (it never opens a
+    socket: the binding only lends its runtime's events)."""
+
+    binding = mesh_asyncio.MeshClient.binding
 
     def __init__(self, replies: list[Any]) -> None:
-        super().__init__("ws://example.test", options=ClientOptions())
+        super().__init__("ws://example.test")
         self.replies = replies
         self.sent: list[tuple[str, Any]] = []
         self.before_reply: Any = None
