@@ -17,6 +17,12 @@ times it took, and then, by mode:
     joins every connection to a room with ``bench/join-room``, then for each
     ``round`` line on stdin waits until every connection has one more push,
     and prints when the first and the last of them arrived.
+``listen``
+    sends every connection the ``subscribe`` requests (e.g. a channel
+    subscription and a room join), then reads pushes until stdin says
+    ``close``: a push carrying ``<phase>@@<monotonic send time>@@`` counts
+    for that phase, with its delivery latency; each ``report`` line prints
+    the counts and a latency histogram (0.1 ms buckets) since the last one.
 
 Responses are counted by reading frame headers; the only bytes of a body
 that are looked at are the digits of ``{"id":N`` (responses are encoded
@@ -334,6 +340,83 @@ class Worker:
         return first, last, len(self.order) - len(missing)
 
 
+def _bodies(c: Conn) -> list[bytes]:
+    """The complete (unmasked, server-to-client) frames' payloads in ``c.buf``."""
+    buf = c.buf
+    pos, n = 0, len(buf)
+    out: list[bytes] = []
+    while pos + 2 <= n:
+        ln = buf[pos + 1] & 0x7F
+        hl = 2
+        if ln == 126:
+            if pos + 4 > n:
+                break
+            ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+            hl = 4
+        elif ln == 127:
+            if pos + 10 > n:
+                break
+            ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            hl = 10
+        end = pos + hl + ln
+        if end > n:
+            break
+        out.append(buf[pos + hl : end])
+        pos = end
+    c.buf = buf[pos:]
+    return out
+
+
+def listen(worker: Worker, requests: list[list[Any]]) -> None:
+    """The ``listen`` mode; see the module docstring."""
+    for c in worker.order:
+        for i, (command, payload) in enumerate(requests, start=1):
+            c.sock.sendall(request_bytes(command, payload, i))
+    waiting = {c.sock.fileno(): len(requests) for c in worker.order}
+    while waiting:
+        for fd, _ in worker.ep.poll(10.0):
+            c = worker.conns[fd]
+            c.buf += c.sock.recv(65536)
+            left = waiting.get(fd, 0) - len(_bodies(c))
+            if left <= 0:
+                waiting.pop(fd, None)
+            else:
+                waiting[fd] = left
+    _emit({"joined": True})
+    stdin = sys.stdin.fileno()
+    worker.ep.register(stdin, select.EPOLLIN)
+    counts: dict[str, int] = {}
+    hist: dict[str, dict[int, int]] = {}
+    pending = b""
+    while True:
+        for fd, _ in worker.ep.poll(1.0):
+            if fd == stdin:
+                pending += os.read(stdin, 4096)
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    if line.strip() != b"report":
+                        return
+                    _emit({"counts": counts, "hist": hist})
+                    counts, hist = {}, {}
+                continue
+            c = worker.conns[fd]
+            data = c.sock.recv(262144)
+            if not data:
+                raise ConnectionError("the server closed a subscriber")
+            now = time.monotonic()
+            c.buf += data
+            for body in _bodies(c):
+                at = body.find(b"@@")
+                if at < 1:
+                    continue
+                phase = chr(body[at - 1])
+                sent = float(body[at + 2 : body.index(b"@@", at + 2)])
+                counts[phase] = counts.get(phase, 0) + 1
+                bucket = int((now - sent) * 10_000)  # 0.1 ms
+                per = hist.setdefault(phase, {})
+                per[bucket] = per.get(bucket, 0) + 1
+
+
 def _emit(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -352,6 +435,8 @@ def main() -> None:
             _emit(worker.run_load(times["go"], times["start"], times["end"]))
         elif mode == "idle":
             sys.stdin.readline()
+        elif mode == "listen":
+            listen(worker, cfg["subscribe"])
         elif mode == "room":
             worker.join_room(cfg.get("room", "bench"))
             _emit({"joined": True})
