@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
+import os
 import time
 from contextlib import ExitStack
 from typing import Any
 
-from ._util import HANDSHAKE, RESULTS, masked_text_frame, private_redis, proc_cpu, raise_fd_limit
+from ._util import RESULTS, masked_text_frame, private_redis, proc_cpu, raise_fd_limit
 from .driver import Workers
+from .scale import _Sender
 from .servers import ServerSpec, running
 
 APP = "benchmarks.app:app"
@@ -39,17 +40,12 @@ CHANNEL = "bench:ch"
 ROOM = "bench"
 
 
-class Writer:
+class Writer(_Sender):
     """One blocking WebSocket client that sends without waiting for answers
     (they are drained as it goes)."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(HANDSHAKE)
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += self.sock.recv(65536)
+        super().__init__(port)
         self.sock.setblocking(False)
         self.rid = 0
 
@@ -69,9 +65,6 @@ class Writer:
                 pass
         except BlockingIOError:
             pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _frame(phase: str, sent: float) -> tuple[str, Any]:
@@ -114,6 +107,7 @@ def run_phase(
     time.sleep(1.0)  # the last messages' way out
     writer.drain()
     cpu1 = sum(proc_cpu(pid) for pid in pids)
+    load = os.getloadavg()[0]
     delivered = 0
     hist: dict[int, int] = {}
     for group in workers:
@@ -134,6 +128,7 @@ def run_phase(
         "max_ms": max(hist) / 10 if hist else float("nan"),
         "server_cpu_s": cpu,
         "cpu_us_per_delivered": cpu / delivered * 1e6 if delivered else float("nan"),
+        "load_average": load,  # the machine's, at the end of the phase
     }
 
 
@@ -177,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_phase(
                 phase, writer, pids, workers, subscribers=args.subscribers, rate=50, seconds=1
             )
+        time.sleep(2.0)  # whatever the warm-up left queued is out
         results = [
             run_phase(
                 phase,
@@ -205,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{row['phase']:8s} {row['delivered_per_s']:9.0f} msg/s delivered  "
             f"p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms  "
             f"max {row['max_ms']:6.1f} ms  {row['cpu_us_per_delivered']:5.2f} us CPU/msg  "
-            f"lost {row['lost']}"
+            f"lost {row['lost']}  (load average {row['load_average']:.1f})"
         )
     print(
         f"channel/room CPU per delivered message: {summary['cpu_ratio_channel_to_room']:.2f}x "

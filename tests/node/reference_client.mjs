@@ -130,12 +130,12 @@ const STEP_TIMEOUT = Number(process.env.MESH_STEP_TIMEOUT_MS || 10_000);
 
 // ---- scenario --------------------------------------------------------------
 
-async function scenario(url, MeshClient, out) {
+// Runs a named step with a timeout and records its value (or its error) in
+// out.steps (and out.failures); returns the value.
+function stepper(out) {
   const steps = (out.steps = {});
   const failures = (out.failures = []);
-  const checks = (out.checks = {});
-
-  async function step(name, fn) {
+  return async function step(name, fn) {
     try {
       const value = await withTimeout(Promise.resolve().then(fn), STEP_TIMEOUT, name);
       steps[name] = value === undefined ? null : value;
@@ -145,7 +145,13 @@ async function scenario(url, MeshClient, out) {
       failures.push({ step: name, ...errInfo(e) });
       return undefined;
     }
-  }
+  };
+}
+
+async function scenario(url, MeshClient, out) {
+  const step = stepper(out);
+  const steps = out.steps;
+  const checks = (out.checks = {});
 
   const opts = { shouldReconnect: false };
   const a = new MeshClient(url, opts);
@@ -266,20 +272,9 @@ async function scenario(url, MeshClient, out) {
 // ---- channels ----------------------------------------------------------------
 
 async function channels(url, MeshClient, out) {
-  const steps = (out.steps = {});
-  const failures = (out.failures = []);
+  const step = stepper(out);
+  const steps = out.steps;
   const checks = (out.checks = {});
-  async function step(name, fn) {
-    try {
-      const value = await withTimeout(Promise.resolve().then(fn), STEP_TIMEOUT, name);
-      steps[name] = value === undefined ? null : value;
-      return value;
-    } catch (e) {
-      steps[name] = { __error__: errInfo(e) };
-      failures.push({ step: name, ...errInfo(e) });
-      return undefined;
-    }
-  }
   const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
   const opts = { shouldReconnect: false };
   const a = new MeshClient(url, opts);
