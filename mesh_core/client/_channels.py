@@ -24,9 +24,13 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import MeshCommandError
+from ._options import ClientOptions, is_error_payload
+
+if TYPE_CHECKING:
+    from ._supervisor import ClientBinding
 
 __all__ = ["ChannelCallback", "ChannelSubscription", "ClientChannels", "History"]
 
@@ -80,6 +84,9 @@ class ClientChannels:
 
     def _check(self, command: str, payload: Any) -> Any:
         raise NotImplementedError
+
+    options: ClientOptions
+    binding: ClientBinding
 
     def _init_channels(self) -> None:
         self.channel_subscriptions: dict[str, ChannelSubscription] = {}
@@ -218,6 +225,24 @@ class ClientChannels:
 
     # -- after a reconnect ------------------------------------------------------
 
+    async def _resubscribe(self, sub: ChannelSubscription, payload: dict[str, Any]) -> Any:
+        """One channel's subscribe again. While the server's store is away
+        (``EUNAVAILABLE``) it is asked again, backing off like a reconnect,
+        for as long as the channel is wanted: a client that came back during
+        a Redis outage still resumes once Redis does."""
+        delay = max(self.options.reconnect_interval, 0.05)
+        while True:
+            try:
+                result = await self.command("mesh/subscribe-channel", payload)
+            except MeshCommandError as exc:
+                result = exc.payload
+            if not (is_error_payload(result) and result.get("code") == "EUNAVAILABLE"):
+                return self._check("mesh/subscribe-channel", result)
+            if self.channel_subscriptions.get(sub.channel) is not sub:
+                return result
+            await self.binding.runtime.sleep(delay)
+            delay = min(2 * delay, self.options.max_reconnect_interval)
+
     async def _resubscribe_channels(self) -> None:
         subs = list(self.channel_subscriptions.values())
         for sub in subs:
@@ -231,7 +256,7 @@ class ClientChannels:
             elif sub.history_limit:
                 payload["historyLimit"] = sub.history_limit
             try:
-                result = await self.command("mesh/subscribe-channel", payload)
+                result = await self._resubscribe(sub, payload)
             except Exception as exc:
                 log.warning("Mesh client: could not resubscribe to %r: %s", sub.channel, exc)
                 sub.pending = None

@@ -5,6 +5,7 @@ history-before-live, duplicate-free delivery and resume requests."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -330,3 +331,24 @@ async def test_client_refused_and_unsubscribed() -> None:
         await client.subscribe_channel("news", lambda m: None)
     assert client.channel_subscriptions == {}
     assert await client.unsubscribe_channel("news") is True
+
+
+async def test_client_resubscribe_waits_out_an_unavailable_store(anyio_backend: str) -> None:
+    import mesh_trio
+
+    unavailable = {"error": "Redis unavailable", "code": "EUNAVAILABLE", "name": "RedisUnavailable"}
+    client = ScriptedClient([{"success": True, "history": [], "offset": 2, "epoch": "e"}])
+    client.binding = (
+        mesh_trio.MeshClient if anyio_backend == "trio" else mesh_asyncio.MeshClient
+    ).binding
+    client.options = dataclasses.replace(client.options, reconnect_interval=0.01)
+    got: list[str] = []
+    await client.subscribe_channel("news", got.append)
+    client.replies += [
+        unavailable,
+        unavailable,
+        {"success": True, "history": ["m3"], "offset": 3, "epoch": "e", "recovered": True},
+    ]
+    await client._resubscribe_channels()
+    assert [c for c, _ in client.sent] == ["mesh/subscribe-channel"] * 4
+    assert got == ["m3"] and client.channel_subscriptions["news"].recovered is True
