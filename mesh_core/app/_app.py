@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..protocol._handshake import UpgradeRequest
+from ._collections import CollectionsAppMixin
+from ._records import RecordsAppMixin
 
 if TYPE_CHECKING:
     from ._server import Connection, ServerCore
@@ -61,7 +63,7 @@ ReadPolicy = Literal["allow", "deny"] | ReadGuard
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class MeshApp:
+class MeshApp(RecordsAppMixin, CollectionsAppMixin):
     """Commands, middleware and hooks of one application.
 
     ``client_metadata_writes`` decides ``mesh/set-my-connection-metadata``:

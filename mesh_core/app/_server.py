@@ -36,6 +36,8 @@ from ..storage._memory import MemoryStore
 from ..storage._strategies import updater
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
+from ._collections import COLLECTION_BUILTINS, CollectionsAPI
+from ._records import RECORD_BUILTINS, RecordsAPI
 
 __all__ = ["Connection", "ConnectionRef", "ConnectionsAPI", "RoomsAPI", "ServerCore"]
 
@@ -233,6 +235,8 @@ class ServerCore:
         self._metrics = Metrics()
         self.connections = ConnectionsAPI(self)
         self.rooms = RoomsAPI(self)
+        self.records = RecordsAPI(self)
+        self.collections = CollectionsAPI(self)
         # the reference's names, on the server itself
         self.add_to_room = self.rooms.add_to_room
         self.remove_from_room = self.rooms.remove_from_room
@@ -485,6 +489,8 @@ class ServerCore:
                     await hook(connection)
                 except Exception:
                     log.exception("on_disconnection hook failed for %s", connection.id)
+            await self.records.connection_gone(connection.id)
+            await self.collections.connection_gone(connection.id)
             await self._execute(ops.UnregisterConnection(connection.id, self.instance_id))
         except Exception:
             log.exception("cleaning up connection %s failed", connection.id)
@@ -532,7 +538,7 @@ class ServerCore:
 
     async def _run_command(self, ctx: Context) -> Any:
         name = ctx.command
-        handler = self.app.commands.get(name)
+        handler = self.app.commands.get(name) or _CAPABILITY_COMMANDS.get(name)
         builtin = BUILTINS.get(name) if handler is None else None
         if handler is None and builtin is None:
             bump(self._metrics.requests, UNKNOWN_COMMAND)
@@ -630,6 +636,8 @@ def _id_set(exclude: ConnectionRef | Iterable[ConnectionRef]) -> set[str]:
     return {_cid(item) for item in exclude}
 
 
+#: built-ins of the record and collection capabilities, run as handlers
+_CAPABILITY_COMMANDS = {**RECORD_BUILTINS, **COLLECTION_BUILTINS}
 #: built-ins that yield no storage operation: inline on any store
 _STORELESS = frozenset({"mesh/noop"})
 #: built-ins on whose path a policy function of the application runs
