@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from .._errors import MeshCommandError
 from ..protocol._client_connection import ClientEvent, LatencyUpdated, Push
 from ..protocol._frames import DEFAULT_MAX_MESSAGE_SIZE
+from ._records import RecordsClientMixin
 
 __all__ = [
     "ClientCore",
@@ -178,7 +179,7 @@ LIFECYCLE_EVENTS: Final = frozenset(
 Callback = Callable[..., Any]
 
 
-class ClientCore:
+class ClientCore(RecordsClientMixin):
     """What ``mesh_asyncio.MeshClient`` and ``mesh_trio.MeshClient`` share:
     options, listeners, push fan-out, joined rooms and the helper commands.
     The adapters provide :meth:`command` and :meth:`_spawn_awaitable`."""
