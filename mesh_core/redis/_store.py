@@ -36,6 +36,7 @@ import msgspec
 from .._errors import RedisReplyError, RedisUnavailable
 from ..storage import _ops as ops
 from ..storage._base import DeliverCallback
+from ._records import RedisRecords
 
 __all__ = ["RedisStoreCore", "RedisTransport", "keys"]
 
@@ -205,7 +206,7 @@ class _Script:
             return await transport.execute("EVAL", self.source, len(keys_), *keys_, *args)
 
 
-class RedisStoreCore:
+class RedisStoreCore(RedisRecords):
     """A storage driver on a shared Redis; see the module docstring.
 
     The runtime adapters subclass it to supply the transport, a wall clock
@@ -255,6 +256,7 @@ class RedisStoreCore:
         self._cas = _Script(_CAS)
         self._delete_if = _Script(_DELETE_IF)
         self._unlock = _Script(_UNLOCK)
+        self._init_records(_Script)
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------
