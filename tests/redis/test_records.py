@@ -311,3 +311,40 @@ def test_writes_are_one_script_each(redis_server: RedisServer) -> None:
         assert stats["cmdstat_evalsha"]["calls"] == 5
         assert "cmdstat_multi" not in stats and "cmdstat_mget" not in stats
         assert r.get("mesh:record-version:doc:s") == b"6"
+
+
+def test_a_batch_of_writes_keeps_each_outcome(redis_server: RedisServer) -> None:
+    """Writes queued on one instance go out in batches, yet each keeps its
+    own version and outcome: a refused one (too large) stores nothing and
+    the others are not held back."""
+    server = ServerThread(
+        "asyncio",
+        demo_app,
+        storage=redis_store("asyncio", redis_server.url),
+        max_metadata_size=2048,
+        **QUIET,
+    )
+    with server:
+        records = server.server.records
+
+        async def many() -> list[Any]:
+            results: list[Any] = [None] * 30
+
+            async def one(i: int) -> None:
+                value = {f"k{i}": "x" * 5000} if i == 7 else {f"k{i}": i}
+                try:
+                    results[i] = await records.write("doc:b", value, "merge")
+                except Exception as exc:
+                    results[i] = exc
+
+            async with anyio.create_task_group() as tg:
+                for i in range(30):
+                    tg.start_soon(one, i)
+            return results
+
+        results = server.call(many)
+        assert getattr(results[7], "code", None) == "ETOOLARGE"
+        versions = sorted(r[1] for i, r in enumerate(results) if i != 7)
+        assert versions == list(range(1, 30))
+        value, version = server.call(lambda: records.get_with_version("doc:b"))
+        assert version == 29 and value == {f"k{i}": i for i in range(30) if i != 7}
