@@ -17,6 +17,7 @@ from ._app import (
     WritePolicy,
 )
 from ._builtins import BUILTINS, Builtin, CheckClientWrite, Steps
+from ._pubsub import Listener, PubSub
 from ._server import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, ServerCore
 
 __all__ = [
@@ -30,8 +31,10 @@ __all__ = [
     "ConnectionsAPI",
     "Context",
     "Handler",
+    "Listener",
     "MeshApp",
     "Middleware",
+    "PubSub",
     "ReadGuard",
     "ReadPolicy",
     "RoomsAPI",

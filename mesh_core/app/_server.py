@@ -30,6 +30,7 @@ from ..protocol._server_connection import (
     text_frame,
 )
 from ..protocol._server_connection import ServerConnection as Protocol
+from ..runtime import Event as RuntimeEvent
 from ..storage import _ops as ops
 from ..storage._base import Storage
 from ..storage._memory import MemoryStore
@@ -37,6 +38,7 @@ from ..storage._strategies import updater
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
 from ._collections import COLLECTION_BUILTINS, CollectionsAPI
+from ._pubsub import PubSub
 from ._records import RECORD_BUILTINS, RecordsAPI
 
 __all__ = ["Connection", "ConnectionRef", "ConnectionsAPI", "RoomsAPI", "ServerCore"]
@@ -235,6 +237,8 @@ class ServerCore:
         self._metrics = Metrics()
         self.connections = ConnectionsAPI(self)
         self.rooms = RoomsAPI(self)
+        #: the store's named channels, one store subscription per channel
+        self.pubsub = PubSub(self._execute, self.instance_id, self._new_event)
         self.records = RecordsAPI(self)
         self.collections = CollectionsAPI(self)
         # the reference's names, on the server itself
@@ -252,6 +256,9 @@ class ServerCore:
         raise NotImplementedError
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        raise NotImplementedError
+
+    def _new_event(self) -> RuntimeEvent:
         raise NotImplementedError
 
     def _new_protocol(self, peer: tuple[str, int] | None, now: float) -> Protocol:
@@ -367,6 +374,7 @@ class ServerCore:
         await self.storage.start(self.instance_id, self._deliver_from_elsewhere)
 
     async def _stop_storage(self) -> None:
+        self.pubsub.clear()  # the store drops its subscriptions as it stops
         if isinstance(self.storage, MemoryStore):
             self.storage.detach(self.instance_id)
         await self.storage.stop()
