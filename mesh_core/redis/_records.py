@@ -309,8 +309,8 @@ class RedisRecords:
             for pending, value, before, changed in plan:
                 pending.result = ops.RecordWritten(value, base + before, changed)
                 pending.done = True
-            for pending, exc in failed:
-                pending.error, pending.done = exc, True
+            for pending, refusal in failed:
+                pending.error, pending.done = refusal, True
             return
         self._record_texts.pop(record_id, None)
         raise MeshError(
