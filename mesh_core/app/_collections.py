@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..storage import _ops as ops
 from ._builtins import _field
-from ._records import Pattern, _check_pattern, ask, matches
+from ._records import ChannelListener, Pattern, _check_pattern, ask, matches
 
 if TYPE_CHECKING:
     from ._app import Context
@@ -105,7 +105,7 @@ class CollectionsAPI:
         self._server = server
         self._collections: dict[str, _Collection] = {}
         self._by_connection: dict[str, set[str]] = {}
-        self._listening = False
+        self._listener = ChannelListener(server, ops.COLLECTION_RECORD_CHANGE, self._on_change)
 
     def _exposed(self, collection_id: str) -> _Exposed | None:
         for exposed in self._server.app.collection_rules:
@@ -151,7 +151,7 @@ class CollectionsAPI:
         exposed = self._exposed(collection_id)
         if exposed is None or not await ask(exposed.guard, connection, collection_id):
             return denied
-        await self._listen()
+        await self._listener.listen()
         try:
             members = await self._members(connection, collection_id, exposed)
         except Exception:
@@ -197,19 +197,9 @@ class CollectionsAPI:
     def subscriptions(self, connection_id: str) -> frozenset[str]:
         return frozenset(self._by_connection.get(connection_id, ()))
 
-    async def _listen(self) -> None:
-        if not self._listening:
-            self._listening = True
-            try:
-                await self._server.pubsub.subscribe(ops.COLLECTION_RECORD_CHANGE, self._on_change)
-            except BaseException:
-                self._listening = False
-                raise
-
     async def _maybe_unlisten(self) -> None:
-        if self._listening and not self._by_connection:
-            self._listening = False
-            await self._server.pubsub.unsubscribe(ops.COLLECTION_RECORD_CHANGE, self._on_change)
+        if not self._by_connection:
+            await self._listener.stop()
 
     # -- re-resolution ------------------------------------------------------------
 

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from ._server import Connection, ServerCore
 
 __all__ = [
+    "ChannelListener",
     "RECORD_BUILTINS",
     "Pattern",
     "RecordGuard",
@@ -139,6 +140,35 @@ class RecordsAppMixin:
 # -- the server API and local subscriptions -------------------------------------
 
 
+class ChannelListener:
+    """One listener of one store channel, held only while it is wanted:
+    records and collections listen while they have local subscribers."""
+
+    __slots__ = ("_callback", "_channel", "_server", "listening")
+
+    def __init__(
+        self, server: ServerCore, channel: str, callback: Callable[[str, bytes], None]
+    ) -> None:
+        self._server = server
+        self._channel = channel
+        self._callback = callback
+        self.listening = False
+
+    async def listen(self) -> None:
+        if not self.listening:
+            self.listening = True
+            try:
+                await self._server.pubsub.subscribe(self._channel, self._callback)
+            except BaseException:
+                self.listening = False
+                raise
+
+    async def stop(self) -> None:
+        if self.listening:
+            self.listening = False
+            await self._server.pubsub.unsubscribe(self._channel, self._callback)
+
+
 @dataclass(slots=True)
 class _Subscriber:
     mode: Mode
@@ -184,7 +214,7 @@ class RecordsAPI:
         self._by_connection: dict[str, set[str]] = {}
         self._update_hooks: list[RecordHook] = []
         self._removed_hooks: list[RecordHook] = []
-        self._listening = False
+        self._listener = ChannelListener(server, ops.RECORD_UPDATES, self._on_message)
 
     # -- reading and writing --------------------------------------------------
 
@@ -201,9 +231,8 @@ class RecordsAPI:
         """Store ``value`` (``replace``, ``merge`` or ``deepMerge`` into the
         current value) as one atomic step and tell every subscriber. Returns
         the stored ``(value, version)``; a write that changes nothing stores
-        nothing and keeps the version. A value over the record size limit
-        (``max_record_size``, else ``max_metadata_size``) fails with
-        ``ETOOLARGE`` and nothing is stored."""
+        nothing and keeps the version. A value whose JSON is over
+        ``max_metadata_size`` fails with ``ETOOLARGE`` and nothing is stored."""
         _check_id(record_id, "record id")
         merge = check_strategy(strategy)
         limit = self._server.options.max_metadata_size
@@ -267,7 +296,7 @@ class RecordsAPI:
         subscribers[connection.id] = subscriber
         self._by_connection.setdefault(connection.id, set()).add(record_id)
         try:
-            await self._listen()
+            await self._listener.listen()
             value, version = await self.get_with_version(record_id)
         except BaseException:
             self._forget(connection.id, record_id, subscriber)
@@ -309,19 +338,9 @@ class RecordsAPI:
                 del self._by_connection[connection_id]
         return True
 
-    async def _listen(self) -> None:
-        if not self._listening:
-            self._listening = True
-            try:
-                await self._server.pubsub.subscribe(ops.RECORD_UPDATES, self._on_message)
-            except BaseException:
-                self._listening = False
-                raise
-
     async def _maybe_unlisten(self) -> None:
-        if self._listening and not self._subscribers:
-            self._listening = False
-            await self._server.pubsub.unsubscribe(ops.RECORD_UPDATES, self._on_message)
+        if not self._subscribers:
+            await self._listener.stop()
 
     # -- delivery -------------------------------------------------------------
 

@@ -127,14 +127,10 @@ function emit(obj, code) {
 
 const STEP_TIMEOUT = Number(process.env.MESH_STEP_TIMEOUT_MS || 10_000);
 
-// ---- scenario --------------------------------------------------------------
-
-async function scenario(url, MeshClient, out) {
-  const steps = (out.steps = {});
-  const failures = (out.failures = []);
-  const checks = (out.checks = {});
-
-  async function step(name, fn) {
+// A step runs under the step timeout; its value (or its error) lands in
+// `steps[name]`, and a failure is also listed in `failures`.
+function stepper(steps, failures) {
+  return async function step(name, fn) {
     try {
       const value = await withTimeout(Promise.resolve().then(fn), STEP_TIMEOUT, name);
       steps[name] = value === undefined ? null : value;
@@ -144,7 +140,16 @@ async function scenario(url, MeshClient, out) {
       failures.push({ step: name, ...errInfo(e) });
       return undefined;
     }
-  }
+  };
+}
+
+// ---- scenario --------------------------------------------------------------
+
+async function scenario(url, MeshClient, out) {
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
+  const checks = (out.checks = {});
+  const step = stepper(steps, failures);
 
   const opts = { shouldReconnect: false };
   const a = new MeshClient(url, opts);
@@ -276,17 +281,7 @@ async function records(url, MeshClient, out) {
   const failures = (out.failures = []);
   const checks = (out.checks = {});
   const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
-  async function step(name, fn) {
-    try {
-      const value = await withTimeout(Promise.resolve().then(fn), STEP_TIMEOUT, name);
-      steps[name] = value === undefined ? null : value;
-      return value;
-    } catch (e) {
-      steps[name] = { __error__: errInfo(e) };
-      failures.push({ step: name, ...errInfo(e) });
-      return undefined;
-    }
-  }
+  const step = stepper(steps, failures);
   const opts = { shouldReconnect: false };
   const a = new MeshClient(url, opts);
   const b = new MeshClient(url, opts);
