@@ -9,6 +9,8 @@ from typing import Any
 import anyio
 import jsonpatch
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh_core import MemoryStore, MeshApp
 from mesh_core.storage import _ops as ops
@@ -69,6 +71,29 @@ def test_patches_turn_every_value_into_every_other(old: Any) -> None:
             continue
         assert patch
         assert same_json(jsonpatch.apply_patch(old, patch), new), (old, new, patch)
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.sampled_from([0.0, 1.0, 2.5])
+    | st.text("ab", max_size=2),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text("abc", max_size=2), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json, _json)
+def test_patches_between_random_values(old: Any, new: Any) -> None:
+    patch = record_patch(old, new)
+    if same_json(old, new):
+        assert patch is None
+    else:
+        assert patch and same_json(jsonpatch.apply_patch(old, patch), new), (old, new, patch)
 
 
 def written(store: MemoryStore, record_id: str, value: Any, strategy: str = "replace") -> Any:

@@ -72,7 +72,7 @@ async def subscribe(port: int, record_id: str, mode: str = "patch") -> Copy:
     return Copy(ws, record_id, answer)
 
 
-def listen(url: str, channel: str) -> tuple[list[bytes], threading.Event, Any]:
+def listen(url: str, channel: str) -> tuple[list[bytes], Any]:
     """Collect every message on a Redis channel with an independent client."""
     pubsub = raw(url).pubsub()
     pubsub.subscribe(channel)
@@ -91,16 +91,22 @@ def listen(url: str, channel: str) -> tuple[list[bytes], threading.Event, Any]:
                 messages.append(message["data"])
         pubsub.close()
 
-    threading.Thread(target=run, daemon=True).start()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
     assert ready.wait(5)
-    return messages, stop, pubsub
+
+    def done() -> None:
+        stop.set()
+        thread.join(5)
+
+    return messages, done
 
 
 def test_concurrent_merges_from_two_runtimes_keep_every_key_and_version(
     redis_server: RedisServer,
 ) -> None:
     a, b = two_instances(redis_server)
-    heard, stop, _ = listen(redis_server.url, "mesh:record-updates")
+    heard, done = listen(redis_server.url, "mesh:record-updates")
     with a, b:
 
         async def scenario() -> None:
@@ -140,7 +146,7 @@ def test_concurrent_merges_from_two_runtimes_keep_every_key_and_version(
 
         anyio.run(scenario)
     wait_until(lambda: len(heard) >= 50)
-    stop.set()
+    done()
     versions = [json.loads(m)["version"] for m in heard]
     assert versions == list(range(1, 51))  # no version handed out twice, in order
 
