@@ -17,10 +17,14 @@ from ._app import (
     WritePolicy,
 )
 from ._builtins import BUILTINS, Builtin, CheckClientWrite, Steps
+from ._collections import CollectionsAPI
 from ._pubsub import Listener, PubSub
+from ._records import RecordsAPI
 from ._server import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, ServerCore
 
 __all__ = [
+    "CollectionsAPI",
+    "RecordsAPI",
     "Authenticator",
     "BUILTINS",
     "Builtin",

@@ -21,8 +21,11 @@ from ._core import (
     parse_url,
     reconnect_delay,
 )
+from ._records import CollectionDiff, RecordUpdate
 
 __all__ = [
+    "CollectionDiff",
+    "RecordUpdate",
     "ClientCore",
     "ClientOptions",
     "ClientStatus",

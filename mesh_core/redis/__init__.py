@@ -20,12 +20,14 @@ from ._cluster import (
     parse_redirect,
     split_by_node,
 )
+from ._records import record_keys
 from ._resp import PING, Arg, forget_channel, on_pubsub_reply, pack
 from ._sentinel import ANNOUNCEMENT_TRUST, SWITCH_CHANNEL, SwitchState, parse_switch
 from ._store import RedisStoreCore, RedisTransport, keys
 from ._url import DEFAULT_SENTINEL_PORT, RedisEndpoint, SentinelEndpoint, parse_redis_url
 
 __all__ = [
+    "record_keys",
     "ANNOUNCEMENT_TRUST",
     "Arg",
     "ClusterEndpoint",

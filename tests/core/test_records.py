@@ -12,10 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh_core import MemoryStore, MeshApp
+from mesh_core import MemoryStore, MeshApp, Storage
 from mesh_core.storage import _ops as ops
 from mesh_core.storage._patch import record_patch, same_json
 from tests.core.test_dispatch import Client, FakeServer, connect
+from tests.helpers.record_conformance import RecordConformance
+
+
+class TestMemoryRecords(RecordConformance):
+    async def new_storage(self) -> Storage:
+        return MemoryStore()
 
 
 class RecordsServer(FakeServer):

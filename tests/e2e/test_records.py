@@ -17,7 +17,7 @@ import mesh_asyncio
 import mesh_trio
 from examples.demo import app as demo_app
 from mesh_core import MeshApp
-from mesh_core.client._records import CollectionDiff, RecordUpdate
+from mesh_core.client import CollectionDiff, RecordUpdate
 from tests.e2e.test_node_client import NODE, NODE_DIR, run_harness
 from tests.helpers.server_thread import ServerThread
 from tests.helpers.wsclient import WSClient

@@ -17,10 +17,40 @@ import jsonpatch
 import pytest
 
 from examples.demo import app as demo_app
+from mesh_core import Storage
+from mesh_core.storage import _ops as ops
+from tests.helpers.record_conformance import RecordConformance
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.server_thread import ServerThread
 from tests.helpers.wsclient import WSClient
 from tests.redis.test_instances import QUIET, raw, redis_store, two_instances, wait_until
+from tests.redis.test_store import flushall, store_class
+
+
+@pytest.fixture(scope="module")
+def shared_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+class TestRedisRecords(RecordConformance):
+    @pytest.fixture(autouse=True)
+    def _bind(self, shared_redis: RedisServer, anyio_backend: str) -> None:
+        self.redis = shared_redis
+        self.store_class = store_class(anyio_backend)
+
+    async def new_storage(self) -> Storage:
+        flushall(self.redis.port)
+        store: Storage = self.store_class(self.redis.url)
+        return store
+
+    async def test_collection_ids(self, storage: Storage) -> None:
+        await super().test_collection_ids(storage)
+        r = raw(self.redis.url)
+        await storage.execute(ops.SetCollectionIds("c", "conn", ("a", "b")))
+        assert json.loads(r.get("mesh:collection:c:conn")) == ["a", "b"]
+        await storage.execute(ops.SetCollectionIds("c", "conn", None))
+        assert r.get("mesh:collection:c:conn") is None
 
 
 @pytest.fixture
