@@ -356,3 +356,50 @@ def test_js_client_records_and_collections(runtime: str) -> None:
             if "patch" in payload:
                 value = jsonpatch.apply_patch(value, payload["patch"])
         assert value == {"back": "to an object"}
+
+
+@pytest.mark.anyio
+async def test_junk_payloads_get_clear_answers(server_cls: Any) -> None:
+    """Random payloads for every record and collection command: each gets a
+    success or a clear error payload (never a crash's ``ESERVER``), and the
+    server serves on."""
+    import random
+
+    rng = random.Random(13)
+    keys = ["recordId", "newValue", "options", "mode", "collectionId", "strategy"]
+
+    def junk(depth: int = 0) -> Any:
+        kind = rng.randrange(7 if depth < 2 else 5)
+        if kind == 0:
+            return rng.choice([None, True, 0, -1, 1.5, 2**70])
+        if kind == 1:
+            return rng.choice(["doc:1", "note:1", "secret:1", "", "docs", "full", "patch"])
+        if kind == 2:
+            return rng.choice(["replace", "merge", "deepMerge", "x"])
+        if kind == 3:
+            return "".join(chr(rng.randrange(1, 0x2FFF)) for _ in range(rng.randrange(6)))
+        if kind == 4:
+            return rng.randrange(-5, 5)
+        if kind == 5:
+            return [junk(depth + 1) for _ in range(rng.randrange(3))]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randrange(5))}
+
+    commands = [
+        "mesh/subscribe-record",
+        "mesh/unsubscribe-record",
+        "mesh/publish-record-update",
+        "mesh/subscribe-collection",
+        "mesh/unsubscribe-collection",
+    ]
+    async with serve(server_cls) as server:
+        ws = await WSClient.connect(server.port)
+        for _ in range(400):
+            answer = await ws.request(rng.choice(commands), junk())
+            if isinstance(answer, dict) and "error" in answer:
+                assert answer["code"] in ("EINVAL", "ETOOLARGE", "ESERVER"), answer
+                if answer["code"] == "ESERVER":
+                    assert answer["name"] == "Error" and "not writable" in answer["error"]
+            else:
+                assert isinstance(answer, bool | dict), answer
+        assert await ws.request("mesh/noop", {}) is True
+        await ws.close()
