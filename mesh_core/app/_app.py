@@ -16,7 +16,8 @@ from ._collections import CollectionsAppMixin
 from ._records import RecordsAppMixin
 
 if TYPE_CHECKING:
-    from ._server import Connection, ServerCore
+    from ._api import Connection
+    from ._server import ServerCore
 
 __all__ = [
     "Authenticator",

@@ -5,6 +5,13 @@ and is resumed with their results, and returns the response payload. The
 adapter drives it on whatever runtime and store it has; the core's tests
 drive it synchronously against the in-memory store. A raised
 :class:`~mesh_core.MeshError` becomes the error payload.
+
+Each built-in is registered in :data:`BUILTINS` as a :class:`BuiltinCommand`
+that also declares what the server must know to schedule it (whether it
+touches the store, which application policies run on its path). A new
+capability (presence, channels, records) adds its generators and their
+records here, its operations in :mod:`mesh_core.storage._ops`, and nothing in
+the server's dispatch.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from .._errors import ValidationError
 from ..storage import _ops as ops
 from ..storage._strategies import check_strategy, updater
 
-__all__ = ["BUILTINS", "Builtin", "CheckClientWrite", "Steps"]
+__all__ = ["BUILTINS", "Builtin", "BuiltinCommand", "CheckClientWrite", "Steps"]
 
 #: What a built-in is: yields operations, receives results, returns a payload.
 Steps = Generator[ops.Op, Any, Any]
@@ -33,6 +40,23 @@ class CheckClientWrite(ops.Op):
     connection_id: str
     value: Any
     strategy: str
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinCommand:
+    """A built-in and what the server needs to know about it: whether it can
+    be answered inline (no task) depends on these flags and on the store."""
+
+    steps: Builtin
+    #: yields no storage operation: answered inline on any store
+    storeless: bool = False
+    #: the application's ``client_metadata_writes`` policy runs on its path
+    writes_policed: bool = False
+    #: the application's ``client_metadata_reads`` policy runs on its path
+    reads_policed: bool = False
+
+    def __call__(self, connection_id: str, payload: Any) -> Steps:
+        return self.steps(connection_id, payload)
 
 
 def _field(payload: Any, name: str) -> str:
@@ -97,12 +121,14 @@ def get_room_metadata(connection_id: str, payload: Any) -> Steps:
     return {"metadata": metadata}
 
 
-BUILTINS: dict[str, Builtin] = {
-    "mesh/noop": noop,
-    "mesh/join-room": join_room,
-    "mesh/leave-room": leave_room,
-    "mesh/get-connection-metadata": get_connection_metadata,
-    "mesh/get-my-connection-metadata": get_my_connection_metadata,
-    "mesh/set-my-connection-metadata": set_my_connection_metadata,
-    "mesh/get-room-metadata": get_room_metadata,
+BUILTINS: dict[str, BuiltinCommand] = {
+    "mesh/noop": BuiltinCommand(noop, storeless=True),
+    "mesh/join-room": BuiltinCommand(join_room, reads_policed=True),
+    "mesh/leave-room": BuiltinCommand(leave_room),
+    "mesh/get-connection-metadata": BuiltinCommand(get_connection_metadata, reads_policed=True),
+    "mesh/get-my-connection-metadata": BuiltinCommand(get_my_connection_metadata),
+    "mesh/set-my-connection-metadata": BuiltinCommand(
+        set_my_connection_metadata, writes_policed=True
+    ),
+    "mesh/get-room-metadata": BuiltinCommand(get_room_metadata),
 }

@@ -36,8 +36,9 @@ from ._builtins import _field
 from ._records import ChannelListener, Pattern, _check_pattern, ask, matches
 
 if TYPE_CHECKING:
+    from ._api import Connection
     from ._app import Context
-    from ._server import Connection, ServerCore
+    from ._server import ServerCore
 
 __all__ = [
     "COLLECTION_BUILTINS",
@@ -139,7 +140,7 @@ class CollectionsAPI:
                 named.append((rid, record))
         missing = tuple(rid for rid, record in named if record is None)
         if missing:
-            values = await self._server._execute(ops.GetRecords(missing))
+            values = await self._server.execute(ops.GetRecords(missing))
             loaded = {rid: value for rid, (value, _) in zip(missing, values, strict=True)}
             named = [(rid, with_id(rid, loaded[rid]) if rec is None else rec) for rid, rec in named]
         return named
@@ -163,7 +164,7 @@ class CollectionsAPI:
         collection = self._collections.setdefault(collection_id, _Collection())
         collection.subscribers[connection.id] = subscription
         self._by_connection.setdefault(connection.id, set()).add(collection_id)
-        await self._server._execute(ops.SetCollectionIds(collection_id, connection.id, ids))
+        await self._server.execute(ops.SetCollectionIds(collection_id, connection.id, ids))
         if not connection.is_open:
             await self.unsubscribe(connection.id, collection_id)
         return {
@@ -185,7 +186,7 @@ class CollectionsAPI:
             if not mine:
                 del self._by_connection[connection_id]
         try:
-            await self._server._execute(ops.SetCollectionIds(collection_id, connection_id, None))
+            await self._server.execute(ops.SetCollectionIds(collection_id, connection_id, None))
         finally:
             await self._maybe_unlisten()
         return True
@@ -214,7 +215,7 @@ class CollectionsAPI:
             collection.changed.add(record_id)
             if not collection.running:
                 collection.running = True
-                self._server._spawn(self._refresh, collection_id, collection)
+                self._server._group.start_soon(self._refresh, collection_id, collection)
 
     async def _refresh(self, collection_id: str, collection: _Collection) -> None:
         try:
@@ -254,7 +255,7 @@ class CollectionsAPI:
             removed: list[Any] = [{"id": rid} for rid in gone]
             subscription.ids = ids
             subscription.version += 1
-            await self._server._execute(ops.SetCollectionIds(collection_id, connection.id, ids))
+            await self._server.execute(ops.SetCollectionIds(collection_id, connection.id, ids))
             connection.send(
                 "mesh/collection-diff",
                 {
@@ -266,7 +267,7 @@ class CollectionsAPI:
             )
         updated = tuple(rid for rid in ids if rid in changed and rid in before)
         if updated:
-            values = await self._server._execute(ops.GetRecords(updated))
+            values = await self._server.execute(ops.GetRecords(updated))
             for rid, (value, version) in zip(updated, values, strict=True):
                 if version:
                     connection.send(

@@ -40,8 +40,9 @@ from ..storage._strategies import check_strategy
 from ._builtins import _field
 
 if TYPE_CHECKING:
+    from ._api import Connection
     from ._app import Context
-    from ._server import Connection, ServerCore
+    from ._server import ServerCore
 
 __all__ = [
     "ChannelListener",
@@ -224,7 +225,7 @@ class RecordsAPI:
 
     async def get_with_version(self, record_id: str) -> tuple[Any, int]:
         """``(value, version)``, read atomically (``(None, 0)`` if none)."""
-        ((value, version),) = await self._server._execute(ops.GetRecords((record_id,)))
+        ((value, version),) = await self._server.execute(ops.GetRecords((record_id,)))
         return value, version
 
     async def write(self, record_id: str, value: Any, strategy: str = "replace") -> tuple[Any, int]:
@@ -249,7 +250,7 @@ class RecordsAPI:
                     )
             return new
 
-        written: ops.RecordWritten = await self._server._execute(ops.WriteRecord(record_id, update))
+        written: ops.RecordWritten = await self._server.execute(ops.WriteRecord(record_id, update))
         if written.changed:
             await _run_hooks(self._update_hooks, record_id, written.value)
         return written.value, written.version
@@ -257,7 +258,7 @@ class RecordsAPI:
     async def delete(self, record_id: str) -> bool:
         """Delete the record; subscribers get ``mesh/record-deleted``."""
         _check_id(record_id, "record id")
-        removed = await self._server._execute(ops.DeleteRecord(record_id))
+        removed = await self._server.execute(ops.DeleteRecord(record_id))
         if removed is None:
             return False
         await _run_hooks(self._removed_hooks, record_id, removed[0])
@@ -266,7 +267,7 @@ class RecordsAPI:
     async def list_matching(self, glob: str) -> list[tuple[str, Any]]:
         """``[(record_id, value), ...]`` for the records whose id matches the
         glob (``*``, ``?``, ``[abc]``), sorted by id."""
-        return list(await self._server._execute(ops.ListRecords(glob)))
+        return list(await self._server.execute(ops.ListRecords(glob)))
 
     def on_update(self, hook: RecordHook) -> Callable[[], None]:
         """Call ``hook(record_id, value)`` after every write of this instance

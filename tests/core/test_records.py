@@ -25,8 +25,12 @@ class TestMemoryRecords(RecordConformance):
 
 
 class RecordsServer(FakeServer):
-    def _new_event(self) -> Any:
-        return anyio.Event()
+    """The dispatch tests' server, with the one more runtime service the
+    store's channels ask for (an event, when two subscribes overlap)."""
+
+    def __init__(self, app: MeshApp, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.fake_runtime.event = anyio.Event  # type: ignore[attr-defined]
 
 
 def make(app: MeshApp) -> RecordsServer:
