@@ -361,3 +361,40 @@ async def test_disconnect_ends_record_and_collection_subscriptions() -> None:
     assert server.records._subscribers == {}
     assert server.collections._collections == {}
     assert server.pubsub.channels() == []
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        ops.GetRecords(("r",)),
+        ops.WriteRecord("r", lambda old: 1),
+        ops.DeleteRecord("r"),
+        ops.ListRecords("*"),
+    ],
+)
+async def test_records_on_a_redis_cluster_are_a_clear_error(op: ops.Op) -> None:
+    """The shared layout's two keys hash to two slots: no script can hold
+    both, so a cluster store refuses records plainly (nothing is sent)."""
+    from mesh_core import MeshError
+    from mesh_core.redis import RedisStoreCore
+
+    class ClusterTransport:
+        cluster = True
+
+        def __init__(self) -> None:
+            self.sent: list[Any] = []
+
+        async def execute(self, *args: Any) -> Any:
+            self.sent.append(args)
+
+    transport = ClusterTransport()
+    store = RedisStoreCore(
+        transport,  # type: ignore[arg-type]
+        now_ms=lambda: 0,
+        new_event=anyio.Event,
+        sleep=anyio.sleep,
+    )
+    with pytest.raises(MeshError) as caught:
+        await store.execute(op)
+    assert caught.value.code == "EUNSUPPORTED"
+    assert transport.sent == []
