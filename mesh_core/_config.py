@@ -24,8 +24,8 @@ class ServerOptions:
     for tests and for clients that do not need them).
 
     The limits default to values no ordinary client reaches, so that one
-    hostile client cannot take more than its share; the README's hardening
-    table says what happens past each one.
+    hostile client cannot take more than its share; docs/HARDENING.md says
+    what happens past each one.
     """
 
     ping_interval: float = 30.0

@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="0 disables latency probes (default %(default)s)",
     )
-    limits = serve.add_argument_group("limits (see the README's hardening table)")
+    limits = serve.add_argument_group("limits (see docs/HARDENING.md)")
     limits.add_argument(
         "--max-message-size",
         type=int,

@@ -22,7 +22,7 @@ from ._records import RecordsClientMixin
 from ._supervisor import ClientBinding, Supervisor
 
 if TYPE_CHECKING:
-    from ssl import SSLContext
+    from ..runtime import TLSContext
 
 __all__ = ["ClientCore", "PushBuffer", "PushIterator"]
 
@@ -109,7 +109,7 @@ class ClientCore(RecordsClientMixin):
         url: str,
         *,
         headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-        ssl_context: SSLContext | None = None,
+        ssl_context: TLSContext | None = None,
         ping_timeout: float = 30.0,
         max_missed_pings: int = 1,
         reconnect: bool = True,

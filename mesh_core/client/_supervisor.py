@@ -47,8 +47,7 @@ from ..runtime import Event, Runtime
 from ._options import ClientStatus, Endpoint, reconnect_delay
 
 if TYPE_CHECKING:
-    from ssl import SSLContext
-
+    from ..runtime import TLSContext
     from ._core import ClientCore
 
 __all__ = ["ClientBinding", "ClientStream", "Link", "OpenStream", "StartTask", "Supervisor"]
@@ -87,7 +86,7 @@ class ClientStream(Protocol):
 #: ``await open_stream(endpoint, ssl_context)``: a connected stream to
 #: ``endpoint.host``/``port``, TLS over TCP when ``ssl_context`` is not
 #: ``None``; raises ``OSError`` when it cannot connect
-OpenStream = Callable[[Endpoint, "SSLContext | None"], Awaitable["ClientStream"]]
+OpenStream = Callable[[Endpoint, "TLSContext | None"], Awaitable["ClientStream"]]
 
 #: ``start_task(async_fn, *args)``: run it in the background; raises
 #: ``RuntimeError`` when the client cannot run tasks now (trio outside ``async
@@ -105,7 +104,7 @@ class ClientBinding:
     runtime: Runtime
     open_stream: OpenStream
     start_task: StartTask
-    default_tls: Callable[[], SSLContext]
+    default_tls: Callable[[], TLSContext]
 
 
 class _Waiter:

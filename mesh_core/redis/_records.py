@@ -18,7 +18,7 @@ a number twice) and PUBLISHes the update, all inside the script, so
 announcements leave in version order even from several instances. On a
 conflict the script answers with the current text and the value is computed
 again. Writes of one instance to one record queue up and are written in
-batches, in order, one script per batch (each write still gets its own
+batches (the store's ``Turns``), in order, one script per batch (each write still gets its own
 version and message): they never conflict with each other, and 200 writers
 on one record cost a few scripts, not 200 round trips in a row. The text
 last written is cached, so a batch usually costs one round trip.
@@ -30,17 +30,18 @@ layout hash to different slots, so no script can hold both.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .._errors import MeshError
 from ..storage import _ops as ops
 from ..storage._patch import record_patch
+from ._layout import Script, as_bytes, glob_escape, text
 
 if TYPE_CHECKING:
-    from ._store import RedisTransport
+    from ._transport import RedisTransport
+    from ._turns import Turns, Update
 
 __all__ = ["RedisRecords", "record_keys"]
 
@@ -112,41 +113,6 @@ assert ops.RECORD_UPDATES in _DELETE and ops.COLLECTION_RECORD_CHANGE in _DELETE
 _UNKNOWN: Any = object()  # no cached text (None there means "absent in Redis")
 
 
-class _Event(Protocol):
-    def set(self) -> None: ...
-
-    def is_set(self) -> bool: ...
-
-    async def wait(self) -> Any: ...
-
-
-class _Pending:
-    """One write waiting for (or in) a batch."""
-
-    __slots__ = ("done", "error", "event", "op", "result", "taken")
-
-    def __init__(self, op: ops.WriteRecord, event: _Event) -> None:
-        self.op = op
-        self.event = event
-        self.taken = False  # in a batch being written
-        self.done = False
-        self.result: ops.RecordWritten | None = None
-        self.error: BaseException | None = None
-
-
-def _interrupted(record_id: str) -> MeshError:
-    return MeshError(
-        f"the write of record {record_id!r} was interrupted; it may or may not be stored",
-        code="EUNAVAILABLE",
-    )
-
-
-class _ScriptLike(Protocol):
-    async def __call__(
-        self, transport: RedisTransport, keys_: Sequence[str], args: Sequence[Any]
-    ) -> Any: ...
-
-
 class RedisRecords:
     """Record operations of the Redis store; see the module docstring."""
 
@@ -156,15 +122,12 @@ class RedisRecords:
     scan_count: int
     cache_size: int
     _cluster: bool
-    new_event: Callable[[], Any]
+    _turns: Turns
 
-    def _init_records(self, script: type[Any]) -> None:
-        self._write_script: _ScriptLike = script(_WRITE)
-        self._delete_script: _ScriptLike = script(_DELETE)
+    def _init_records(self) -> None:
+        self._write_script = Script(_WRITE)
+        self._delete_script = Script(_DELETE)
         self._record_texts: OrderedDict[str, bytes | None] = OrderedDict()
-        self._record_queues: dict[str, list[_Pending]] = {}
-        #: writes of one record sent in one script at most
-        self.record_batch = 64
 
     def _no_cluster(self) -> None:
         if self._cluster:
@@ -190,60 +153,20 @@ class RedisRecords:
         return out
 
     async def _write_record(self, op: ops.WriteRecord) -> ops.RecordWritten:
-        """Queue the write; the first writer of a record on this instance
-        leads, writing every queued write in batches until none is left."""
+        """Take this record's turn (``Turns``): the writer that leads writes
+        its update and every one queued behind it as one batch."""
         self._no_cluster()
         record_id = op.record_id
-        mine = _Pending(op, self.new_event())
-        queue = self._record_queues.get(record_id)
-        if queue is None:
-            queue = self._record_queues[record_id] = [mine]
-        else:
-            queue.append(mine)
-            try:
-                await mine.event.wait()
-            except BaseException:
-                if not mine.taken:
-                    queue.remove(mine)  # never sent: nothing was written
-                    if mine.event.is_set():  # it was to lead next: hand that on
-                        self._record_hand_over(record_id, queue)
-                raise
-        if not mine.done:  # the leader left before taking this one: lead
-            await self._lead(record_id, queue)
-        if mine.error is not None:
-            raise mine.error
-        assert mine.result is not None
-        return mine.result
 
-    async def _lead(self, record_id: str, queue: list[_Pending]) -> None:
-        try:
-            while queue:
-                batch = queue[: self.record_batch]
-                for pending in batch:
-                    pending.taken = True
-                try:
-                    await self._write_batch(record_id, batch)
-                except BaseException as exc:
-                    # sent or not, the outcome is unknown: each of them says so
-                    failure = exc if isinstance(exc, Exception) else _interrupted(record_id)
-                    for pending in batch:
-                        if not pending.done:
-                            pending.error, pending.done = failure, True
-                    raise
-                finally:
-                    del queue[: len(batch)]
-                    for pending in batch:
-                        pending.event.set()
-        finally:
-            self._record_hand_over(record_id, queue)
+        async def apply(batch: list[Update]) -> None:
+            await self._write_batch(record_id, batch)
 
-    def _record_hand_over(self, record_id: str, queue: list[_Pending]) -> None:
-        if queue:
-            queue[0].event.set()  # not done: it leads now
-        elif self._record_queues.get(record_id) is queue:
-            del self._record_queues[record_id]
+        result: ops.RecordWritten = await self._turns.take(
+            (record_keys.record(record_id), None), op.update, apply
+        )
+        return result
 
-    async def _write_batch(self, record_id: str, batch: list[_Pending]) -> None:
+    async def _write_batch(self, record_id: str, batch: list[Update]) -> None:
         """Compute every write of the batch in order from the stored text and
         store them with one script; on a conflict, compute again."""
         value_key, version_key = record_keys.record(record_id), record_keys.version(record_id)
@@ -252,18 +175,18 @@ class RedisRecords:
         for _ in range(self.max_update_attempts):
             if expected is _UNKNOWN:
                 raw = await self.transport.execute("GET", value_key)
-                expected = None if raw is None else _as_bytes(raw)
+                expected = None if raw is None else as_bytes(raw)
             current = None if expected is None else msgspec.json.decode(expected)
             args: list[Any] = []
             # per write: (pending, value, how many changes came before it,
             # whether it changed the value) or an error
-            plan: list[tuple[_Pending, Any, int, bool]] = []
-            failed: list[tuple[_Pending, Exception]] = []
+            plan: list[tuple[Update, Any, int, bool]] = []
+            failed: list[tuple[Update, Exception]] = []
             changes = 0
             text = expected
             for pending in batch:
                 try:
-                    new = pending.op.update(current)
+                    new = pending.fn(current)
                 except Exception as exc:
                     failed.append((pending, exc))
                     continue
@@ -278,7 +201,7 @@ class RedisRecords:
                 plan.append((pending, new, changes, True))
             if not changes:
                 raw_text, raw_version = await self.transport.execute("MGET", value_key, version_key)
-                stored = None if raw_text is None else _as_bytes(raw_text)
+                stored = None if raw_text is None else as_bytes(raw_text)
                 if stored != expected:
                     expected = stored  # the cache was stale: compute again
                     continue
@@ -301,16 +224,15 @@ class RedisRecords:
                     self._record_texts.pop(record_id, None)  # it may or may not have run
                     raise
                 if int(result[0]) != 1:
-                    expected = _as_bytes(result[1]) if len(result) > 1 else None
+                    expected = as_bytes(result[1]) if len(result) > 1 else None
                     continue
                 self._record_remember(record_id, text)
                 last = int(result[1])
             base = last - changes
             for pending, value, before, changed in plan:
                 pending.result = ops.RecordWritten(value, base + before, changed)
-                pending.done = True
             for pending, refusal in failed:
-                pending.error, pending.done = refusal, True
+                pending.error = refusal
             return
         self._record_texts.pop(record_id, None)
         raise MeshError(
@@ -341,17 +263,8 @@ class RedisRecords:
     async def _list_records(self, op: ops.ListRecords) -> list[tuple[str, Any]]:
         self._no_cluster()
         prefix = record_keys.RECORD_PREFIX
-        pattern = _glob_escape(prefix) + op.pattern
-        names: set[str] = set()
-        cursor: bytes | int = 0
-        while True:
-            cursor, found = await self.transport.execute(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", self.scan_count
-            )
-            names.update(_text(k) for k in found)
-            if int(cursor) == 0:
-                break
-        ordered = sorted(names)
+        found = await self.transport.scan_all(glob_escape(prefix) + op.pattern, self.scan_count)
+        ordered = sorted({text(k) for k in found})
         if not ordered:
             return []
         values = await self.transport.execute("MGET", *ordered)
@@ -367,15 +280,3 @@ class RedisRecords:
             await self.transport.execute("DEL", key)
         else:
             await self.transport.execute("SET", key, _encode(list(op.ids)))
-
-
-def _as_bytes(raw: bytes | str) -> bytes:
-    return raw.encode() if isinstance(raw, str) else raw
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

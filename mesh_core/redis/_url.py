@@ -245,7 +245,7 @@ def _sentinel_address(text: str, url: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-# -- Redis Cluster (added for the cluster transports; see mesh_core._redis_cluster)
+# -- Redis Cluster (the router: mesh_core.redis._cluster)
 
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 _CLUSTER_QUERY_KEYS = frozenset({"username", "password", "ssl_cert_reqs", "ssl_ca_certs"})

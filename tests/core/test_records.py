@@ -4,7 +4,7 @@ driver's operations, the patches, the built-ins through ``ServerCore``."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import jsonpatch
@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh_core import MemoryStore, MeshApp, Storage
+from mesh_core.runtime import Runtime
 from mesh_core.storage import _ops as ops
 from mesh_core.storage._patch import record_patch, same_json
 from tests.core.test_dispatch import Client, FakeServer, connect
@@ -390,9 +391,7 @@ async def test_records_on_a_redis_cluster_are_a_clear_error(op: ops.Op) -> None:
     transport = ClusterTransport()
     store = RedisStoreCore(
         transport,  # type: ignore[arg-type]
-        now_ms=lambda: 0,
-        new_event=anyio.Event,
-        sleep=anyio.sleep,
+        runtime=cast(Runtime, None),  # records on a cluster never get as far as time
     )
     with pytest.raises(MeshError) as caught:
         await store.execute(op)
