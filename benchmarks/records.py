@@ -392,19 +392,23 @@ def writers(servers: _Servers, redis_url: str, count: int, seconds: float) -> An
 
     record = "bench:w"
     r: Any = redis.Redis.from_url(redis_url)
-    pubsub = r.pubsub()
-    pubsub.subscribe("mesh:record-updates")
-    pubsub.get_message(timeout=1)
+    # an independent subscriber that blocks (no read timeout to trip over on
+    # a loaded machine); a message on its own stop channel ends it
+    listener_client: Any = redis.Redis.from_url(redis_url, socket_timeout=None)
+    pubsub = listener_client.pubsub()
+    pubsub.subscribe("mesh:record-updates", "bench:stop")
     heard: list[int] = []
-    stop = threading.Event()
 
     def listen() -> None:
-        while not stop.is_set():
-            message = pubsub.get_message(timeout=0.05)
-            if message and message["type"] == "message":
-                body = json.loads(message["data"])
-                if body.get("recordId") == record:
-                    heard.append(body["version"])
+        for message in pubsub.listen():
+            if message["type"] != "message":
+                continue
+            if message["channel"] == b"bench:stop":
+                break
+            body = json.loads(message["data"])
+            if body.get("recordId") == record:
+                heard.append(body["version"])
+        pubsub.close()
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
@@ -433,9 +437,8 @@ def writers(servers: _Servers, redis_url: str, count: int, seconds: float) -> An
     finally:
         for p in procs:
             p.close()
-    time.sleep(0.5)
-    stop.set()
-    listener.join()
+    r.publish("bench:stop", "1")
+    listener.join(30)
     done: list[int] = []
     for res in results:
         done += res["done"]
