@@ -30,12 +30,16 @@ from ._app import (
 )
 from ._builtins import BUILTINS, Builtin, BuiltinCommand, CheckClientWrite, Steps
 from ._channels import SUBSCRIPTION_MESSAGE, ChannelsAPI
+from ._collections import CollectionsAPI
 from ._pubsub import Listener, PubSub
+from ._records import RecordsAPI
 from ._run import ListeningServer, serve_until
 from ._server import ServerCore, ServerSockets
 from .exports import lazy_attributes
 
 __all__ = [
+    "CollectionsAPI",
+    "RecordsAPI",
     "Authenticator",
     "BUILTINS",
     "Builtin",

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..protocol._handshake import UpgradeRequest
+from ._collections import CollectionsAppMixin
+from ._records import RecordsAppMixin
 
 if TYPE_CHECKING:
     from ._api import Connection
@@ -74,7 +76,7 @@ RESERVED_CHANNEL_PREFIX = "mesh:"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class MeshApp:
+class MeshApp(RecordsAppMixin, CollectionsAppMixin):
     """Commands, middleware and hooks of one application.
 
     ``client_metadata_writes`` decides ``mesh/set-my-connection-metadata``:

@@ -65,7 +65,9 @@ from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, id_set
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
 from ._channels import ChannelsAPI, ChannelServerOp
+from ._collections import COLLECTION_BUILTINS, CollectionsAPI
 from ._pubsub import PubSub
+from ._records import RECORD_BUILTINS, RecordsAPI
 
 __all__ = ["ServerCore", "ServerSockets"]
 
@@ -167,6 +169,8 @@ class ServerCore:
         self.pubsub = PubSub(self.execute, self.instance_id, lambda: self.runtime.event())
         self.channels = ChannelsAPI(self)
         self.write_channel = self.channels.write
+        self.records = RecordsAPI(self)
+        self.collections = CollectionsAPI(self)
         # the reference's names, on the server itself
         self.add_to_room = self.rooms.add_to_room
         self.remove_from_room = self.rooms.remove_from_room
@@ -209,8 +213,8 @@ class ServerCore:
     async def stop_storage(self) -> None:
         """Leave the store (after :meth:`serving`): no more deliveries to this
         instance, then the driver releases what it holds."""
-        self.storage.detach(self.instance_id)
         self.pubsub.clear()  # the store drops its subscriptions as it stops
+        self.storage.detach(self.instance_id)
         self.channels.clear()
         await self.storage.stop()
 
@@ -489,6 +493,8 @@ class ServerCore:
                 except Exception:
                     log.exception("on_disconnection hook failed for %s", connection.id)
             await self.channels.connection_closed(connection)
+            await self.records.connection_gone(connection.id)
+            await self.collections.connection_gone(connection.id)
             await self.execute(ops.UnregisterConnection(connection.id, self.instance_id))
         except Exception:
             log.exception("cleaning up connection %s failed", connection.id)
@@ -536,7 +542,7 @@ class ServerCore:
 
     async def _run_command(self, ctx: Context) -> Any:
         name = ctx.command
-        handler = self.app.commands.get(name)
+        handler = self.app.commands.get(name) or _CAPABILITY_COMMANDS.get(name)
         builtin = BUILTINS.get(name) if handler is None else None
         if handler is None and builtin is None:
             bump(self._metrics.requests, UNKNOWN_COMMAND)
@@ -618,6 +624,10 @@ def _check_size(scope: str, key: str, value: Any, limit: int) -> None:
             code="ETOOLARGE",
             name="MetadataTooLarge",
         )
+
+
+#: built-ins of the record and collection capabilities, run as handlers
+_CAPABILITY_COMMANDS = {**RECORD_BUILTINS, **COLLECTION_BUILTINS}
 
 
 def _run_inline(coro: Coroutine[Any, Any, Any]) -> None:

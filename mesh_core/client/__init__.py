@@ -26,11 +26,14 @@ from ._options import (
     parse_url,
     reconnect_delay,
 )
+from ._records import CollectionDiff, RecordUpdate
 from ._supervisor import ClientBinding, ClientStream, OpenStream, StartTask
 
 __all__ = [
     "ChannelCallback",
     "ChannelSubscription",
+    "CollectionDiff",
+    "RecordUpdate",
     "ClientBinding",
     "ClientCore",
     "ClientOptions",

@@ -19,6 +19,7 @@ from .._errors import CommandTimeout
 from ..protocol import DEFAULT_MAX_MESSAGE_SIZE, ClientEvent, LatencyUpdated, Push
 from ._channels import ClientChannels
 from ._options import LIFECYCLE_EVENTS, ClientOptions, ClientStatus, check_response, parse_url
+from ._records import RecordsClientMixin
 from ._supervisor import ClientBinding, Supervisor
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class PushIterator:
         self._buffer.close()
 
 
-class ClientCore(ClientChannels):
+class ClientCore(ClientChannels, RecordsClientMixin):
     """The Mesh client, for every runtime: ``mesh_asyncio.MeshClient`` and
     ``mesh_trio.MeshClient`` are this class with a :attr:`binding` (the
     runtime, how to open a TCP/TLS stream, how to start a background task).

@@ -57,6 +57,7 @@ from ._layout import (
     text,
 )
 from ._pubsub import RedisPubSub
+from ._records import RedisRecords
 from ._resp import Arg
 from ._transport import NodeClient, RedisTransport, open_transport
 from ._turns import Turns, Update
@@ -69,7 +70,7 @@ log = logging.getLogger("mesh_core.redis")
 _MISSING: Any = object()  # not in the cache (None there means "absent in Redis")
 
 
-class RedisStoreCore(RedisPubSub, RedisChannels):
+class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords):
     """A storage driver on a shared Redis; see the module docstring.
 
     ``transport`` is a :class:`~mesh_core.redis.RedisTransport`, or a URL
@@ -140,6 +141,7 @@ class RedisStoreCore(RedisPubSub, RedisChannels):
         self._cas = Script(CAS)
         self._delete_if = Script(DELETE_IF)
         self._unlock = Script(UNLOCK)
+        self._init_records()
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------

@@ -18,13 +18,14 @@ from ..protocol._frames import decode_json, encode_json
 from . import _ops as ops
 from ._base import DeliverCallback
 from ._memory_channels import MemoryChannels
+from ._memory_records import MemoryRecords
 
 __all__ = ["MemoryStore"]
 
 log = logging.getLogger("mesh_core.storage")
 
 
-class MemoryStore(MemoryChannels):
+class MemoryStore(MemoryChannels, MemoryRecords):
     #: every operation completes inside ``execute``: the server answers
     #: built-ins on this store without a task (see :class:`Storage`)
     answers_inline = True
@@ -41,6 +42,7 @@ class MemoryStore(MemoryChannels):
         self._instances: dict[str, DeliverCallback] = {}
         # channel -> instance id -> callback: the in-process message bus
         self._subscriptions: dict[str, dict[str, ops.MessageCallback]] = {}
+        self._init_records()
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------

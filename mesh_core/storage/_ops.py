@@ -374,3 +374,118 @@ HANDLER_NAMES: dict[type[Op], str] = {
 def handlers(driver: object) -> dict[type[Op], Callable[[Any], Any]]:
     """``driver``'s bound method for each operation (see :data:`HANDLER_NAMES`)."""
     return {op: getattr(driver, name) for op, name in HANDLER_NAMES.items()}
+
+
+# -- records -------------------------------------------------------------------
+#
+# Records are JSON values with a version (PROTOCOL.md, records section). A
+# driver stores value and version together and changes them in one atomic
+# step; every write that changes the value bumps the version by exactly one
+# and is announced, in version order, on :data:`RECORD_UPDATES` (the full
+# value and the RFC 6902 patch from the previous value) and, as the bare id,
+# on :data:`COLLECTION_RECORD_CHANGE`. The message shapes are the reference's,
+# so instances of both kinds on one Redis hear each other.
+
+#: the channel record updates and deletions are announced on
+RECORD_UPDATES = "mesh:record-updates"
+#: the channel every changed record id is announced on (collections listen)
+COLLECTION_RECORD_CHANGE = "mesh:collection:record-change"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordWritten:
+    """The result of :class:`WriteRecord`: the stored value and its version.
+    ``changed`` is false when the write left the value as it was (then
+    nothing was stored or announced and the version did not move)."""
+
+    value: Any
+    version: int
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GetRecords(Op):
+    """Result: ``[(value, version), ...]`` per id, read atomically per id
+    (``(None, 0)`` for a record that does not exist)."""
+
+    record_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRecord(Op):
+    """Atomic read-modify-write of one record: store ``update(old)`` (``old``
+    is ``None`` for a record that does not exist) with version + 1 and
+    announce it. ``update`` may raise to refuse the write (nothing is
+    stored) and may be called again if another instance got in first.
+    Result: :class:`RecordWritten`."""
+
+    record_id: str
+    update: Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRecord(Op):
+    """Delete value and version, announce ``{recordId, deleted, version}``.
+    Result: ``(old value, last version)``, or ``None`` if there was none."""
+
+    record_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListRecords(Op):
+    """Result: ``[(record_id, value), ...]`` for every record whose id
+    matches the glob ``pattern`` (Redis ``MATCH`` syntax), sorted by id."""
+
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetCollectionIds(Op):
+    """Remember the record ids a collection subscriber last saw
+    (``mesh:collection:<collection>:<connection>``); ``ids=None`` forgets
+    them."""
+
+    collection_id: str
+    connection_id: str
+    ids: tuple[str, ...] | None
+
+
+def record_update_message(
+    record_id: str, value_json: bytes, patch_json: bytes, version: int
+) -> bytes:
+    """The :data:`RECORD_UPDATES` message for a write, assembled from JSON
+    texts (the Redis script builds the very same bytes)."""
+    return b"".join(
+        (
+            b'{"recordId":',
+            _json(record_id),
+            b',"newValue":',
+            value_json,
+            b',"patch":',
+            patch_json,
+            b',"version":',
+            str(version).encode(),
+            b"}",
+        )
+    )
+
+
+def record_deleted_message(record_id: str, version: int) -> bytes:
+    return b'{"recordId":%s,"deleted":true,"version":%d}' % (_json(record_id), version)
+
+
+def _json(value: Any) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(value)
+
+
+HANDLER_NAMES.update(
+    {
+        GetRecords: "_get_records",
+        WriteRecord: "_write_record",
+        DeleteRecord: "_delete_record",
+        ListRecords: "_list_records",
+        SetCollectionIds: "_set_collection_ids",
+    }
+)

@@ -128,13 +128,9 @@ function emit(obj, code) {
 
 const STEP_TIMEOUT = Number(process.env.MESH_STEP_TIMEOUT_MS || 10_000);
 
-// ---- scenario --------------------------------------------------------------
-
-// Runs a named step with a timeout and records its value (or its error) in
-// out.steps (and out.failures); returns the value.
-function stepper(out) {
-  const steps = (out.steps = {});
-  const failures = (out.failures = []);
+// A step runs under the step timeout; its value (or its error) lands in
+// `steps[name]`, and a failure is also listed in `failures`.
+function stepper(steps, failures) {
   return async function step(name, fn) {
     try {
       const value = await withTimeout(Promise.resolve().then(fn), STEP_TIMEOUT, name);
@@ -148,10 +144,13 @@ function stepper(out) {
   };
 }
 
+// ---- scenario --------------------------------------------------------------
+
 async function scenario(url, MeshClient, out) {
-  const step = stepper(out);
-  const steps = out.steps;
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
   const checks = (out.checks = {});
+  const step = stepper(steps, failures);
 
   const opts = { shouldReconnect: false };
   const a = new MeshClient(url, opts);
@@ -272,9 +271,10 @@ async function scenario(url, MeshClient, out) {
 // ---- channels ----------------------------------------------------------------
 
 async function channels(url, MeshClient, out) {
-  const step = stepper(out);
-  const steps = out.steps;
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
   const checks = (out.checks = {});
+  const step = stepper(steps, failures);
   const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
   const opts = { shouldReconnect: false };
   const a = new MeshClient(url, opts);
@@ -370,6 +370,164 @@ async function channels(url, MeshClient, out) {
     typeof w.frame.payload.message === "string" && !("id" in w.frame));
 }
 
+// ---- records ---------------------------------------------------------------
+//
+// Records and collections as a reference-client application uses them: a
+// patch-mode subscriber keeps its copy with fast-json-patch's applyPatch (the
+// library the reference server makes its patches with), a full-mode one takes
+// each value; every kind of JSON value and all three strategies; guards,
+// writable and read-only patterns, deletion, and the "docs" collection.
+
+async function records(url, MeshClient, out) {
+  const { applyPatch, deepClone } = (await import("fast-json-patch")).default;
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
+  const checks = (out.checks = {});
+  const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
+  const step = stepper(steps, failures);
+  const opts = { shouldReconnect: false };
+  const a = new MeshClient(url, opts);
+  const b = new MeshClient(url, opts);
+  await step("connect", () => Promise.all([a.connect(), b.connect()]));
+
+  // a: patch mode, applying patches; b: full mode
+  const local = { value: undefined, version: 0, updates: [] };
+  const fulls = [];
+  let wake = () => {};
+  const settled = (version) =>
+    new Promise((resolve) => {
+      const check = () => (local.version >= version && fulls.some((f) => f.version >= version) ? resolve() : null);
+      wake = check;
+      check();
+    });
+  await step("write_initial", () => a.command("write-record", { recordId: "doc:1", value: { title: "t", n: 0 } }));
+  steps.subscribe_patch = await step("subscribe_patch", () =>
+    a.subscribeRecord(
+      "doc:1",
+      (u) => {
+        local.updates.push(u);
+        if (u.patch) local.value = applyPatch(deepClone(local.value), u.patch, true, false).newDocument;
+        else if (u.full !== undefined) local.value = u.full;
+        local.version = u.version;
+        wake();
+      },
+      { mode: "patch" },
+    ),
+  );
+  await step("subscribe_full", () =>
+    b.subscribeRecord("doc:1", (u) => {
+      fulls.push(u);
+      wake();
+    }),
+  );
+  const writes = [
+    [{ title: "t", n: 1 }, "replace"],
+    [{ extra: { deep: [1, 2] } }, "merge"],
+    [{ extra: { more: true } }, "deepMerge"],
+    [[1, 2, 3], "replace"],
+    [[1, 3], "replace"],
+    [42, "replace"],
+    [true, "replace"],
+    ["text", "replace"],
+    [null, "replace"],
+    [{ back: "to an object" }, "replace"],
+  ];
+  let version = steps.subscribe_patch?.version ?? 0;
+  const mismatches = [];
+  for (const [value, strategy] of writes) {
+    await a.command("write-record", { recordId: "doc:1", value, strategy });
+    version += 1;
+    await withTimeout(settled(version), 5_000, `version ${version}`);
+    const stored = (await a.command("get-record", { recordId: "doc:1" })).record;
+    if (!same(local.value, stored) || !same(fulls.at(-1).full, stored)) mismatches.push({ version, local: local.value, stored });
+  }
+  steps.final_version = local.version;
+  steps.patch_updates = local.updates.filter((u) => u.patch).length;
+  steps.mismatches = mismatches;
+
+  // writable and read-only patterns
+  steps.write_note = await step("write_note", () => b.writeRecord("note:1", { text: "hi" }));
+  steps.write_note_merge = await step("write_note_merge", () =>
+    b.writeRecord("note:1", { more: 1 }, { strategy: "merge" }),
+  );
+  await step("note_value", () => a.command("get-record", { recordId: "note:1" }));
+  await step("write_doc_refused", () => b.writeRecord("doc:1", { hacked: true }));
+  await step("write_doc_refused_raw", () =>
+    b.command("mesh/publish-record-update", { recordId: "doc:1", newValue: { hacked: true } }),
+  );
+  await step("write_secret_refused", () => b.writeRecord("secret:1", { x: 1 }));
+  await step("secret_setup", () => a.command("write-record", { recordId: "secret:1", value: { pin: 1234 } }));
+  await step("secret_denied", () => b.subscribeRecord("secret:1", () => {}));
+  await step("become_admin", () => b.setConnectionMetadata({ role: "admin" }, { strategy: "merge" }));
+  await step("secret_allowed", () => b.subscribeRecord("secret:1", () => {}));
+  await step("bad_strategy", () =>
+    b.command("mesh/publish-record-update", { recordId: "note:1", newValue: 1, options: { strategy: "upsert" } }),
+  );
+
+  // the docs collection: initial members, added, changed, removed
+  const diffs = [];
+  let diffWake = () => {};
+  const untilDiffs = (n) =>
+    new Promise((resolve) => {
+      diffWake = () => (diffs.length >= n ? resolve() : null);
+      diffWake();
+    });
+  await step("write_doc2", () => a.command("write-record", { recordId: "doc:2", value: { title: "two" } }));
+  await step("subscribe_docs", () =>
+    b.subscribeCollection("docs", {
+      onDiff: (d) => {
+        diffs.push(d);
+        diffWake();
+      },
+    }),
+  );
+  await step("add_doc3", () => a.command("write-record", { recordId: "doc:3", value: { title: "three" } }));
+  await step("diff_added", () => withTimeout(untilDiffs(2), 5_000, "added diff"));
+  await step("update_doc2", () =>
+    a.command("write-record", { recordId: "doc:2", value: { title: "TWO" }, strategy: "merge" }),
+  );
+  await step("diff_changed", () => withTimeout(untilDiffs(3), 5_000, "changed diff"));
+  await step("delete_doc3", () => a.command("delete-record", { recordId: "doc:3" }));
+  await step("diff_removed", () => withTimeout(untilDiffs(4), 5_000, "removed diff"));
+  steps.diffs = diffs;
+
+  // deletion reaches the record subscribers
+  const deletedPromise = new Promise((resolve) => {
+    const prev = a.recordSubscriptions.get("doc:1").callback;
+    a.recordSubscriptions.get("doc:1").callback = (u) => (u.deleted ? resolve(u) : prev(u));
+  });
+  await step("delete_doc1", () => a.command("delete-record", { recordId: "doc:1" }));
+  await step("deleted_push", () => withTimeout(deletedPromise, 5_000, "record-deleted"));
+  await step("unsubscribe_collection", () => b.unsubscribeCollection("docs"));
+  await step("unsubscribe_record", () => b.unsubscribeRecord("secret:1"));
+  await step("close", () => Promise.all([a.close(), b.close()]));
+
+  const s = steps;
+  checks.patch_copy_tracks_every_write = mismatches.length === 0 && s.final_version === version;
+  checks.patches_were_used = s.patch_updates === writes.length;
+  checks.subscribe_full_value = same(s.subscribe_patch?.record, { title: "t", n: 0 });
+  checks.note_writable = s.write_note === true && s.write_note_merge === true;
+  checks.note_merged = same(s.note_value?.record, { text: "hi", more: 1 });
+  checks.doc_not_writable = s.write_doc_refused === false && s.write_secret_refused === false;
+  checks.not_writable_error = same(s.write_doc_refused_raw, {
+    error: 'Record "doc:1" is not writable by this connection.',
+    code: "ESERVER",
+    name: "Error",
+  });
+  checks.secret_guarded = s.secret_denied?.success === false && s.secret_allowed?.success === true;
+  checks.secret_value = same(s.secret_allowed?.record, { pin: 1234 });
+  checks.bad_strategy_error = s.bad_strategy?.code === "EINVAL";
+  checks.collection_initial = same(
+    diffs[0]?.added.map((r) => r.id),
+    ["doc:1", "doc:2"],
+  );
+  checks.collection_added = same(diffs[1]?.added.map((r) => r.id), ["doc:3"]) && diffs[1]?.version === 2;
+  checks.collection_changed = diffs[2]?.changed?.[0]?.id === "doc:2" && diffs[2]?.changed?.[0]?.record?.title === "TWO";
+  checks.collection_removed = same(diffs[3]?.removed.map((r) => r.id), ["doc:3"]) && diffs[3]?.version === 3;
+  checks.deleted = s.deleted_push?.deleted === true;
+  checks.unsubscribed = s.unsubscribe_collection === true && s.unsubscribe_record === true;
+}
+
 // ---- idle ------------------------------------------------------------------
 
 async function idle(url, MeshClient, out, seconds, pingTimeout, maxMissedPings) {
@@ -439,7 +597,7 @@ async function idle(url, MeshClient, out, seconds, pingTimeout, maxMissedPings) 
 async function main() {
   const url = process.argv[2];
   const mode = process.argv[3] || "scenario";
-  if (!url || !/^wss?:\/\//.test(url) || !["scenario", "idle", "channels"].includes(mode)) {
+  if (!url || !/^wss?:\/\//.test(url) || !["scenario", "idle", "channels", "records"].includes(mode)) {
     emit({ ok: false, error: "usage: reference_client.mjs ws://host:port [idle SECONDS [PING_TIMEOUT_MS [MAX_MISSED_PINGS]]]" }, 2);
     return;
   }
@@ -470,6 +628,8 @@ async function main() {
       await idle(url, MeshClient, out, seconds, pingTimeout, maxMissed);
     } else if (mode === "channels") {
       await channels(url, MeshClient, out);
+    } else if (mode === "records") {
+      await records(url, MeshClient, out);
     } else {
       await scenario(url, MeshClient, out);
     }
