@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..protocol._handshake import UpgradeRequest
+from ._channels import RESERVED_CHANNEL_PREFIX
 from ._collections import CollectionsAppMixin
 from ._records import RecordsAppMixin
 
@@ -70,8 +71,6 @@ ChannelPattern = str | re.Pattern[str]
 #: ``guard(connection, channel)``: may this client subscribe to / read it?
 ChannelGuard = Callable[["Connection", str], Awaitable[bool] | bool]
 
-#: channel names the framework keeps for itself (presence, offsets, ...)
-RESERVED_CHANNEL_PREFIX = "mesh:"
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -39,7 +39,6 @@ from .._errors import ValidationError
 from ..protocol._frames import encode_push
 from ..protocol._server_connection import text_frame
 from ..storage import _ops as ops
-from ._app import RESERVED_CHANNEL_PREFIX
 
 if TYPE_CHECKING:
     from ._api import Connection, ConnectionRef
@@ -53,6 +52,7 @@ __all__ = [
     "ChannelsAPI",
     "JoinChannel",
     "LeaveChannel",
+    "RESERVED_CHANNEL_PREFIX",
     "SUBSCRIPTION_MESSAGE",
     "get_channel_history",
     "subscribe_channel",
@@ -62,6 +62,8 @@ __all__ = [
 log = logging.getLogger("mesh_core.channels")
 
 SUBSCRIPTION_MESSAGE = "mesh/subscription-message"
+#: channel names the framework keeps for itself (presence, offsets, ...)
+RESERVED_CHANNEL_PREFIX = "mesh:"
 #: ``limit`` of ``mesh/get-channel-history`` when none is given (the reference's)
 DEFAULT_HISTORY_READ = 50
 _REFUSED = {"success": False, "history": []}
