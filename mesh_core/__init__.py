@@ -27,14 +27,32 @@ from ._errors import (
     StorageUnavailable,
     ValidationError,
 )
-from .app import Connection, ConnectionRef, ConnectionsAPI, Context, MeshApp, RoomsAPI, ServerCore
+from .app import (
+    ChannelsAPI,
+    Connection,
+    ConnectionRef,
+    ConnectionsAPI,
+    Context,
+    MeshApp,
+    RoomsAPI,
+    ServerCore,
+)
 from .client import ClientOptions
 from .protocol import CloseCode, Push, Reject, UpgradeRequest
-from .storage import STRATEGIES, UNCHANGED, MemoryStore, Storage, UnknownConnection
+from .storage import (
+    STRATEGIES,
+    UNCHANGED,
+    ChannelHistory,
+    MemoryStore,
+    Storage,
+    UnknownConnection,
+)
 
 __all__ = [
     "STRATEGIES",
     "UNCHANGED",
+    "ChannelHistory",
+    "ChannelsAPI",
     "ClientOptions",
     "CloseCode",
     "CommandError",

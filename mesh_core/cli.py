@@ -196,6 +196,13 @@ def _parser() -> argparse.ArgumentParser:
         help="more are refused with HTTP 503; 0: no limit (default %(default)s)",
     )
     limits.add_argument(
+        "--max-channel-history",
+        type=int,
+        default=defaults.max_channel_history,
+        metavar="N",
+        help="messages a channel keeps and one history read returns, at most (default %(default)s)",
+    )
+    limits.add_argument(
         "--max-violations",
         type=int,
         default=defaults.max_violations,
@@ -318,6 +325,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
             max_queued_requests=args.max_queued_requests,
             max_connections=args.max_connections,
             max_violations=args.max_violations,
+            max_channel_history=args.max_channel_history,
             max_send_buffer=send_buffer,
             handshake_timeout=args.handshake_timeout,
             shutdown_timeout=args.shutdown_timeout,

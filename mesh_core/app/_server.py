@@ -70,7 +70,11 @@ from ..storage._memory import MemoryStore
 from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, id_set
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
+from ._channels import ChannelsAPI, ChannelServerOp
+from ._collections import COLLECTION_BUILTINS, CollectionsAPI
 from ._logging import OutageLog, listening_line, peer_label
+from ._pubsub import PubSub
+from ._records import RECORD_BUILTINS, RecordsAPI
 
 __all__ = ["ServerCore", "ServerSockets"]
 
@@ -171,6 +175,12 @@ class ServerCore:
         # -- the server-side API (a new capability adds its object here) --
         self.connections = ConnectionsAPI(self)
         self.rooms = RoomsAPI(self)
+        #: the store's named channels, one store subscription per channel
+        self.pubsub = PubSub(self.execute, self.instance_id, lambda: self.runtime.event())
+        self.channels = ChannelsAPI(self)
+        self.write_channel = self.channels.write
+        self.records = RecordsAPI(self)
+        self.collections = CollectionsAPI(self)
         # the reference's names, on the server itself
         self.add_to_room = self.rooms.add_to_room
         self.remove_from_room = self.rooms.remove_from_room
@@ -249,7 +259,9 @@ class ServerCore:
         if not self._storage_started:
             return
         self._storage_started = False
+        self.pubsub.clear()  # the store drops its subscriptions as it stops
         self.storage.detach(self.instance_id)
+        self.channels.clear()
         await self.storage.stop()
 
     @asynccontextmanager
@@ -330,6 +342,8 @@ class ServerCore:
         policy): what every server-side API object calls."""
         if isinstance(op, CheckClientWrite):
             return await self._check_client_write(op)
+        if isinstance(op, ChannelServerOp):
+            return await self.channels.execute(op)
         if isinstance(op, ops.UpdateMetadata) and self.options.max_metadata_size:
             op = self._bounded(op)
         return await self.storage.execute(op)
@@ -431,6 +445,7 @@ class ServerCore:
         app = self.app
         return (
             (self._store_inline or builtin.storeless)
+            and not builtin.waits
             and command not in app.commands
             and not app.global_middleware
             and command not in app.command_middleware
@@ -525,6 +540,9 @@ class ServerCore:
                     await hook(connection)
                 except Exception:
                     log.exception("on_disconnection hook failed for %s", connection.id)
+            await self.channels.connection_closed(connection)
+            await self.records.connection_gone(connection.id)
+            await self.collections.connection_gone(connection.id)
             await self.execute(ops.UnregisterConnection(connection.id, self.instance_id))
         except Exception:
             log.exception("cleaning up connection %s failed", connection.id)
@@ -572,7 +590,7 @@ class ServerCore:
 
     async def _run_command(self, ctx: Context) -> Any:
         name = ctx.command
-        handler = self.app.commands.get(name)
+        handler = self.app.commands.get(name) or _CAPABILITY_COMMANDS.get(name)
         builtin = BUILTINS.get(name) if handler is None else None
         if handler is None and builtin is None:
             bump(self._metrics.requests, UNKNOWN_COMMAND)
@@ -654,6 +672,10 @@ def _check_size(scope: str, key: str, value: Any, limit: int) -> None:
             code="ETOOLARGE",
             name="MetadataTooLarge",
         )
+
+
+#: built-ins of the record and collection capabilities, run as handlers
+_CAPABILITY_COMMANDS = {**RECORD_BUILTINS, **COLLECTION_BUILTINS}
 
 
 def _run_inline(coro: Coroutine[Any, Any, Any]) -> None:

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Self, overload
 
 from .._errors import CommandTimeout
 from ..protocol import DEFAULT_MAX_MESSAGE_SIZE, ClientEvent, LatencyUpdated, Push
+from ._channels import ClientChannels
 from ._options import LIFECYCLE_EVENTS, ClientOptions, ClientStatus, check_response, parse_url
+from ._records import RecordsClientMixin
 from ._supervisor import ClientBinding, Supervisor
 
 if TYPE_CHECKING:
@@ -110,7 +112,7 @@ class PushIterator:
         self._buffer.close()
 
 
-class ClientCore:
+class ClientCore(ClientChannels, RecordsClientMixin):
     """The Mesh client, for every runtime: ``mesh_asyncio.MeshClient`` and
     ``mesh_trio.MeshClient`` are this class with a :attr:`binding` (the
     runtime, how to open a TCP/TLS stream, how to start a background task).
@@ -173,6 +175,7 @@ class ClientCore:
         self._rooms: dict[str, None] = {}  # insertion-ordered set
         self._listeners: dict[str, list[Callback]] = {}
         self._buffers: set[PushBuffer] = set()
+        self._init_channels()
         self._supervisor = Supervisor(self)
 
     # -- lifecycle ------------------------------------------------------------

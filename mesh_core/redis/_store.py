@@ -40,6 +40,7 @@ from .._errors import RedisUnavailable
 from ..runtime import Runtime
 from ..storage import _ops as ops
 from ..storage._base import DeliverCallback
+from ._channels import RedisChannels
 from ._layout import (
     CAS,
     DELETE_IF,
@@ -55,6 +56,8 @@ from ._layout import (
     load_json,
     text,
 )
+from ._pubsub import RedisPubSub
+from ._records import RedisRecords
 from ._resp import Arg
 from ._transport import NodeClient, RedisTransport, open_transport
 from ._turns import Turns, Update
@@ -67,7 +70,7 @@ log = logging.getLogger("mesh_core.redis")
 _MISSING: Any = object()  # not in the cache (None there means "absent in Redis")
 
 
-class RedisStoreCore:
+class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords):
     """A storage driver on a shared Redis; see the module docstring.
 
     ``transport`` is a :class:`~mesh_core.redis.RedisTransport`, or a URL
@@ -139,6 +142,7 @@ class RedisStoreCore:
         self._cas = Script(CAS)
         self._delete_if = Script(DELETE_IF)
         self._unlock = Script(UNLOCK)
+        self._init_records()
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------
