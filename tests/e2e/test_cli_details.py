@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib.metadata import version
+from pathlib import Path
 
 from mesh_core import cli
 from tests.helpers.server_process import ROOT
@@ -66,3 +69,39 @@ def test_readme_links_resolve_in_a_clone() -> None:
     for link in local:
         assert not link.startswith(".."), link  # outside the clone: a user has none
         assert (ROOT / link).exists(), link
+
+
+def test_a_built_wheel_holds_every_subpackage(tmp_path: Path) -> None:
+    """``pip install .`` (not editable) gets the whole core, not its top level.
+    Built from a copy of the sources: a ``build/`` left in the clone by an
+    earlier build would hide what the configuration leaves out."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("mesh_core", "mesh_asyncio", "mesh_trio"):
+        shutil.copytree(
+            ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    out = tmp_path / "dist"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = out.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in (
+        "mesh_core/protocol/__init__.py",
+        "mesh_core/app/_server.py",
+        "mesh_core/storage/__init__.py",
+        "mesh_core/redis/__init__.py",
+        "mesh_core/client/__init__.py",
+        "mesh_asyncio/_server.py",
+        "mesh_trio/_server.py",
+        "mesh_core/py.typed",
+    ):
+        assert module in names, module
+    assert not any(name.startswith(("tests/", "examples/", "benchmarks/")) for name in names)
