@@ -392,9 +392,18 @@ def _serve(app: MeshApp, args: argparse.Namespace, options: ServerOptions) -> No
     runtime.run(app, **kwargs)
 
 
-def _worker(argv: list[str], number: int) -> None:
+def _worker(argv: list[str], number: int, errors: Any) -> None:
+    """One worker; a start that fails hands its one-line message to the
+    supervisor (``errors``, a queue) instead of printing it, so N workers
+    failing alike print one line, not N."""
     os.environ[WORKER_ENV] = str(number)  # named in the worker's startup line
-    main(argv)
+    try:
+        main(argv)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        errors.put(exc.code)
+        raise SystemExit(1) from None
 
 
 def _supervise(argv: list[str], workers: int) -> int:
@@ -405,8 +414,11 @@ def _supervise(argv: list[str], workers: int) -> int:
 
     child_argv = [*argv, "--workers", "1", "--reuse-port"]
     context = multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
     children = [
-        context.Process(target=_worker, args=(child_argv, i + 1), name=f"mesh-worker-{i + 1}")
+        context.Process(
+            target=_worker, args=(child_argv, i + 1, errors), name=f"mesh-worker-{i + 1}"
+        )
         for i in range(workers)
     ]
     for child in children:
@@ -421,6 +433,13 @@ def _supervise(argv: list[str], workers: int) -> int:
     signal.signal(signal.SIGTERM, forward)
     for child in children:
         child.join()
+    messages: list[str] = []
+    while not errors.empty():
+        message = errors.get()
+        if message not in messages:
+            messages.append(message)
+    for message in messages:
+        print(message, file=sys.stderr)
     return max((child.exitcode or 0) for child in children)
 
 

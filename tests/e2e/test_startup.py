@@ -77,3 +77,10 @@ def test_missing_redis_extra_gives_the_install_hint(tmp_path: Path) -> None:
 def test_missing_uvloop_gives_the_install_hint(tmp_path: Path) -> None:
     proc = run_failing("--uvloop", env=_shadow(tmp_path, "uvloop"))
     assert "uvloop is not installed: pip install 'mesh-python[uvloop]'" in proc.stderr
+
+
+def test_redis_down_at_start_with_workers_is_one_line() -> None:
+    """Every worker fails alike: the supervisor prints the message once."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    proc = run_failing("--workers", "2", "--port", "0", "--redis", url, timeout=60)
+    assert proc.stderr.startswith("error: cannot reach the store:")
