@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._errors import MeshCommandError
-from ._options import ClientOptions, is_error_payload
+from ._capability import ClientCapability
+from ._options import is_error_payload
 
 if TYPE_CHECKING:
-    from ._supervisor import ClientBinding
+    pass
 
 __all__ = ["ChannelCallback", "ChannelSubscription", "ClientChannels", "History"]
 
@@ -68,25 +69,9 @@ class ChannelSubscription:
     pending: list[dict[str, Any]] | None = field(default=None, repr=False)
 
 
-class ClientChannels:
+class ClientChannels(ClientCapability):
     """The channel methods of ``ClientCore`` (a mixin; call
     :meth:`_init_channels` once)."""
-
-    # what ClientCore provides
-    async def command(self, command: str, payload: Any = None, timeout: float | None = 30.0) -> Any:
-        raise NotImplementedError
-
-    def on(self, name: str, callback: Callable[..., Any]) -> Callable[..., Any]:
-        raise NotImplementedError
-
-    def _spawn_awaitable(self, awaitable: Awaitable[Any]) -> None:
-        raise NotImplementedError
-
-    def _check(self, command: str, payload: Any) -> Any:
-        raise NotImplementedError
-
-    options: ClientOptions
-    binding: ClientBinding
 
     def _init_channels(self) -> None:
         self.channel_subscriptions: dict[str, ChannelSubscription] = {}

@@ -27,6 +27,8 @@ from typing import Any
 
 import jsonpatch
 
+from ._capability import ClientCapability
+
 __all__ = ["CollectionDiff", "RecordUpdate", "RecordsClientMixin"]
 
 log = logging.getLogger("mesh_client")
@@ -82,18 +84,8 @@ class _State:
     resyncing: set[str] = field(default_factory=set)
 
 
-class RecordsClientMixin:
+class RecordsClientMixin(ClientCapability):
     """The record and collection methods of ``ClientCore``."""
-
-    # provided by ClientCore / the adapter
-    async def command(self, command: str, payload: Any = None, timeout: float | None = 30.0) -> Any:
-        raise NotImplementedError
-
-    def on(self, name: str, callback: Callable[..., Any]) -> Callable[..., Any]:
-        raise NotImplementedError
-
-    def _spawn_awaitable(self, awaitable: Awaitable[Any]) -> None:
-        raise NotImplementedError
 
     @property
     def _record_state(self) -> _State:
