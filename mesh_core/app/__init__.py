@@ -16,6 +16,8 @@ in ``_api`` and its operations in :mod:`mesh_core.storage`; see
 from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI
 from ._app import (
     Authenticator,
+    ChannelGuard,
+    ChannelPattern,
     ConnectionHook,
     Context,
     Handler,
@@ -27,15 +29,24 @@ from ._app import (
     WritePolicy,
 )
 from ._builtins import BUILTINS, Builtin, BuiltinCommand, CheckClientWrite, Steps
+from ._channels import SUBSCRIPTION_MESSAGE, ChannelsAPI
+from ._collections import CollectionsAPI
+from ._pubsub import Listener, PubSub
+from ._records import RecordsAPI
 from ._run import ListeningServer, serve_until
 from ._server import ServerCore, ServerSockets
 from .exports import lazy_attributes
 
 __all__ = [
+    "CollectionsAPI",
+    "RecordsAPI",
     "Authenticator",
     "BUILTINS",
     "Builtin",
     "BuiltinCommand",
+    "ChannelGuard",
+    "ChannelPattern",
+    "ChannelsAPI",
     "CheckClientWrite",
     "Connection",
     "ConnectionHook",
@@ -43,12 +54,15 @@ __all__ = [
     "ConnectionsAPI",
     "Context",
     "Handler",
+    "Listener",
     "ListeningServer",
     "MeshApp",
     "Middleware",
+    "PubSub",
     "ReadGuard",
     "ReadPolicy",
     "RoomsAPI",
+    "SUBSCRIPTION_MESSAGE",
     "ServerCore",
     "ServerSockets",
     "Steps",

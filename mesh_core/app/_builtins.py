@@ -23,6 +23,7 @@ from typing import Any
 from .._errors import ValidationError
 from ..storage import _ops as ops
 from ..storage._strategies import check_strategy, updater
+from ._channels import get_channel_history, subscribe_channel, unsubscribe_channel
 
 __all__ = ["BUILTINS", "Builtin", "BuiltinCommand", "CheckClientWrite", "Steps"]
 
@@ -54,6 +55,9 @@ class BuiltinCommand:
     writes_policed: bool = False
     #: the application's ``client_metadata_reads`` policy runs on its path
     reads_policed: bool = False
+    #: may wait whatever the store (application guards, a subscription
+    #: being made): never answered inline
+    waits: bool = False
 
     def __call__(self, connection_id: str, payload: Any) -> Steps:
         return self.steps(connection_id, payload)
@@ -131,4 +135,8 @@ BUILTINS: dict[str, BuiltinCommand] = {
         set_my_connection_metadata, writes_policed=True
     ),
     "mesh/get-room-metadata": BuiltinCommand(get_room_metadata),
+    # channels (mesh_core/app/_channels.py)
+    "mesh/subscribe-channel": BuiltinCommand(subscribe_channel, waits=True),
+    "mesh/unsubscribe-channel": BuiltinCommand(unsubscribe_channel, waits=True),
+    "mesh/get-channel-history": BuiltinCommand(get_channel_history, waits=True),
 }

@@ -233,6 +233,8 @@ class Supervisor:
         #: the link commands go out on (``None`` while offline)
         self.link: Link | None = None
         self.closing = False
+        #: how the last connection ended, for the disconnect and close events
+        self.last_closed: Closed | None = None
         #: where the jitter of each reconnect delay comes from (in [0, 1))
         self.rand: Callable[[], float] = random.random
         self._status_changed = self._runtime.event()
@@ -288,6 +290,8 @@ class Supervisor:
 
     async def _shut_down(self, *, disconnected: bool = False) -> None:
         client = self.client
+        closed = (self.link.closed if self.link is not None else None) or self.last_closed
+        closed = closed or Closed(CloseCode.NORMAL, "")
         if self.link is not None:
             self._drop(self.link, MeshConnectionError("the client was closed"))
         self._task = None
@@ -301,7 +305,7 @@ class Supervisor:
                 listener.cancel()
         # the last listeners run to completion before close() returns
         for name in ("disconnect", "close") if disconnected else ("close",):
-            for awaitable in client._emit(name, collect=True):
+            for awaitable in client._emit(name, closed, collect=True):
                 try:
                     await awaitable
                 except Exception:
@@ -539,10 +543,11 @@ class Supervisor:
                         client._emit("connect")
                         client._emit("reconnect")
             self._drop(link, MeshConnectionError("connection lost before the response"))
+            self.last_closed = link.closed
             if self.closing:
                 return
             self._set_status(ClientStatus.RECONNECTING)
-            client._emit("disconnect")
+            client._emit("disconnect", link.closed or Closed(CloseCode.ABNORMAL, ""))
             if not client.options.reconnect:
                 return
             link, backlog = await self._reconnect()

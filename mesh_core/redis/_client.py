@@ -461,6 +461,22 @@ class RedisClient:
                 del self._subs[ch]
             raise RedisUnavailable(f"could not subscribe to {channel!r} on {self._label}")
 
+    async def unsubscribe(self, channel: str) -> None:
+        """Forget ``channel`` at once (a reconnect no longer subscribes it)
+        and send UNSUBSCRIBE on the pub/sub connection if there is one. Never
+        raises for an unreachable Redis: a connection that fails is replaced,
+        and its successor subscribes only the channels still wanted. A
+        message still in flight for it finds no callback and is dropped."""
+        ch = channel.encode()
+        if self._subs.pop(ch, None) is None:
+            return
+        self._confirm.pop(ch, None)
+        try:
+            async with self._rt.timeout(self._command_timeout):
+                await self._pubsub_send(pack(("UNSUBSCRIBE", ch)))
+        except (*_LOST, TimeoutError) as exc:
+            self._log.debug("UNSUBSCRIBE %r not sent (%r); the next session omits it", ch, exc)
+
     async def _pubsub_send(self, data: bytes) -> None:
         """Write on the current pub/sub connection, if any.
 

@@ -40,6 +40,7 @@ from .._errors import RedisUnavailable
 from ..runtime import Runtime
 from ..storage import _ops as ops
 from ..storage._base import DeliverCallback
+from ._channels import RedisChannels
 from ._layout import (
     CAS,
     DELETE_IF,
@@ -55,6 +56,8 @@ from ._layout import (
     load_json,
     text,
 )
+from ._pubsub import RedisPubSub
+from ._records import RedisRecords
 from ._resp import Arg
 from ._transport import NodeClient, RedisTransport, open_transport
 from ._turns import Turns, Update
@@ -67,7 +70,7 @@ log = logging.getLogger("mesh_core.redis")
 _MISSING: Any = object()  # not in the cache (None there means "absent in Redis")
 
 
-class RedisStoreCore:
+class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords):
     """A storage driver on a shared Redis; see the module docstring.
 
     ``transport`` is a :class:`~mesh_core.redis.RedisTransport`, or a URL
@@ -130,6 +133,7 @@ class RedisStoreCore:
         self._registered: dict[str, Any] = {}
         # unregistrations that could not reach Redis, retried by heartbeat()
         self._pending_unregister: set[str] = set()
+        self._started = False  # start() completed: a failed stop is then worth a warning
         # the raw text last read or written per (hash, field): the value an
         # update is computed from before any read (see the module docstring)
         self._cache: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
@@ -138,6 +142,7 @@ class RedisStoreCore:
         self._cas = Script(CAS)
         self._delete_if = Script(DELETE_IF)
         self._unlock = Script(UNLOCK)
+        self._init_records()
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------
@@ -148,6 +153,7 @@ class RedisStoreCore:
         await self.transport.connect()
         await self.heartbeat()
         await self.transport.subscribe(keys.pubsub(instance_id), self._on_message)
+        self._started = True
 
     async def stop(self) -> None:
         """Leave the shared state as if this instance had never been: its
@@ -164,8 +170,10 @@ class RedisStoreCore:
                     ]
                 )
         except RedisUnavailable:
-            log.warning(
-                "Redis unavailable at shutdown: the sweep of another instance will clean up"
+            # after a failed start the start's error is what the operator reads
+            log.log(
+                logging.WARNING if self._started else logging.DEBUG,
+                "Redis unavailable at shutdown: the sweep of another instance will clean up",
             )
         finally:
             await self.transport.aclose()

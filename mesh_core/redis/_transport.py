@@ -40,6 +40,11 @@ class RedisTransport(Protocol):
 
     async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None: ...
 
+    async def unsubscribe(self, channel: str) -> None:
+        """Forget the channel at once (never renewed on reconnect) and send
+        UNSUBSCRIBE if connected; never raises for an unreachable Redis."""
+        ...
+
     async def scan_all(self, pattern: str, count: int) -> list[bytes]:
         """Every key matching ``pattern`` (``SCAN``, never ``KEYS``; on a
         Cluster, on every primary: ``SCAN`` sees one node's keys only)."""

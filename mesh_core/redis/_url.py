@@ -106,7 +106,8 @@ def parse_redis_url(url: str) -> RedisEndpoint | SentinelEndpoint:
     if scheme not in _PLAIN_SCHEMES:
         raise ValueError(
             f"unsupported Redis URL scheme {scheme!r} "
-            "(redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://)"
+            "(redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, "
+            "redis+cluster://, rediss+cluster://)"
         )
     parts = urlsplit(url)
     query = _query(parts.query, url)

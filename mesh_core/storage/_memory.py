@@ -10,22 +10,28 @@ delivery callback, the in-process counterpart of Redis pub/sub.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any
 
 from ..protocol._frames import decode_json, encode_json
 from . import _ops as ops
 from ._base import DeliverCallback
+from ._memory_channels import MemoryChannels
+from ._memory_records import MemoryRecords
 
 __all__ = ["MemoryStore"]
 
+log = logging.getLogger("mesh_core.storage")
 
-class MemoryStore:
+
+class MemoryStore(MemoryChannels, MemoryRecords):
     #: every operation completes inside ``execute``: the server answers
     #: built-ins on this store without a task (see :class:`Storage`)
     answers_inline = True
 
     def __init__(self) -> None:
+        super().__init__()
         self._owner: dict[str, str] = {}  # connection id -> instance id
         # metadata is kept as JSON text, as Redis keeps it: a value that could
         # not be stored in Redis fails here too, and readers get fresh copies
@@ -34,6 +40,9 @@ class MemoryStore:
         self._conn_rooms: dict[str, dict[str, None]] = {}
         self._room_meta: dict[str, bytes] = {}
         self._instances: dict[str, DeliverCallback] = {}
+        # channel -> instance id -> callback: the in-process message bus
+        self._subscriptions: dict[str, dict[str, ops.MessageCallback]] = {}
+        self._init_records()
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------
@@ -45,7 +54,11 @@ class MemoryStore:
         """No background duties: nothing expires, nothing to sweep."""
 
     def detach(self, instance_id: str) -> None:
+        """Forget an instance that stopped: its delivery callback and every
+        channel subscription it still had (a stopped server receives nothing)."""
         self._instances.pop(instance_id, None)
+        for channel in list(self._subscriptions):
+            self._unsubscribe(ops.Unsubscribe(channel, instance_id))
 
     async def stop(self) -> None:
         """Nothing to release: instances unregister through :meth:`detach`."""
@@ -172,6 +185,30 @@ class MemoryStore:
             deliver = self._instances.get(owner)
             if deliver is not None:
                 deliver(ids, op.command, op.payload)
+
+    # -- publish/subscribe ----------------------------------------------------
+
+    def _subscribe(self, op: ops.Subscribe) -> None:
+        self._subscriptions.setdefault(op.channel, {})[op.instance_id] = op.callback
+
+    def _unsubscribe(self, op: ops.Unsubscribe) -> None:
+        subscribers = self._subscriptions.get(op.channel)
+        if subscribers is not None:
+            subscribers.pop(op.instance_id, None)
+            if not subscribers:
+                del self._subscriptions[op.channel]
+
+    def _publish_message(self, op: ops.PublishMessage) -> None:
+        subscribers = self._subscriptions.get(op.channel)
+        if not subscribers:
+            return
+        data = op.data.encode() if isinstance(op.data, str) else bytes(op.data)
+        # a copy: a callback may subscribe or unsubscribe
+        for callback in list(subscribers.values()):
+            try:
+                callback(op.channel, data)
+            except Exception:
+                log.exception("message callback for channel %r failed", op.channel)
 
 
 _MISSING = object()

@@ -68,6 +68,10 @@ def test_the_builtin_table() -> None:
         "mesh/get-my-connection-metadata",
         "mesh/set-my-connection-metadata",
         "mesh/get-room-metadata",
+        # issue 12: channels
+        "mesh/subscribe-channel",
+        "mesh/unsubscribe-channel",
+        "mesh/get-channel-history",
     }
 
 

@@ -11,12 +11,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from .redis_server import free_port
 
-__all__ = ["EXAMPLE_SERVERS", "ROOT", "DemoServer", "free_port", "serve_demo", "start_server"]
+__all__ = [
+    "EXAMPLE_SERVERS",
+    "ROOT",
+    "DemoServer",
+    "free_port",
+    "run_failing",
+    "serve_demo",
+    "start_server",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,3 +117,25 @@ def serve_demo(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def run_failing(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run ``mesh serve examples.demo:app ARGS`` expecting it to fail at
+    startup; assert the operator's contract (a non-zero exit and one line on
+    stderr, no traceback) and return the finished process."""
+    cmd = [sys.executable, "-m", "mesh_core.cli", "serve", "examples.demo:app", *args]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    return proc
