@@ -22,6 +22,8 @@ from typing import Any, cast
 from mesh_core import ServerCore
 from mesh_core.protocol import ServerConnection, State
 
+from ._runtime import RUNTIME
+
 __all__ = ["MeshServer"]
 
 log = logging.getLogger("mesh_asyncio")
@@ -147,6 +149,8 @@ class _WebSocketProtocol(asyncio.Protocol):
 class MeshServer(ServerCore):
     """A Mesh server on asyncio. Same constructor and API as
     ``mesh_trio.MeshServer``; see :class:`mesh_core.ServerCore`."""
+
+    runtime = RUNTIME
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -30,6 +30,8 @@ import trio
 from mesh_core import ServerCore
 from mesh_core.protocol import ServerConnection, State
 
+from ._runtime import RUNTIME
+
 __all__ = ["MeshServer"]
 
 log = logging.getLogger("mesh_trio")
@@ -118,6 +120,8 @@ class _Link:
 class MeshServer(ServerCore):
     """A Mesh server on trio. Same constructor and API as
     ``mesh_asyncio.MeshServer``; see :class:`mesh_core.ServerCore`."""
+
+    runtime = RUNTIME
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -17,9 +17,14 @@ from ._app import (
     WritePolicy,
 )
 from ._builtins import BUILTINS, Builtin, CheckClientWrite, Steps
+from ._presence import PresenceAPI, PresenceGuard, PresenceRules, PresenceTrack
 from ._server import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, ServerCore
 
 __all__ = [
+    "PresenceAPI",
+    "PresenceGuard",
+    "PresenceRules",
+    "PresenceTrack",
     "Authenticator",
     "BUILTINS",
     "Builtin",

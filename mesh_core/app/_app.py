@@ -7,11 +7,13 @@ only await the Mesh API handed to them, so they run on either event loop.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..protocol._handshake import UpgradeRequest
+from ._presence import PresenceGuard, PresenceRules
 
 if TYPE_CHECKING:
     from ._server import Connection, ServerCore
@@ -90,6 +92,8 @@ class MeshApp:
         self.authenticator: Authenticator | None = None
         self.client_metadata_writes: WritePolicy = client_metadata_writes
         self.client_metadata_reads: ReadPolicy = client_metadata_reads
+        #: the rooms whose presence is tracked (see :meth:`track_presence`)
+        self.presence = PresenceRules()
 
     # -- commands -------------------------------------------------------------
 
@@ -135,6 +139,27 @@ class MeshApp:
             return fn
 
         return register
+
+    # -- presence -------------------------------------------------------------
+
+    def track_presence(
+        self,
+        pattern: str | re.Pattern[str],
+        *,
+        ttl: int | None = None,
+        guard: PresenceGuard | None = None,
+    ) -> None:
+        """Track who is present in the rooms matching ``pattern`` (a room
+        name, or a compiled ``re.Pattern`` matched with ``search``): joining
+        such a room marks a connection present, leaving or going marks it
+        gone, and clients subscribed to the room's presence are told.
+
+        ``ttl`` (milliseconds, as the reference's ``ttl``): a member that
+        answers no ping for that long leaves, and comes back at its next pong.
+        ``guard(connection, room) -> bool`` (sync or async) decides who may
+        subscribe to, read, and publish states in the room's presence. The
+        first matching call wins."""
+        self.presence.track(pattern, ttl=ttl, guard=guard)
 
     # -- hooks ----------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any
 from .._errors import ValidationError
 from ..storage import _ops as ops
 from ..storage._strategies import check_strategy, updater
+from ._presence import PRESENCE_BUILTINS
 
 __all__ = ["BUILTINS", "Builtin", "CheckClientWrite", "Steps"]
 
@@ -105,4 +106,5 @@ BUILTINS: dict[str, Builtin] = {
     "mesh/get-my-connection-metadata": get_my_connection_metadata,
     "mesh/set-my-connection-metadata": set_my_connection_metadata,
     "mesh/get-room-metadata": get_room_metadata,
+    **PRESENCE_BUILTINS,
 }

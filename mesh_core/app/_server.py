@@ -26,16 +26,19 @@ from ..protocol._server_connection import (
     ConnectionLost,
     Event,
     HandshakeReceived,
+    PongReceived,
     RequestReceived,
     text_frame,
 )
 from ..protocol._server_connection import ServerConnection as Protocol
+from ..runtime import Runtime
 from ..storage import _ops as ops
 from ..storage._base import Storage
 from ..storage._memory import MemoryStore
 from ..storage._strategies import updater
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
+from ._presence import PRESENCE_GUARDED, PresenceAPI, PresenceHub, PresenceStep
 
 __all__ = ["Connection", "ConnectionRef", "ConnectionsAPI", "RoomsAPI", "ServerCore"]
 
@@ -206,6 +209,9 @@ class ServerCore:
     """Runtime-neutral server: subclassed by ``mesh_asyncio.MeshServer`` and
     ``mesh_trio.MeshServer``, which add sockets, a clock and task spawning."""
 
+    #: the adapter's runtime services (timers of presence, wall-clock stamps)
+    runtime: Runtime
+
     def __init__(
         self,
         app: MeshApp,
@@ -233,6 +239,8 @@ class ServerCore:
         self._metrics = Metrics()
         self.connections = ConnectionsAPI(self)
         self.rooms = RoomsAPI(self)
+        self.presence = PresenceAPI(self)
+        self._presence = PresenceHub(self)
         # the reference's names, on the server itself
         self.add_to_room = self.rooms.add_to_room
         self.remove_from_room = self.rooms.remove_from_room
@@ -252,7 +260,9 @@ class ServerCore:
 
     def _new_protocol(self, peer: tuple[str, int] | None, now: float) -> Protocol:
         """The state machine for a socket the adapter just accepted."""
-        return Protocol(self.options, peer=peer, now=now, metrics=self._metrics)
+        proto = Protocol(self.options, peer=peer, now=now, metrics=self._metrics)
+        proto.report_pongs = bool(self.app.presence)  # pongs refresh presence
+        return proto
 
     # -- observability --------------------------------------------------------
 
@@ -272,8 +282,14 @@ class ServerCore:
     async def _execute(self, op: ops.Op) -> Any:
         if isinstance(op, CheckClientWrite):
             return await self._check_client_write(op)
+        if isinstance(op, PresenceStep):
+            return await self._presence.execute(op)
         if isinstance(op, ops.UpdateMetadata) and self.options.max_metadata_size:
             op = self._bounded(op)
+        if self.app.presence and isinstance(op, _MEMBERSHIP):
+            # every change of membership passes here (built-ins and the
+            # rooms API alike): presence follows it
+            return await self._presence.follow(op, self.storage.execute)
         return await self.storage.execute(op)
 
     async def _drive(self, steps: Steps, reader: Connection | None = None) -> Any:
@@ -379,6 +395,10 @@ class ServerCore:
                     _run_inline(self._handle_request(connection, event))
                 else:
                     self._spawn(self._handle_request, connection, event)
+            elif isinstance(event, PongReceived):
+                connection = self._local.get(proto.id or "")
+                if connection is not None and self._presence.holds(connection.id):
+                    self._spawn(self._presence.pong, connection.id)
             elif isinstance(event, ConnectionLost):
                 connection = self._local.get(proto.id or "")
                 if connection is not None:
@@ -401,6 +421,7 @@ class ServerCore:
             and command not in app.command_middleware
             and not (callable(app.client_metadata_writes) and command in _WRITES_POLICED)
             and not (callable(app.client_metadata_reads) and command in _READS_POLICED)
+            and not (app.presence.guarded and command in PRESENCE_GUARDED)
         )
 
     def _full(self) -> bool:
@@ -485,6 +506,7 @@ class ServerCore:
                     await hook(connection)
                 except Exception:
                     log.exception("on_disconnection hook failed for %s", connection.id)
+            await self._presence.connection_gone(connection.id)
             await self._execute(ops.UnregisterConnection(connection.id, self.instance_id))
         except Exception:
             log.exception("cleaning up connection %s failed", connection.id)
@@ -629,6 +651,8 @@ def _id_set(exclude: ConnectionRef | Iterable[ConnectionRef]) -> set[str]:
         return {_cid(exclude)}
     return {_cid(item) for item in exclude}
 
+
+_MEMBERSHIP = (ops.AddToRoom, ops.RemoveFromRoom, ops.ClearRoom, ops.DeleteRoom)
 
 #: built-ins that yield no storage operation: inline on any store
 _STORELESS = frozenset({"mesh/noop"})

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from .._errors import MeshCommandError
 from ..protocol._client_connection import ClientEvent, LatencyUpdated, Push
 from ..protocol._frames import DEFAULT_MAX_MESSAGE_SIZE
+from ._presence import PresenceCallback, PresenceClient
 
 __all__ = [
     "ClientCore",
@@ -178,7 +179,7 @@ LIFECYCLE_EVENTS: Final = frozenset(
 Callback = Callable[..., Any]
 
 
-class ClientCore:
+class ClientCore(PresenceClient):
     """What ``mesh_asyncio.MeshClient`` and ``mesh_trio.MeshClient`` share:
     options, listeners, push fan-out, joined rooms and the helper commands.
     The adapters provide :meth:`command` and :meth:`_spawn_awaitable`."""
@@ -206,6 +207,7 @@ class ClientCore:
         self._rooms: dict[str, None] = {}  # insertion-ordered set
         self._listeners: dict[str, list[Callback]] = {}
         self._buffers: set[PushBuffer] = set()
+        self._init_presence()
 
     # -- what the adapter provides --------------------------------------------
 
@@ -273,13 +275,19 @@ class ClientCore:
 
     # -- helpers (the reference client's names, in snake_case) ---------------
 
-    async def join_room(self, room: str) -> list[dict[str, Any]]:
+    async def join_room(
+        self, room: str, on_presence: PresenceCallback | None = None
+    ) -> list[dict[str, Any]]:
         """Join ``room`` and return its members after the join (``present``).
-        A joined room is re-joined after every reconnect."""
+        A joined room is re-joined after every reconnect. With
+        ``on_presence``, also follow the room's presence (see
+        :meth:`subscribe_presence`)."""
         result = await self.command("mesh/join-room", {"roomName": room})
         if not (isinstance(result, dict) and result.get("success")):
             return []
         self._rooms[room] = None
+        if on_presence is not None:
+            await self.subscribe_presence(room, on_presence)
         present = result.get("present")
         return list(present) if isinstance(present, list) else []
 
@@ -288,6 +296,8 @@ class ClientCore:
         ok = isinstance(result, dict) and result.get("success") is True
         if ok:
             self._rooms.pop(room, None)
+            if room in self._presence:
+                await self.unsubscribe_presence(room)
         return ok
 
     async def get_connection_metadata(self, connection_id: str | None = None) -> Any:

@@ -36,6 +36,7 @@ import msgspec
 from .._errors import RedisReplyError, RedisUnavailable
 from ..storage import _ops as ops
 from ..storage._base import DeliverCallback
+from ._presence import RedisPresence
 
 __all__ = ["RedisStoreCore", "RedisTransport", "keys"]
 
@@ -205,7 +206,7 @@ class _Script:
             return await transport.execute("EVAL", self.source, len(keys_), *keys_, *args)
 
 
-class RedisStoreCore:
+class RedisStoreCore(RedisPresence):
     """A storage driver on a shared Redis; see the module docstring.
 
     The runtime adapters subclass it to supply the transport, a wall clock
@@ -376,6 +377,7 @@ class RedisStoreCore:
             if _text(owner) == instance:
                 held.add(_text(cid))
         for cid in sorted(held):
+            await self._sweep_presence(cid)  # before the rooms it reads are gone
             await self._unregister(ops.UnregisterConnection(cid, instance), owned=False)
         await self.transport.pipeline(
             [

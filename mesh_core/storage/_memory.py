@@ -16,11 +16,12 @@ from typing import Any
 from ..protocol._frames import decode_json, encode_json
 from . import _ops as ops
 from ._base import DeliverCallback
+from ._memory_presence import MemoryPresence
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore:
+class MemoryStore(MemoryPresence):
     def __init__(self) -> None:
         self._owner: dict[str, str] = {}  # connection id -> instance id
         # metadata is kept as JSON text, as Redis keeps it: a value that could
@@ -30,6 +31,7 @@ class MemoryStore:
         self._conn_rooms: dict[str, dict[str, None]] = {}
         self._room_meta: dict[str, bytes] = {}
         self._instances: dict[str, DeliverCallback] = {}
+        self._init_presence()
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------

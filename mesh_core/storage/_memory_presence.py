@@ -1,0 +1,62 @@
+"""The in-memory store's presence: present sets and member states.
+
+Nothing here expires by itself: the instance that holds a member runs its
+TTL and its state's expiry on its own timers (``mesh_core.app._presence``)
+and removes what ran out, on this store as on Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..protocol._frames import decode_json
+from . import _ops as ops
+
+__all__ = ["MemoryPresence"]
+
+
+class MemoryPresence:
+    """Mixed into :class:`~mesh_core.storage.MemoryStore`: the handlers of
+    the presence operations (:data:`~mesh_core.storage._ops.HANDLER_NAMES`)."""
+
+    # room -> ordered set of present ids; (room, id) -> state as JSON text
+    _present: dict[str, dict[str, None]]
+    _presence_states: dict[tuple[str, str], bytes]
+
+    def _init_presence(self) -> None:
+        self._present = {}
+        self._presence_states = {}
+
+    def _mark_present(self, op: ops.MarkPresent) -> bool:
+        members = self._present.setdefault(op.room, {})
+        if op.connection_id in members:
+            return False
+        members[op.connection_id] = None
+        return True
+
+    def _mark_absent(self, op: ops.MarkAbsent) -> bool:
+        self._presence_states.pop((op.room, op.connection_id), None)
+        members = self._present.get(op.room)
+        if members is None or op.connection_id not in members:
+            return False
+        del members[op.connection_id]
+        if not members:
+            del self._present[op.room]
+        return True
+
+    def _get_present(self, op: ops.GetPresent) -> list[str]:
+        return list(self._present.get(op.room, ()))
+
+    def _store_presence_state(self, op: ops.StorePresenceState) -> None:
+        self._presence_states[op.room, op.connection_id] = bytes(op.state)
+
+    def _delete_presence_state(self, op: ops.DeletePresenceState) -> bool:
+        return self._presence_states.pop((op.room, op.connection_id), None) is not None
+
+    def _get_presence_states(self, op: ops.GetPresenceStates) -> list[Any]:
+        states = self._presence_states
+        result = []
+        for cid in op.connection_ids:
+            raw = states.get((op.room, cid))
+            result.append(None if raw is None else decode_json(raw))
+        return result
