@@ -25,7 +25,17 @@
 //     a received ping resets the count; when the count exceeds `maxMissedPings`
 //     the client drops the socket and reconnects (when `shouldReconnect`);
 //   * server pushes (frames whose command is not a system command) are emitted
-//     as client events: `client.on("chat", payload => ...)`.
+//     as client events: `client.on("chat", payload => ...)`, except
+//     `mesh/presence-update`, which goes to the room's presence callback only;
+//   * presence (reference 2.x): `joinRoom(room, onPresence)` joins, then
+//     subscribes (`mesh/subscribe-presence`) when a callback is given; the
+//     callback is first called with the whole subscribe result when someone
+//     is present, then with each update payload; `leaveRoom` also
+//     unsubscribes; `publishPresenceState(room, {state, expireAfter, silent})`
+//     and `clearPresenceState(room)` resolve the server's boolean (false on an
+//     error); after a reconnect every joined room is joined again with its
+//     callback, then `forcePresenceUpdate(room)` asks `mesh/get-presence-state`
+//     and hands `(present, states)` to the callback's `init` when it has one.
 
 const Status = Object.freeze({
   ONLINE: "online",
@@ -128,6 +138,7 @@ export class MeshClient extends Emitter {
     this.missedPings = 0;
     this.isReconnecting = false;
     this.joinedRooms = new Map();
+    this.presenceSubscriptions = new Map();
   }
 
   get status() {
@@ -190,6 +201,8 @@ export class MeshClient extends Emitter {
       this._heartbeat();
       this.emit("ping");
       this._fireAndForget("pong", {});
+    } else if (command === "mesh/presence-update") {
+      this._onPresenceUpdate(payload);
     } else if (typeof command === "string" && !SYSTEM_COMMANDS.has(command)) {
       this.emit(command, payload);
     }
@@ -306,9 +319,16 @@ export class MeshClient extends Emitter {
       this._openSocket(true).then(
         async () => {
           this.isReconnecting = false;
-          for (const roomName of this.joinedRooms.keys()) {
+          const rejoined = [];
+          for (const [roomName, onPresence] of [...this.joinedRooms.entries()]) {
             try {
-              await this.joinRoom(roomName);
+              const r = await this.joinRoom(roomName, onPresence);
+              if (r.success) rejoined.push(roomName);
+            } catch {}
+          }
+          for (const roomName of rejoined) {
+            try {
+              await this.forcePresenceUpdate(roomName);
             } catch {}
           }
           this.emit("connect");
@@ -350,17 +370,95 @@ export class MeshClient extends Emitter {
     });
   }
 
-  async joinRoom(roomName) {
+  async joinRoom(roomName, onPresence) {
     const result = await this.command("mesh/join-room", { roomName });
     if (!result || !result.success) return { success: false, present: [] };
-    this.joinedRooms.set(roomName, undefined);
-    return { success: true, present: result.present || [] };
+    this.joinedRooms.set(roomName, onPresence);
+    if (!onPresence) return { success: true, present: result.present || [] };
+    const sub = await this.subscribePresence(roomName, onPresence);
+    return { success: sub.success, present: result.present || [] };
   }
 
   async leaveRoom(roomName) {
     const result = await this.command("mesh/leave-room", { roomName });
-    if (result && result.success) this.joinedRooms.delete(roomName);
+    if (result && result.success) {
+      this.joinedRooms.delete(roomName);
+      if (this.presenceSubscriptions.has(roomName)) await this.unsubscribePresence(roomName);
+    }
     return { success: result ? result.success : undefined };
+  }
+
+  // ---- presence ----------------------------------------------------------
+
+  async _onPresenceUpdate(payload) {
+    const callback = payload && this.presenceSubscriptions.get(payload.roomName);
+    if (callback) {
+      try {
+        await callback(payload);
+      } catch {}
+    }
+  }
+
+  async subscribePresence(roomName, callback) {
+    try {
+      const result = await this.command("mesh/subscribe-presence", { roomName });
+      if (result && result.success) {
+        this.presenceSubscriptions.set(roomName, callback);
+        if (result.present && result.present.length > 0) await callback(result);
+      }
+      return {
+        success: !!(result && result.success),
+        present: (result && result.present) || [],
+        states: (result && result.states) || {},
+      };
+    } catch {
+      return { success: false, present: [] };
+    }
+  }
+
+  async unsubscribePresence(roomName) {
+    try {
+      const ok = await this.command("mesh/unsubscribe-presence", { roomName });
+      if (ok) this.presenceSubscriptions.delete(roomName);
+      return ok;
+    } catch {
+      return false;
+    }
+  }
+
+  async publishPresenceState(roomName, options) {
+    try {
+      return await this.command("mesh/publish-presence-state", {
+        roomName,
+        state: options.state,
+        expireAfter: options.expireAfter,
+        silent: options.silent,
+      });
+    } catch {
+      return false;
+    }
+  }
+
+  async clearPresenceState(roomName) {
+    try {
+      return await this.command("mesh/clear-presence-state", { roomName });
+    } catch {
+      return false;
+    }
+  }
+
+  async forcePresenceUpdate(roomName) {
+    const handler = this.presenceSubscriptions.get(roomName);
+    if (!handler) return false;
+    let result;
+    try {
+      result = await this.command("mesh/get-presence-state", { roomName }, 5000);
+    } catch {
+      return false;
+    }
+    if (!result || !result.success) return false;
+    if (typeof handler.init === "function") handler.init(result.present, result.states || {});
+    return true;
   }
 
   async getRoomMetadata(roomName) {
