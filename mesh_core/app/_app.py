@@ -146,7 +146,7 @@ class MeshApp:
         self,
         pattern: str | re.Pattern[str],
         *,
-        ttl: int | None = None,
+        ttl: float | None = None,
         guard: PresenceGuard | None = None,
     ) -> None:
         """Track who is present in the rooms matching ``pattern`` (a room

@@ -104,7 +104,7 @@ class PresenceRules:
         self,
         pattern: str | re.Pattern[str],
         *,
-        ttl: int | None = None,
+        ttl: float | None = None,
         guard: PresenceGuard | None = None,
     ) -> None:
         if not isinstance(pattern, (str, re.Pattern)):

@@ -29,7 +29,7 @@ from tests.helpers.wsclient import WSClient
 
 pytestmark = pytest.mark.anyio
 
-QUIET = {"ping_interval": 0, "latency_interval": 0}
+QUIET: dict[str, Any] = {"ping_interval": 0, "latency_interval": 0}
 UPDATE = "mesh/presence-update"
 
 
@@ -47,7 +47,8 @@ def updates(client: WSClient) -> list[dict[str, Any]]:
 
 
 async def next_update(client: WSClient, timeout: float = 5.0) -> dict[str, Any]:
-    return (await client.wait_push(UPDATE, timeout))["payload"]
+    payload: dict[str, Any] = (await client.wait_push(UPDATE, timeout))["payload"]
+    return payload
 
 
 async def settle(client: WSClient, seconds: float = 0.3) -> None:
@@ -160,7 +161,8 @@ async def test_bad_input_gets_false_or_an_error_never_a_crash(server_cls: Any) -
             "mesh/clear-presence-state",
             "mesh/get-presence-state",
         ):
-            for payload in ({}, {"roomName": 5}, {"roomName": ""}, [], None, {"roomName": None}):
+            bad: list[Any] = [{}, {"roomName": 5}, {"roomName": ""}, [], None, {"roomName": None}]
+            for payload in bad:
                 answer = await c.request(command, payload)
                 assert answer["code"] == "EINVAL" and "roomName" in answer["error"], answer
         publish = "mesh/publish-presence-state"
