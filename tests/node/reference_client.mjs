@@ -128,14 +128,10 @@ function emit(obj, code) {
 
 const STEP_TIMEOUT = Number(process.env.MESH_STEP_TIMEOUT_MS || 10_000);
 
-// ---- scenario --------------------------------------------------------------
-
-async function scenario(url, MeshClient, out) {
-  const steps = (out.steps = {});
-  const failures = (out.failures = []);
-  const checks = (out.checks = {});
-
-  async function step(name, fn) {
+// One named step of a scenario: its value (or its error) goes into `steps`,
+// an error also into `failures`; a step never throws.
+function stepper(steps, failures) {
+  return async function step(name, fn) {
     try {
       const value = await withTimeout(Promise.resolve().then(fn), STEP_TIMEOUT, name);
       steps[name] = value === undefined ? null : value;
@@ -145,7 +141,17 @@ async function scenario(url, MeshClient, out) {
       failures.push({ step: name, ...errInfo(e) });
       return undefined;
     }
-  }
+  };
+}
+
+// ---- scenario --------------------------------------------------------------
+
+async function scenario(url, MeshClient, out) {
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
+  const checks = (out.checks = {});
+
+  const step = stepper(steps, failures);
 
   const opts = { shouldReconnect: false };
   const a = new MeshClient(url, opts);
@@ -269,17 +275,7 @@ async function presence(url, MeshClient, out, room) {
   const steps = (out.steps = {});
   const failures = (out.failures = []);
   const checks = (out.checks = {});
-  async function step(name, fn) {
-    try {
-      const value = await withTimeout(Promise.resolve().then(fn), STEP_TIMEOUT, name);
-      steps[name] = value === undefined ? null : value;
-      return value;
-    } catch (e) {
-      steps[name] = { __error__: errInfo(e) };
-      failures.push({ step: name, ...errInfo(e) });
-      return undefined;
-    }
-  }
+  const step = stepper(steps, failures);
   const until = async (pred, what, ms = 5_000) => {
     const deadline = Date.now() + ms;
     while (!pred()) {
