@@ -89,16 +89,19 @@ class AsyncioRuntime:
         group = _TaskGroup()
         try:
             yield group
+            await group._join()
         except asyncio.CancelledError:
+            # the body (or the join) was cancelled: by the group's own
+            # cancel(), which ends the block quietly as a nursery's does, or
+            # from outside, which propagates once every task has ended
             for task in list(group._tasks):
                 task.cancel()
-            await group._join()
             body = group._body
-            # the group's own cancel() ends the block quietly, as a nursery's does
-            if group._cancelled and body is not None and body.uncancel() == 0:
+            own = group._cancelled and body is not None and body.uncancel() == 0
+            await group._join()
+            if own:
                 return
             raise
-        await group._join()
 
 
 RUNTIME = AsyncioRuntime()

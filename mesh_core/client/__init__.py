@@ -1,5 +1,10 @@
-"""The runtime-neutral half of ``MeshClient``: options, the push buffers and
-listeners, reconnect delays, and what outlives one socket.
+"""The Mesh client, runtime-neutral: :class:`ClientCore` is the whole client
+(options, listeners, push buffers, rooms, and through its
+:class:`~mesh_core.client._supervisor.Supervisor` connect, reconnect with
+backoff, re-join, command timeouts, dead-link detection and close). An
+adapter's ``MeshClient`` subclasses it with a :class:`ClientBinding`: its
+``Runtime``, how to open a :class:`ClientStream` (TCP or TLS), and how to
+start a background task.
 """
 
 from .._errors import (
@@ -9,23 +14,25 @@ from .._errors import (
     MeshCommandError,
     MeshConnectionError,
 )
-from ._core import (
+from ._core import ClientCore, PushBuffer, PushIterator
+from ._options import (
     LIFECYCLE_EVENTS,
-    ClientCore,
     ClientOptions,
     ClientStatus,
     Endpoint,
-    PushBuffer,
     check_response,
     is_error_payload,
     parse_url,
     reconnect_delay,
 )
+from ._supervisor import ClientBinding, ClientStream, OpenStream, StartTask
 
 __all__ = [
+    "ClientBinding",
     "ClientCore",
     "ClientOptions",
     "ClientStatus",
+    "ClientStream",
     "CommandTimeout",
     "ConnectionRejected",
     "Endpoint",
@@ -33,7 +40,10 @@ __all__ = [
     "MeshClientError",
     "MeshCommandError",
     "MeshConnectionError",
+    "OpenStream",
     "PushBuffer",
+    "PushIterator",
+    "StartTask",
     "check_response",
     "is_error_payload",
     "parse_url",

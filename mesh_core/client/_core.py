@@ -1,139 +1,38 @@
-"""The runtime-neutral half of ``MeshClient``: what outlives one socket."""
+"""``ClientCore``: the whole Mesh client but its sockets and tasks, which an
+adapter's ``MeshClient`` supplies through a :class:`ClientBinding`.
+
+What outlives one socket lives here (options, listeners, push buffers, joined
+rooms, status, the helper commands); the life over sockets (connect,
+reconnect, re-join, timeouts, close) is the :class:`Supervisor`'s, in
+``_supervisor.py``.
+"""
 
 from __future__ import annotations
 
-import enum
 import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Self
 
-from .._errors import MeshCommandError
-from ..protocol._client_connection import ClientEvent, LatencyUpdated, Push
-from ..protocol._frames import DEFAULT_MAX_MESSAGE_SIZE
+from .._errors import CommandTimeout
+from ..protocol import DEFAULT_MAX_MESSAGE_SIZE, ClientEvent, LatencyUpdated, Push
+from ._options import LIFECYCLE_EVENTS, ClientOptions, ClientStatus, check_response, parse_url
 from ._presence import PresenceCallback, PresenceClient
+from ._supervisor import ClientBinding, Supervisor
 
-__all__ = [
-    "ClientCore",
-    "ClientOptions",
-    "ClientStatus",
-    "Endpoint",
-    "LIFECYCLE_EVENTS",
-    "PushBuffer",
-    "check_response",
-    "is_error_payload",
-    "parse_url",
-    "reconnect_delay",
-]
+if TYPE_CHECKING:
+    from ssl import SSLContext
+
+__all__ = ["ClientCore", "PushBuffer", "PushIterator"]
 
 log = logging.getLogger("mesh_client")
-
-# -- errors --------------------------------------------------------------------
-
-
-# -- configuration and pure helpers --------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ClientOptions:
-    """Times in seconds. ``max_reconnect_attempts=None`` retries forever (the
-    reference's default); ``reconnect_jitter`` is a fraction of each delay."""
-
-    ping_timeout: float = 30.0
-    max_missed_pings: int = 1
-    reconnect: bool = True
-    reconnect_interval: float = 2.0
-    max_reconnect_interval: float = 30.0
-    max_reconnect_attempts: int | None = None
-    reconnect_jitter: float = 0.25
-    raise_errors: bool = True
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    #: TCP + TLS + upgrade + ``mesh/assign-id``, per attempt
-    connect_timeout: float = 10.0
-    #: how long ``close()`` waits for the server's close frame
-    close_timeout: float = 5.0
-    #: pushes an unread ``pushes()`` iterator keeps before dropping the oldest
-    push_buffer: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.max_missed_pings < 0:
-            raise ValueError("max_missed_pings must be >= 0")
-        if self.reconnect_interval < 0 or self.max_reconnect_interval < 0:
-            raise ValueError("reconnect intervals must be >= 0")
-        if not 0 <= self.reconnect_jitter <= 1:
-            raise ValueError("reconnect_jitter must be between 0 and 1")
-        if self.max_reconnect_attempts is not None and self.max_reconnect_attempts < 0:
-            raise ValueError("max_reconnect_attempts must be >= 0 or None")
-        if self.max_message_size < 1024:
-            raise ValueError("max_message_size must be at least 1024 bytes")
-        if self.push_buffer < 1:
-            raise ValueError("push_buffer must be at least 1")
-
-
-def reconnect_delay(attempt: int, options: ClientOptions, rand: float) -> float:
-    """Delay before retry number ``attempt + 1`` (``attempt`` >= 1 failed so
-    far): exponential from ``reconnect_interval`` up to
-    ``max_reconnect_interval``, spread by ±jitter so that a restarted server
-    is not hit by every client at the same instant. ``rand`` is in [0, 1)."""
-    base = min(
-        options.reconnect_interval * 2.0 ** max(0, attempt - 1), options.max_reconnect_interval
-    )
-    base = max(base, options.reconnect_interval)
-    return max(0.0, base * (1 + options.reconnect_jitter * (2 * rand - 1)))
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where a ``ws://``/``wss://`` URL points, split for the socket layer
-    (``host``, ``port``, ``secure``) and for the upgrade (``host_header``,
-    ``target`` with the query string)."""
-
-    host: str
-    port: int
-    secure: bool
-    host_header: str
-    target: str
-
-
-def parse_url(url: str) -> Endpoint:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("ws", "wss"):
-        raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"no host in {url!r}")
-    secure = scheme == "wss"
-    default = 443 if secure else 80
-    port = parts.port or default
-    host = parts.hostname
-    shown = f"[{host}]" if ":" in host else host
-    host_header = shown if port == default else f"{shown}:{port}"
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Endpoint(host, port, secure, host_header, target)
-
-
-def is_error_payload(payload: Any) -> bool:
-    """The reference's error shape: ``{"error": str, "code": str, ...}``."""
-    return (
-        isinstance(payload, dict)
-        and isinstance(payload.get("error"), str)
-        and isinstance(payload.get("code"), str)
-    )
-
-
-def check_response(command: str, payload: Any, raise_errors: bool) -> Any:
-    if raise_errors and is_error_payload(payload):
-        raise MeshCommandError(command, payload)
-    return payload
 
 
 class PushBuffer:
     """The queue behind one ``pushes()`` iterator. Bounded: a consumer that
     stops reading loses the oldest pushes instead of growing memory. ``wake``
-    is the adapter's hook to resume a waiting reader."""
+    resumes the iterator waiting on it."""
 
     __slots__ = ("closed", "dropped", "items", "wake")
 
@@ -160,40 +59,86 @@ def _noop() -> None:
     pass
 
 
-# -- the runtime-neutral client ------------------------------------------------
-
-
-class ClientStatus(enum.Enum):
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    ONLINE = "online"
-    RECONNECTING = "reconnecting"
-    CLOSED = "closed"
-
-
-#: names ``on()`` treats as client lifecycle events rather than push commands
-LIFECYCLE_EVENTS: Final = frozenset(
-    {"connect", "disconnect", "reconnect", "reconnect_failed", "close", "latency"}
-)
-
 Callback = Callable[..., Any]
 
 
+class PushIterator:
+    """``async for push in client.pushes():`` ends when the client closes."""
+
+    def __init__(self, client: ClientCore, maxlen: int) -> None:
+        self._client = client
+        self._buffer = PushBuffer(maxlen)
+        self._ready = client.binding.runtime.event()
+        self._buffer.wake = self._ready.set
+        client._buffers.add(self._buffer)
+
+    def __aiter__(self) -> PushIterator:
+        return self
+
+    async def __anext__(self) -> Push:
+        buffer = self._buffer
+        while True:
+            if buffer.items:
+                return buffer.items.popleft()
+            if buffer.closed:
+                raise StopAsyncIteration
+            self._ready = self._client.binding.runtime.event()
+            buffer.wake = self._ready.set
+            await self._ready.wait()
+
+    async def aclose(self) -> None:
+        """Stop buffering pushes for this iterator."""
+        self._client._buffers.discard(self._buffer)
+        self._buffer.close()
+
+
 class ClientCore(PresenceClient):
-    """What ``mesh_asyncio.MeshClient`` and ``mesh_trio.MeshClient`` share:
-    options, listeners, push fan-out, joined rooms and the helper commands.
-    The adapters provide :meth:`command` and :meth:`_spawn_awaitable`."""
+    """The Mesh client, for every runtime: ``mesh_asyncio.MeshClient`` and
+    ``mesh_trio.MeshClient`` are this class with a :attr:`binding` (the
+    runtime, how to open a TCP/TLS stream, how to start a background task).
+
+    Commands issued while the client reconnects wait (within their timeout)
+    and are sent once the rooms are re-joined.
+    """
+
+    #: set by each adapter's subclass (trio swaps in its nursery's per block)
+    binding: ClientBinding
 
     def __init__(
         self,
         url: str,
         *,
         headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-        options: ClientOptions,
+        ssl_context: SSLContext | None = None,
+        ping_timeout: float = 30.0,
+        max_missed_pings: int = 1,
+        reconnect: bool = True,
+        reconnect_interval: float = 2.0,
+        max_reconnect_interval: float = 30.0,
+        max_reconnect_attempts: int | None = None,
+        reconnect_jitter: float = 0.25,
+        raise_errors: bool = True,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        connect_timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        push_buffer: int = 1024,
     ) -> None:
+        self.options = ClientOptions(
+            ping_timeout=ping_timeout,
+            max_missed_pings=max_missed_pings,
+            reconnect=reconnect,
+            reconnect_interval=reconnect_interval,
+            max_reconnect_interval=max_reconnect_interval,
+            max_reconnect_attempts=max_reconnect_attempts,
+            reconnect_jitter=reconnect_jitter,
+            raise_errors=raise_errors,
+            max_message_size=max_message_size,
+            connect_timeout=connect_timeout,
+            close_timeout=close_timeout,
+            push_buffer=push_buffer,
+        )
         self.url = url
         self.endpoint = parse_url(url)
-        self.options = options
         if headers is None:
             self.headers: list[tuple[str, str]] = []
         elif isinstance(headers, Mapping):
@@ -204,18 +149,59 @@ class ClientCore(PresenceClient):
         #: last round trip the server measured, in milliseconds
         self.latency: float | None = None
         self.status = ClientStatus.IDLE
+        if ssl_context is None and self.endpoint.secure:
+            ssl_context = self.binding.default_tls()
+        self._ssl_context = ssl_context
         self._rooms: dict[str, None] = {}  # insertion-ordered set
         self._listeners: dict[str, list[Callback]] = {}
         self._buffers: set[PushBuffer] = set()
         self._init_presence()
+        self._supervisor = Supervisor(self)
 
-    # -- what the adapter provides --------------------------------------------
+    # -- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect; returns once the server assigned the connection id.
+        Raises :class:`MeshConnectionError` (or ``ConnectionRejected``) when
+        this first attempt fails: only an established client reconnects."""
+        await self._supervisor.connect()
+
+    async def close(self) -> None:
+        """Send a close frame, wait (``close_timeout``) for the server's, stop
+        reconnecting, fail waiting commands, end ``pushes()`` iterators and
+        leave no task running. Idempotent."""
+        await self._supervisor.close()
+
+    # -- commands and pushes --------------------------------------------------
 
     async def command(self, command: str, payload: Any = None, timeout: float | None = 30.0) -> Any:
-        raise NotImplementedError
+        """Send a request and return the response payload. Raises
+        :class:`CommandTimeout`, :class:`MeshConnectionError`, and with
+        ``raise_errors`` :class:`MeshCommandError` for an error payload."""
+        try:
+            result = await self._supervisor.request(command, payload, timeout)
+        except TimeoutError:
+            raise CommandTimeout(command, timeout or 0.0) from None
+        return self._check(command, result)
+
+    def pushes(self, maxlen: int | None = None) -> PushIterator:
+        """An async iterator of :class:`Push` events from now on; it ends when
+        the client closes. Buffers up to ``maxlen`` (default ``push_buffer``)
+        unread pushes, dropping the oldest beyond."""
+        return PushIterator(self, maxlen or self.options.push_buffer)
+
+    def __aiter__(self) -> PushIterator:
+        return self.pushes()
 
     def _spawn_awaitable(self, awaitable: Awaitable[Any]) -> None:
-        raise NotImplementedError
+        self._supervisor.spawn_listener(awaitable)
 
     # -- listeners ------------------------------------------------------------
 

@@ -32,8 +32,8 @@ from mesh_core._errors import (
     MeshCommandError,
     MeshConnectionError,
 )
-from mesh_core.client._core import ClientOptions as _ClientOptions
-from mesh_core.client._core import ClientStatus, parse_url, reconnect_delay
+from mesh_core.client import ClientOptions as _ClientOptions
+from mesh_core.client import ClientStatus, parse_url, reconnect_delay
 from mesh_core.protocol import HandshakeReceived, RequestReceived, ServerConnection
 from mesh_core.protocol._client_connection import (
     ClientConnection,
@@ -340,7 +340,7 @@ async def test_timeout_frees_the_id(anyio_backend: str) -> None:
             await client.command("sleep", {"seconds": 1}, timeout=0.2)
         assert isinstance(info.value, TimeoutError)
         assert info.value.code == "ETIMEOUT"
-        assert client._link.conn.in_flight == 0
+        assert client._supervisor.link.conn.in_flight == 0
         assert await client.command("echo", "still fine", timeout=5) == "still fine"
 
 
