@@ -286,7 +286,7 @@ class ServerCore:
             return await self._presence.execute(op)
         if isinstance(op, ops.UpdateMetadata) and self.options.max_metadata_size:
             op = self._bounded(op)
-        if self.app.presence and isinstance(op, _MEMBERSHIP):
+        if self.app.presence.tracks and isinstance(op, _MEMBERSHIP):
             # every change of membership passes here (built-ins and the
             # rooms API alike): presence follows it
             return await self._presence.follow(op, self.storage.execute)
