@@ -72,6 +72,7 @@ from mesh_core.redis import (
     RedisUnavailable,
     SentinelEndpoint,
     SwitchState,
+    forget_channel,
     on_pubsub_reply,
     parse_redis_url,
     parse_switch,
@@ -627,6 +628,15 @@ class AsyncioRedisTransport:
             if self._subs.get(ch) is callback:
                 del self._subs[ch]
             raise RedisUnavailable(f"could not subscribe to {channel!r}") from None
+
+    async def unsubscribe(self, channel: str) -> None:
+        """UNSUBSCRIBE ``channel``; never raises for an unreachable Redis
+        (see :func:`mesh_core.redis.forget_channel`)."""
+        command = forget_channel(channel, self._subs, self._confirm)
+        if command is not None:
+            with contextlib.suppress(*_UNAVAILABLE):
+                async with asyncio.timeout(self._command_timeout):
+                    await self._pubsub_send(command)
 
     async def _pubsub_send(self, data: bytes) -> None:
         """Write on the current pub/sub connection, if any; on failure, replace it."""

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from mesh_core import ServerCore
 from mesh_core.protocol import ServerConnection, State
+from mesh_core.runtime import Event
 
 from ._runtime import RUNTIME
 
@@ -167,6 +168,9 @@ class MeshServer(ServerCore):
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()
+
+    def _new_event(self) -> Event:
+        return RUNTIME.event()
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         assert self._loop is not None

@@ -78,6 +78,7 @@ from mesh_core.redis import (
     RedisUnavailable,
     SentinelEndpoint,
     SwitchState,
+    forget_channel,
     on_pubsub_reply,
     parse_redis_url,
     parse_switch,
@@ -889,6 +890,14 @@ class TrioRedisTransport:
             if self._subs.get(ch) is callback:
                 del self._subs[ch]
             raise RedisUnavailable(f"could not subscribe to {channel!r} on {self._label}")
+
+    async def unsubscribe(self, channel: str) -> None:
+        """UNSUBSCRIBE ``channel``; never raises for an unreachable Redis
+        (see :func:`mesh_core.redis.forget_channel`)."""
+        command = forget_channel(channel, self._subs, self._confirm)
+        if command is not None:
+            with trio.move_on_after(self._command_timeout):
+                await self._pubsub_send(command)
 
     async def _pubsub_send(self, data: bytes) -> None:
         """Write on the current pub/sub connection, if any.

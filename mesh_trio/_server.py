@@ -29,6 +29,7 @@ import trio
 
 from mesh_core import ServerCore
 from mesh_core.protocol import ServerConnection, State
+from mesh_core.runtime import Event
 
 from ._runtime import RUNTIME
 
@@ -137,6 +138,9 @@ class MeshServer(ServerCore):
 
     def _now(self) -> float:
         return trio.current_time()
+
+    def _new_event(self) -> Event:
+        return RUNTIME.event()
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         assert self._nursery is not None

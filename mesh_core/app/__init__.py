@@ -18,6 +18,7 @@ from ._app import (
 )
 from ._builtins import BUILTINS, Builtin, CheckClientWrite, Steps
 from ._presence import PresenceAPI, PresenceGuard, PresenceRules, PresenceTrack
+from ._pubsub import Listener, PubSub
 from ._server import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, ServerCore
 
 __all__ = [
@@ -35,8 +36,10 @@ __all__ = [
     "ConnectionsAPI",
     "Context",
     "Handler",
+    "Listener",
     "MeshApp",
     "Middleware",
+    "PubSub",
     "ReadGuard",
     "ReadPolicy",
     "RoomsAPI",

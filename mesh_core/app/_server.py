@@ -31,6 +31,7 @@ from ..protocol._server_connection import (
     text_frame,
 )
 from ..protocol._server_connection import ServerConnection as Protocol
+from ..runtime import Event as RuntimeEvent
 from ..runtime import Runtime
 from ..storage import _ops as ops
 from ..storage._base import Storage
@@ -39,6 +40,7 @@ from ..storage._strategies import updater
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
 from ._presence import PRESENCE_GUARDED, PresenceAPI, PresenceHub, PresenceStep
+from ._pubsub import PubSub
 
 __all__ = ["Connection", "ConnectionRef", "ConnectionsAPI", "RoomsAPI", "ServerCore"]
 
@@ -241,6 +243,8 @@ class ServerCore:
         self.rooms = RoomsAPI(self)
         self.presence = PresenceAPI(self)
         self._presence = PresenceHub(self)
+        #: the store's named channels, one store subscription per channel
+        self.pubsub = PubSub(self._execute, self.instance_id, self._new_event)
         # the reference's names, on the server itself
         self.add_to_room = self.rooms.add_to_room
         self.remove_from_room = self.rooms.remove_from_room
@@ -256,6 +260,9 @@ class ServerCore:
         raise NotImplementedError
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        raise NotImplementedError
+
+    def _new_event(self) -> RuntimeEvent:
         raise NotImplementedError
 
     def _new_protocol(self, peer: tuple[str, int] | None, now: float) -> Protocol:
@@ -379,6 +386,7 @@ class ServerCore:
         await self.storage.start(self.instance_id, self._deliver_from_elsewhere)
 
     async def _stop_storage(self) -> None:
+        self.pubsub.clear()  # the store drops its subscriptions as it stops
         if isinstance(self.storage, MemoryStore):
             self.storage.detach(self.instance_id)
         await self.storage.stop()

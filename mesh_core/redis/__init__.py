@@ -20,7 +20,7 @@ from ._cluster import (
     parse_redirect,
     split_by_node,
 )
-from ._resp import PING, Arg, on_pubsub_reply, pack
+from ._resp import PING, Arg, forget_channel, on_pubsub_reply, pack
 from ._sentinel import ANNOUNCEMENT_TRUST, SWITCH_CHANNEL, SwitchState, parse_switch
 from ._store import RedisStoreCore, RedisTransport, keys
 from ._url import DEFAULT_SENTINEL_PORT, RedisEndpoint, SentinelEndpoint, parse_redis_url
@@ -46,6 +46,7 @@ __all__ = [
     "SwitchState",
     "Thunk",
     "command_slot",
+    "forget_channel",
     "is_cluster_url",
     "key_slot",
     "keys",

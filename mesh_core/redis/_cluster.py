@@ -208,6 +208,8 @@ class NodeTransport(Protocol):
 
     async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None: ...
 
+    async def unsubscribe(self, channel: str) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -562,6 +564,15 @@ class ClusterTransportCore:
             del self._subs[channel]
             raise RedisUnavailable(f"could not subscribe to {channel!r} on any cluster node")
 
+    async def unsubscribe(self, channel: str) -> None:
+        """Forget ``channel`` at once (no later move subscribes it again) and
+        UNSUBSCRIBE it on the node that carries it; a move under way drops
+        it when it is done (see :meth:`_move_pubsub_now`)."""
+        self._subs.pop(channel, None)
+        current = self._pubsub
+        if current is not None and current.channels.pop(channel, None) is not None:
+            await current.transport.unsubscribe(channel)
+
     async def check_pubsub(self) -> None:
         """One watchdog round: if the pub/sub node stopped answering, move to
         another one. The node transport reconnects by itself, but only to its
@@ -642,6 +653,10 @@ class ClusterTransportCore:
                 moved.live = True
                 if old is not None:
                     await self._close_node(old.transport)
+                # channels unsubscribed while the move subscribed them
+                for channel in [c for c in moved.channels if c not in self._subs]:
+                    del moved.channels[channel]
+                    await moved.transport.unsubscribe(channel)
                 return True
             return False
         finally:

@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 import hiredis
 
-__all__ = ["PING", "Arg", "on_pubsub_reply", "pack"]
+__all__ = ["PING", "Arg", "forget_channel", "on_pubsub_reply", "pack"]
 
 Arg = bytes | str | int | float
 
@@ -76,3 +76,20 @@ def on_pubsub_reply(
             event.set()
         return True
     return False
+
+
+def forget_channel(
+    channel: str,
+    subscribers: MutableMapping[bytes, Callable[[bytes], None]],
+    waiting: MutableMapping[bytes, Any],
+) -> bytes | None:
+    """A transport's bookkeeping for ``unsubscribe(channel)``: drop the
+    channel from what a reconnect subscribes (at once, whether or not Redis
+    can be told) and return the UNSUBSCRIBE to send on the pub/sub
+    connection, or ``None`` if the channel was not subscribed. A message
+    still in flight for it finds no callback and is dropped."""
+    key = channel.encode()
+    if subscribers.pop(key, None) is None:
+        return None
+    waiting.pop(key, None)
+    return pack(("UNSUBSCRIBE", key))

@@ -37,6 +37,7 @@ from .._errors import RedisReplyError, RedisUnavailable
 from ..storage import _ops as ops
 from ..storage._base import DeliverCallback
 from ._presence import RedisPresence
+from ._pubsub import RedisPubSub
 
 __all__ = ["RedisStoreCore", "RedisTransport", "keys"]
 
@@ -55,6 +56,11 @@ class RedisTransport(Protocol):
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]: ...
 
     async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None: ...
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Forget the channel at once (never renewed on reconnect) and send
+        UNSUBSCRIBE if connected; never raises for an unreachable Redis."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -206,7 +212,7 @@ class _Script:
             return await transport.execute("EVAL", self.source, len(keys_), *keys_, *args)
 
 
-class RedisStoreCore(RedisPresence):
+class RedisStoreCore(RedisPubSub, RedisPresence):
     """A storage driver on a shared Redis; see the module docstring.
 
     The runtime adapters subclass it to supply the transport, a wall clock

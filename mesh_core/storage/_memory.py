@@ -10,6 +10,7 @@ delivery callback, the in-process counterpart of Redis pub/sub.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any
 
@@ -19,6 +20,8 @@ from ._base import DeliverCallback
 from ._memory_presence import MemoryPresence
 
 __all__ = ["MemoryStore"]
+
+log = logging.getLogger("mesh_core.storage")
 
 
 class MemoryStore(MemoryPresence):
@@ -32,6 +35,8 @@ class MemoryStore(MemoryPresence):
         self._room_meta: dict[str, bytes] = {}
         self._instances: dict[str, DeliverCallback] = {}
         self._init_presence()
+        # channel -> instance id -> callback: the in-process message bus
+        self._subscriptions: dict[str, dict[str, ops.MessageCallback]] = {}
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------
@@ -43,7 +48,11 @@ class MemoryStore(MemoryPresence):
         """Nothing to release: instances unregister through :meth:`detach`."""
 
     def detach(self, instance_id: str) -> None:
+        """Forget an instance that stopped: its delivery callback and every
+        channel subscription it still had (a stopped server receives nothing)."""
         self._instances.pop(instance_id, None)
+        for channel in list(self._subscriptions):
+            self._unsubscribe(ops.Unsubscribe(channel, instance_id))
 
     async def execute(self, op: ops.Op) -> Any:
         return self.apply(op)
@@ -167,6 +176,30 @@ class MemoryStore(MemoryPresence):
             deliver = self._instances.get(owner)
             if deliver is not None:
                 deliver(ids, op.command, op.payload)
+
+    # -- publish/subscribe ----------------------------------------------------
+
+    def _subscribe(self, op: ops.Subscribe) -> None:
+        self._subscriptions.setdefault(op.channel, {})[op.instance_id] = op.callback
+
+    def _unsubscribe(self, op: ops.Unsubscribe) -> None:
+        subscribers = self._subscriptions.get(op.channel)
+        if subscribers is not None:
+            subscribers.pop(op.instance_id, None)
+            if not subscribers:
+                del self._subscriptions[op.channel]
+
+    def _publish_message(self, op: ops.PublishMessage) -> None:
+        subscribers = self._subscriptions.get(op.channel)
+        if not subscribers:
+            return
+        data = op.data.encode() if isinstance(op.data, str) else bytes(op.data)
+        # a copy: a callback may subscribe or unsubscribe
+        for callback in list(subscribers.values()):
+            try:
+                callback(op.channel, data)
+            except Exception:
+                log.exception("message callback for channel %r failed", op.channel)
 
 
 _MISSING = object()

@@ -32,15 +32,19 @@ __all__ = [
     "IsInRoom",
     "MarkAbsent",
     "MarkPresent",
+    "MessageCallback",
     "Op",
     "Publish",
+    "PublishMessage",
     "RegisterConnection",
     "RemoveFromRoom",
     "Scope",
     "StorePresenceState",
+    "Subscribe",
     "UnknownConnection",
     "UnregisterConnection",
     "UNCHANGED",
+    "Unsubscribe",
     "UpdateMetadata",
     "handlers",
     "presence_channel",
@@ -207,6 +211,58 @@ class Publish(Op):
     payload: Any
 
 
+# -- publish/subscribe on named channels ----------------------------------------
+#
+# The store's own message bus, shared by every instance on the store: live
+# channel messages, presence updates, record changes. On Redis a channel is a
+# Redis pub/sub channel of the same name (``PUBLISH <channel> <data>``), so
+# reference instances on that Redis see the same bytes. A driver keeps at most
+# one subscription per channel per instance; counting local subscribers (and
+# subscribing only for the first, unsubscribing after the last) is the core's
+# job (:class:`mesh_core.app.PubSub`), not the driver's.
+
+#: ``callback(channel, data)``: called by the driver, on the event loop, for
+#: every message published on a channel the instance subscribed to. ``data``
+#: is always ``bytes`` (a ``str`` published is UTF-8 encoded). It must not
+#: block or raise (a raise is logged and delivery goes on).
+MessageCallback = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe(Op):
+    """Have ``callback`` called for every message published on ``channel``
+    (by any instance sharing the store) from now on, for instance
+    ``instance_id``. Result: ``None``, once the subscription is in place (on
+    Redis: confirmed), so a message published after it returns is delivered.
+    Subscribing again replaces the callback. Survives a reconnect of the
+    store; messages published while the store was unreachable are lost (as
+    with any pub/sub). Raises ``RedisUnavailable`` if it cannot be made."""
+
+    channel: str
+    instance_id: str
+    callback: MessageCallback
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe(Op):
+    """End ``instance_id``'s subscription to ``channel`` (nothing if there is
+    none). Result: ``None``. Never fails for an unreachable store: the
+    subscription is forgotten at once, so it is not renewed on reconnect."""
+
+    channel: str
+    instance_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishMessage(Op):
+    """Deliver ``data`` to every subscription to ``channel``, on every
+    instance (this one included, if it subscribed). Result: ``None``.
+    Messages one publisher sends on one channel arrive in order."""
+
+    channel: str
+    data: bytes | str
+
+
 #: The method of a storage driver that carries out each operation: every
 #: driver names its methods so, and builds its dispatch table with
 #: :func:`handlers` (a driver missing one fails when it is created).
@@ -228,6 +284,9 @@ HANDLER_NAMES: dict[type[Op], str] = {
     ClearRoom: "_clear_room",
     DeleteRoom: "_delete_room",
     Publish: "_publish",
+    Subscribe: "_subscribe",
+    Unsubscribe: "_unsubscribe",
+    PublishMessage: "_publish_message",
 }
 
 

@@ -196,6 +196,9 @@ class SimServer(FakeServer):
         super().__init__(app, **kwargs)
         self.runtime = SimRuntime(self)  # type: ignore[assignment]
 
+    def _new_event(self) -> _Event:
+        return _Event()
+
 
 def updates(client: Client) -> list[dict[str, Any]]:
     return [f["payload"] for f in client.frames() if f.get("command") == UPDATE]

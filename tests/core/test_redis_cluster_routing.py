@@ -261,6 +261,11 @@ class FakeNode:
         self._check()
         self.cluster.subscribed.setdefault(self.address, []).append(channel)
 
+    async def unsubscribe(self, channel: str) -> None:
+        subscribed = self.cluster.subscribed.get(self.address, [])
+        if channel in subscribed:
+            subscribed.remove(channel)
+
     async def aclose(self) -> None:
         self.cluster.closed.append(self.address)
 
@@ -400,6 +405,24 @@ async def test_pubsub_moves_to_another_node() -> None:
     await t.aclose()
     with pytest.raises(RedisUnavailable):
         await t.execute("GET", "foo")
+
+
+@pytest.mark.anyio
+async def test_an_unsubscribed_channel_is_not_taken_along_by_a_move() -> None:
+    fake = FakeCluster()
+    t = make_transport(fake)
+    await t.connect()
+    for channel in ("a", "b", "c"):
+        await t.subscribe(channel, lambda data: None)
+    for channel in ("a", "never-subscribed"):
+        await t.unsubscribe(channel)
+    nodes = [t.pubsub_node]
+    assert nodes[0] is not None and fake.subscribed[nodes[0]] == ["b", "c"]
+    fake.down.add(nodes[0])
+    await t.check_pubsub()  # moves: only what is still wanted goes along
+    nodes.append(t.pubsub_node)
+    assert nodes[1] not in (None, nodes[0]) and fake.subscribed[nodes[1]] == ["b", "c"]
+    await t.aclose()
 
 
 @pytest.mark.anyio

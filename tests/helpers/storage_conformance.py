@@ -30,7 +30,7 @@ from mesh_core import UNCHANGED, Storage, UnknownConnection
 from mesh_core.storage import _ops as ops
 from mesh_core.storage._strategies import updater
 
-__all__ = ["Deliveries", "StorageConformance"]
+__all__ = ["Deliveries", "Messages", "StorageConformance"]
 
 
 class Deliveries:
@@ -47,6 +47,22 @@ class Deliveries:
         in-process store; a networked driver delivers asynchronously)."""
         with anyio.fail_after(timeout):
             while len(self.calls) < count:
+                await anyio.sleep(0.005)
+
+
+class Messages:
+    """A ``MessageCallback`` that records ``(channel, data)`` as handed over."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+
+    def __call__(self, channel: str, data: bytes) -> None:
+        assert isinstance(data, bytes)
+        self.got.append((channel, data))
+
+    async def wait(self, count: int, timeout: float = 5.0) -> None:
+        with anyio.fail_after(timeout):
+            while len(self.got) < count:
                 await anyio.sleep(0.005)
 
 
@@ -609,3 +625,125 @@ class StorageConformance:
             for i in range(count):
                 tg.start_soon(storage.execute, ops.AddToRoom("big", f"c{i}"))
         assert await self.members(storage, "big") == sorted(f"c{i}" for i in range(count))
+
+    # -- publish/subscribe on named channels ----------------------------------
+
+    async def test_subscribe_then_publish(self, storage: Storage) -> None:
+        got = Messages()
+        await storage.execute(ops.Subscribe("news", self.instance_id, got))
+        await storage.execute(ops.PublishMessage("news", "héllo"))
+        await storage.execute(ops.PublishMessage("news", b"\x00\xffraw"))
+        await storage.execute(ops.PublishMessage("elsewhere", "not for us"))
+        await got.wait(2)
+        assert got.got == [("news", "héllo".encode()), ("news", b"\x00\xffraw")]
+
+    async def test_messages_arrive_in_order(self, storage: Storage) -> None:
+        got = Messages()
+        await storage.execute(ops.Subscribe("seq", self.instance_id, got))
+        for i in range(100):
+            await storage.execute(ops.PublishMessage("seq", f"m{i}"))
+        await got.wait(100)
+        assert [data for _, data in got.got] == [f"m{i}".encode() for i in range(100)]
+
+    async def test_channel_names_are_exact(self, storage: Storage) -> None:
+        """No pattern matching: ``*`` and friends are plain characters."""
+        got = Messages()
+        for name in ["chat:*", "chat:[a]", "ünï code ch"]:
+            await storage.execute(ops.Subscribe(name, self.instance_id, got))
+        for name in ["chat:x", "chat:a", "chat:*", "chat:[a]", "ünï code ch"]:
+            await storage.execute(ops.PublishMessage(name, name))
+        await got.wait(3)
+        await anyio.sleep(0.05)
+        assert sorted(got.got) == sorted(
+            (n, n.encode()) for n in ["chat:*", "chat:[a]", "ünï code ch"]
+        )
+
+    async def subscribe_both(
+        self, storage: Storage, handle: Storage, channel: str
+    ) -> tuple[Messages, Messages]:
+        """Subscribe ``channel`` on this instance and on the other one."""
+        mine, theirs = Messages(), Messages()
+        await storage.execute(ops.Subscribe(channel, self.instance_id, mine))
+        await handle.execute(ops.Subscribe(channel, self.other_instance_id, theirs))
+        return mine, theirs
+
+    async def test_publish_reaches_every_instance_once(self, storage: Storage) -> None:
+        handle = await self.attach_instance(storage, self.other_instance_id, Deliveries())
+        try:
+            mine, theirs = await self.subscribe_both(storage, handle, "room:1")
+            await handle.execute(ops.PublishMessage("room:1", "from 2"))
+            await storage.execute(ops.PublishMessage("room:1", "from 1"))
+            await mine.wait(2)
+            await theirs.wait(2)
+            await anyio.sleep(0.05)
+            for got in (mine, theirs):
+                assert sorted(got.got) == [("room:1", b"from 1"), ("room:1", b"from 2")]
+        finally:
+            await self.detach_instance(handle, self.other_instance_id)
+
+    async def test_unsubscribe_stops_delivery(self, storage: Storage) -> None:
+        got, barrier = Messages(), Messages()
+        await storage.execute(ops.Subscribe("gone", self.instance_id, got))
+        await storage.execute(ops.Subscribe("barrier", self.instance_id, barrier))
+        await storage.execute(ops.PublishMessage("gone", "1"))
+        await got.wait(1)
+        await storage.execute(ops.Unsubscribe("gone", self.instance_id))
+        await storage.execute(ops.Unsubscribe("gone", self.instance_id))  # again: nothing
+        await storage.execute(ops.Unsubscribe("never", self.instance_id))
+        await storage.execute(ops.PublishMessage("gone", "2"))
+        await storage.execute(ops.PublishMessage("barrier", "after"))
+        await barrier.wait(1)
+        await anyio.sleep(0.1)
+        assert got.got == [("gone", b"1")]
+        # and it can be subscribed again
+        await storage.execute(ops.Subscribe("gone", self.instance_id, got))
+        await storage.execute(ops.PublishMessage("gone", "3"))
+        await got.wait(2)
+        assert got.got == [("gone", b"1"), ("gone", b"3")]
+
+    async def test_subscribing_again_replaces_the_callback(self, storage: Storage) -> None:
+        first, second = Messages(), Messages()
+        await storage.execute(ops.Subscribe("c", self.instance_id, first))
+        await storage.execute(ops.Subscribe("c", self.instance_id, second))
+        await storage.execute(ops.PublishMessage("c", "x"))
+        await second.wait(1)
+        await anyio.sleep(0.05)
+        assert first.got == [] and second.got == [("c", b"x")]
+
+    async def test_unsubscribe_is_per_instance(self, storage: Storage) -> None:
+        handle = await self.attach_instance(storage, self.other_instance_id, Deliveries())
+        try:
+            mine, theirs = await self.subscribe_both(storage, handle, "shared")
+            await handle.execute(ops.Unsubscribe("shared", self.other_instance_id))
+            await handle.execute(ops.PublishMessage("shared", "still here"))
+            await mine.wait(1)
+            await anyio.sleep(0.1)
+            assert mine.got == [("shared", b"still here")] and theirs.got == []
+        finally:
+            await self.detach_instance(handle, self.other_instance_id)
+
+    async def test_a_stopped_instance_keeps_no_subscription(self, storage: Storage) -> None:
+        theirs, barrier = Messages(), Messages()
+        handle = await self.attach_instance(storage, self.other_instance_id, Deliveries())
+        await handle.execute(ops.Subscribe("left", self.other_instance_id, theirs))
+        await self.detach_instance(handle, self.other_instance_id)
+        await storage.execute(ops.Subscribe("barrier", self.instance_id, barrier))
+        await storage.execute(ops.PublishMessage("left", "anyone?"))
+        await storage.execute(ops.PublishMessage("barrier", "done"))
+        await barrier.wait(1)
+        await anyio.sleep(0.1)
+        assert theirs.got == []
+
+    async def test_a_failing_callback_does_not_stop_delivery(self, storage: Storage) -> None:
+        got = Messages()
+
+        def callback(channel: str, data: bytes) -> None:
+            if data == b"boom":
+                raise RuntimeError("boom")
+            got(channel, data)
+
+        await storage.execute(ops.Subscribe("fragile", self.instance_id, callback))
+        await storage.execute(ops.PublishMessage("fragile", "boom"))
+        await storage.execute(ops.PublishMessage("fragile", "ok"))
+        await got.wait(1)
+        assert got.got == [("fragile", b"ok")]
