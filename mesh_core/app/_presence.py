@@ -406,43 +406,57 @@ class PresenceHub:
     async def _store(self, op: ops.Op) -> Any:
         return await self._server.storage.execute(op)
 
-    async def _publish(self, room: str, payload: dict[str, Any]) -> None:
-        await self._server.pubsub.publish(ops.presence_channel(room), encode_json(payload))
+    def _update(self, kind: Any, connection_id: str, room: str, state: Any = None) -> bytes:
+        """The encoded update, stamped now. A write that is certain to change
+        something carries it (``announce``: one round trip for both); one
+        whose effect the store's reply decides publishes it afterwards."""
+        payload = ops.presence_update(
+            kind, connection_id, room, self._server.runtime.wall_ms(), state
+        )
+        return encode_json(payload)
 
-    def _update(
-        self, kind: Any, connection_id: str, room: str, state: Any = None
-    ) -> dict[str, Any]:
-        return ops.presence_update(kind, connection_id, room, self._server.runtime.wall_ms(), state)
+    async def _publish(self, room: str, update: bytes) -> None:
+        await self._server.pubsub.publish(ops.presence_channel(room), update)
 
     # -- membership -------------------------------------------------------------
 
-    async def join(self, room: str, connection_id: str) -> None:
+    async def join(self, add: ops.AddToRoom, execute: Callable[[ops.Op], Awaitable[Any]]) -> Any:
+        """Add a member to a room (``execute(add)``), and mark it present if
+        the room is tracked. Result: ``add``'s."""
+        room, connection_id = add.room, add.connection_id
         track = self._rules.match(room)
         if track is None:
-            return
+            return await execute(add)
         if connection_id not in self._server._local:
             # a connection of another instance, added by this one's server
             # API: the store's reply decides; its own instance refreshes it
+            added = await execute(add)
             if await self._store(ops.MarkPresent(room, connection_id, track.ttl_ms)):
                 await self._publish(room, self._update("join", connection_id, room))
-            return
+            return added
         rooms = self._members.setdefault(connection_id, {})
         member = rooms.get(room)
         if member is None:
             member = rooms[room] = _Member(track.ttl_ms, self._now())
         if member.present:
-            return  # joined twice: one member, no second event
-        await self._come_back(room, connection_id, member)
+            return await execute(add)  # joined twice: one member, no second event
+        return await self._come_back(room, connection_id, member, joins=True)
 
-    async def _come_back(self, room: str, connection_id: str, member: _Member) -> None:
-        """Mark a member present (a join, or a pong after it went missing)."""
+    async def _come_back(
+        self, room: str, connection_id: str, member: _Member, *, joins: bool = False
+    ) -> Any:
+        """Mark a member present (a join, or a pong after it went missing);
+        with ``joins``, add it to the room in the same round trip (result:
+        whether it was not a member yet)."""
         member.present = True  # before the await: a concurrent leave sees it
         member.seen = self._now()
-        await self._store(ops.MarkPresent(room, connection_id, member.ttl_ms))
-        if self._members.get(connection_id, {}).get(room) is not member:
-            return  # it left meanwhile (and published its leave after this)
-        self._arm_ttl(room, connection_id, member)
-        await self._publish(room, self._update("join", connection_id, room))
+        join = self._update("join", connection_id, room)
+        op = ops.JoinPresent if joins else ops.MarkPresent
+        result = await self._store(op(room, connection_id, member.ttl_ms, join))
+        if self._members.get(connection_id, {}).get(room) is member:
+            self._arm_ttl(room, connection_id, member)
+        # else it left meanwhile; its leave went out after this join
+        return result
 
     async def leave(self, room: str, connection_id: str) -> None:
         if self._rules.match(room) is None:
@@ -456,9 +470,11 @@ class PresenceHub:
             member.present = False
             self._timers.cancel(("ttl", connection_id, room))
             self._timers.cancel(("state", connection_id, room))
-        removed = await self._store(ops.MarkAbsent(room, connection_id))
-        if was_present or removed:
-            await self._publish(room, self._update("leave", connection_id, room))
+        leave = self._update("leave", connection_id, room)
+        if was_present:
+            await self._store(ops.MarkAbsent(room, connection_id, leave))
+        elif await self._store(ops.MarkAbsent(room, connection_id)):
+            await self._publish(room, leave)
 
     async def connection_gone(self, connection_id: str) -> None:
         """The connection's cleanup: gone from every tracked room, and its
@@ -482,9 +498,7 @@ class PresenceHub:
         join marks present after the store has the member, a leave marks gone
         before it drops it (as the reference), a cleared room's members go."""
         if isinstance(op, ops.AddToRoom):
-            result = await execute(op)
-            await self.join(op.room, op.connection_id)
-            return result
+            return await self.join(op, execute)
         if isinstance(op, ops.RemoveFromRoom):
             await self.leave(op.room, op.connection_id)
             return await execute(op)
@@ -536,8 +550,8 @@ class PresenceHub:
         member.has_state = False
         member.state_version += 1
         self._timers.cancel(("state", connection_id, room))
-        await self._store(ops.MarkAbsent(room, connection_id))
-        await self._publish(room, self._update("leave", connection_id, room))
+        leave = self._update("leave", connection_id, room)
+        await self._store(ops.MarkAbsent(room, connection_id, leave))
 
     # -- guard --------------------------------------------------------------------
 
@@ -640,17 +654,16 @@ class PresenceHub:
             self._timers.set(key, self._now() + step.expire_after_ms / 1000, expired)
         else:
             self._timers.cancel(key)
-        await self._store(ops.StorePresenceState(room, cid, encoded, step.expire_after_ms))
-        if not step.silent:
-            await self._publish(room, self._update("state", cid, room, step.state))
+        update = None if step.silent else self._update("state", cid, room, step.state)
+        await self._store(ops.StorePresenceState(room, cid, encoded, step.expire_after_ms, update))
 
     async def _state_expired(self, room: str, cid: str, member: _Member, version: int) -> None:
         if member.state_version != version or not member.has_state:
             return  # replaced or cleared since
         member.has_state = False
-        await self._store(ops.DeletePresenceState(room, cid))
-        if self._members.get(cid, {}).get(room) is member:
-            await self._publish(room, self._update("state", cid, room, None))
+        here = self._members.get(cid, {}).get(room) is member
+        update = self._update("state", cid, room, None) if here else None
+        await self._store(ops.DeletePresenceState(room, cid, update))
 
     async def _clear_state(self, room: str, cid: str) -> None:
         member = self._members.get(cid, {}).get(room)
@@ -659,9 +672,11 @@ class PresenceHub:
             member.has_state = False
             member.state_version += 1
         self._timers.cancel(("state", cid, room))
-        deleted = await self._store(ops.DeletePresenceState(room, cid))
-        if had or deleted:
-            await self._publish(room, self._update("state", cid, room, None))
+        cleared = self._update("state", cid, room, None)
+        if had:
+            await self._store(ops.DeletePresenceState(room, cid, cleared))
+        elif await self._store(ops.DeletePresenceState(room, cid)):
+            await self._publish(room, cleared)
 
 
 # -- the server-side read API ----------------------------------------------------------

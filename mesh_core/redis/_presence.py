@@ -54,6 +54,21 @@ class presence_keys:
         return f"mesh:presence:state:{room}:conn:{connection_id}"
 
 
+def _announce(room: str, announce: bytes | None) -> list[Sequence[Any]]:
+    """The ``PUBLISH`` that goes out in a write's pipeline, after it."""
+    return [] if announce is None else [("PUBLISH", ops.presence_channel(room), announce)]
+
+
+def _present_commands(op: ops.MarkPresent) -> list[Sequence[Any]]:
+    member = presence_keys.member(op.room, op.connection_id)
+    expiry: Sequence[Any] = () if not op.ttl_ms else ("EX", _ttl_seconds(op.ttl_ms))
+    return [
+        ("SADD", presence_keys.room(op.room), op.connection_id),
+        ("SET", member, "", *expiry),
+        *_announce(op.room, op.announce),
+    ]
+
+
 def _ttl_seconds(ttl_ms: int) -> int:
     # the reference's rounding: whole seconds, at least one
     return max(1, ttl_ms // 1000)
@@ -80,23 +95,26 @@ class RedisPresence:
     transport: RedisTransport
     now_ms: Any
 
+    if TYPE_CHECKING:  # the store's
+
+        def _add_to_room_commands(self, op: ops.AddToRoom) -> list[Sequence[Any]]: ...
+
     async def _mark_present(self, op: ops.MarkPresent) -> bool:
-        member = presence_keys.member(op.room, op.connection_id)
-        expiry: Sequence[Any] = () if not op.ttl_ms else ("EX", _ttl_seconds(op.ttl_ms))
-        added, _ = await self.transport.pipeline(
-            [
-                ("SADD", presence_keys.room(op.room), op.connection_id),
-                ("SET", member, "", *expiry),
-            ]
-        )
+        added, *_ = await self.transport.pipeline(_present_commands(op))
         return bool(added)
 
+    async def _join_present(self, op: ops.JoinPresent) -> bool:
+        commands = self._add_to_room_commands(ops.AddToRoom(op.room, op.connection_id))
+        joined, *_ = await self.transport.pipeline([*commands, *_present_commands(op)])
+        return bool(joined)
+
     async def _mark_absent(self, op: ops.MarkAbsent) -> bool:
-        removed, _, _ = await self.transport.pipeline(
+        removed, *_ = await self.transport.pipeline(
             [
                 ("SREM", presence_keys.room(op.room), op.connection_id),
                 ("DEL", presence_keys.member(op.room, op.connection_id)),
                 ("DEL", presence_keys.state(op.room, op.connection_id)),
+                *_announce(op.room, op.announce),
             ]
         )
         return bool(removed)
@@ -107,14 +125,17 @@ class RedisPresence:
 
     async def _store_presence_state(self, op: ops.StorePresenceState) -> None:
         key = presence_keys.state(op.room, op.connection_id)
-        if op.expire_after_ms:
-            await self.transport.execute("SET", key, op.state, "PX", op.expire_after_ms)
-        else:
-            await self.transport.execute("SET", key, op.state)
+        expiry: Sequence[Any] = ("PX", op.expire_after_ms) if op.expire_after_ms else ()
+        await self.transport.pipeline(
+            [("SET", key, op.state, *expiry), *_announce(op.room, op.announce)]
+        )
 
     async def _delete_presence_state(self, op: ops.DeletePresenceState) -> bool:
         key = presence_keys.state(op.room, op.connection_id)
-        return bool(await self.transport.execute("DEL", key))
+        deleted, *_ = await self.transport.pipeline(
+            [("DEL", key), *_announce(op.room, op.announce)]
+        )
+        return bool(deleted)
 
     async def _get_presence_states(self, op: ops.GetPresenceStates) -> list[Any]:
         if not op.connection_ids:

@@ -797,13 +797,14 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
 
     # -- rooms ----------------------------------------------------------------
 
+    def _add_to_room_commands(self, op: ops.AddToRoom) -> list[Sequence[Arg]]:
+        return [
+            ("SADD", keys.room(op.room), op.connection_id),
+            ("SADD", keys.connection_rooms(op.connection_id), op.room),
+        ]
+
     async def _add_to_room(self, op: ops.AddToRoom) -> bool:
-        added, _ = await self.transport.pipeline(
-            [
-                ("SADD", keys.room(op.room), op.connection_id),
-                ("SADD", keys.connection_rooms(op.connection_id), op.room),
-            ]
-        )
+        added, _ = await self.transport.pipeline(self._add_to_room_commands(op))
         return bool(added)
 
     async def _remove_from_room(self, op: ops.RemoveFromRoom) -> bool:

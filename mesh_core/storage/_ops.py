@@ -30,6 +30,7 @@ __all__ = [
     "GetRoomMembersMetadata",
     "HANDLER_NAMES",
     "IsInRoom",
+    "JoinPresent",
     "MarkAbsent",
     "MarkPresent",
     "MessageCallback",
@@ -302,7 +303,9 @@ def handlers(driver: object) -> dict[type[Op], Callable[[Any], Any]]:
 # room, an empty-string key per member (with the room's TTL, when it has one),
 # a JSON key per member state. Which rooms are tracked, who publishes what
 # event, and every timer are the core's (mesh_core.app._presence); a driver
-# only stores.
+# only stores. A write may carry ``announce``: an update the core decided to
+# publish on :func:`presence_channel` of the room, sent in the same round trip
+# as the write (a ``PUBLISH`` in its pipeline), after it.
 
 
 def presence_channel(room: str) -> str:
@@ -341,6 +344,13 @@ class MarkPresent(Op):
     room: str
     connection_id: str
     ttl_ms: int | None = None
+    announce: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinPresent(MarkPresent):
+    """:class:`AddToRoom` and :class:`MarkPresent` at once (a join of a
+    tracked room: one round trip). Result: :class:`AddToRoom`'s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +360,7 @@ class MarkAbsent(Op):
 
     room: str
     connection_id: str
+    announce: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +379,7 @@ class StorePresenceState(Op):
     connection_id: str
     state: bytes
     expire_after_ms: int | None = None
+    announce: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +388,7 @@ class DeletePresenceState(Op):
 
     room: str
     connection_id: str
+    announce: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +402,7 @@ class GetPresenceStates(Op):
 HANDLER_NAMES.update(
     {
         MarkPresent: "_mark_present",
+        JoinPresent: "_join_present",
         MarkAbsent: "_mark_absent",
         GetPresent: "_get_present",
         StorePresenceState: "_store_presence_state",
