@@ -365,3 +365,46 @@ def test_demo_presence_on_redis(redis_server: RedisServer, runtime: str) -> None
             await watcher.close()
 
         anyio.run(scenario)
+
+
+def test_on_a_redis_cluster_each_change_reaches_each_subscriber_once() -> None:
+    """The presence keys of a room, its channel and the room registry land on
+    different nodes: every command routes on its own key, and the updates
+    still reach each subscriber once (asyncio + trio instances)."""
+    from tests.helpers.redis_cluster import RedisCluster
+
+    with RedisCluster() as cluster:
+        a, b = instance("asyncio", cluster.url), instance("trio", cluster.url)
+        with a, b:
+
+            async def scenario() -> None:
+                wa = await WSClient.connect(a.port)
+                wb = await WSClient.connect(b.port)
+                member = await WSClient.connect(a.port)
+                for w in (wa, wb):
+                    await w.request("mesh/subscribe-presence", {"roomName": "p:c"})
+                await member.request("mesh/join-room", {"roomName": "p:c"})
+                await member.request(
+                    "mesh/publish-presence-state",
+                    {"roomName": "p:c", "state": {"on": "cluster"}, "expireAfter": 400},
+                )
+                got = await wb.request("mesh/get-presence-state", {"roomName": "p:c"})
+                assert got["present"] == [member.connection_id]
+                assert got["states"] == {member.connection_id: {"on": "cluster"}}
+                async with reading(member):
+                    for w in (wa, wb):
+                        updates_ = await collect(w, 3, timeout=5)
+                        assert [(u["type"], u.get("state")) for u in updates_] == [
+                            ("join", None),
+                            ("state", {"on": "cluster"}),
+                            ("state", None),
+                        ]
+                await member.abort()
+                for w in (wa, wb):
+                    assert [u["type"] for u in await collect(w, 1)] == ["leave"]
+                await settle(wa, wb)
+                assert updates(wa) == [] and updates(wb) == []
+                await wa.close()
+                await wb.close()
+
+            anyio.run(scenario)
