@@ -19,6 +19,7 @@ __all__ = [
     "RedisReplyError",
     "RedisUnavailable",
     "CommandError",
+    "LocalProtocolError",
     "MeshError",
     "ValidationError",
     "error_payload",
@@ -78,6 +79,21 @@ def not_found_payload(command: str) -> dict[str, Any]:
         "code": "ENOTFOUND",
         "name": "CommandError",
     }
+
+
+# -- the protocol state machines ----------------------------------------------
+
+
+class LocalProtocolError(RuntimeError):
+    """A connection state machine was called in a state where the call makes
+    no sense (accept twice, opened before accept, a request before the
+    connection is open): a bug in the caller, as in h11.
+
+    A subclass of ``RuntimeError``, which these calls raised before, so code
+    that caught that keeps working. The peer's faults are never raised: they
+    come out as a close with the RFC's code, like wsproto's. A call that only
+    arrives late (the peer left while the server was still authenticating) is
+    no misuse either: it is ignored."""
 
 
 # -- storage -------------------------------------------------------------------

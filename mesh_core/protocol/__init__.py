@@ -2,12 +2,18 @@
 handshake's view of an upgrade request, and the two connection state machines
 (server and client roles). Adapters feed these bytes and get events and bytes
 back; nothing here knows about storage or the application.
+
+One module per concern: ``_frames`` (JSON frames as msgspec Structs),
+``_wsframes`` (the fast scanner), ``_messages`` (message assembly, shared by
+both roles), ``_close_codes``, ``_state`` (the states and which call is
+valid in which), ``_handshake``, ``_server_connection``, ``_client_connection``.
+Calling a machine in a wrong state raises :class:`LocalProtocolError`.
 """
 
+from .._errors import LocalProtocolError
 from ._client_connection import (
     ClientConnection,
     ClientEvent,
-    ClientState,
     Closed,
     Connected,
     LatencyUpdated,
@@ -15,6 +21,7 @@ from ._client_connection import (
     Rejected,
     Response,
 )
+from ._close_codes import CloseCode
 from ._frames import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Frame,
@@ -26,16 +33,15 @@ from ._frames import (
 )
 from ._handshake import Reject, UpgradeRequest
 from ._server_connection import (
-    CloseCode,
     ConnectionLost,
     Event,
     HandshakeReceived,
     PongReceived,
     RequestReceived,
     ServerConnection,
-    State,
     text_frame,
 )
+from ._state import ClientState, State
 
 __all__ = [
     "ClientConnection",
@@ -51,6 +57,7 @@ __all__ = [
     "Frame",
     "HandshakeReceived",
     "LatencyUpdated",
+    "LocalProtocolError",
     "Push",
     "Reject",
     "Rejected",

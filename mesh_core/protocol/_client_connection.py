@@ -14,15 +14,15 @@ to re-join, listeners, push buffers, the options) lives in :class:`ClientCore`,
 the base class of ``mesh_asyncio.MeshClient`` and ``mesh_trio.MeshClient``,
 which add sockets, tasks and the reconnect loop.
 
-States of a connection::
-
-    CONNECTING --accepted--> OPENING --mesh/assign-id--> OPEN --close()--> CLOSING --> CLOSED
-        \\--HTTP rejection--> CLOSED (Rejected)        peer close / socket lost --> CLOSED (Closed)
+The states, and which call is valid in which, are the table in
+:mod:`._state`: a call in a wrong state raises
+:class:`~mesh_core.protocol.LocalProtocolError`. Incoming messages are assembled and
+decoded by :mod:`._messages`, the path the server role takes too (the size
+limit counts UTF-8 bytes on both ends).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,9 +40,13 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.utilities import LocalProtocolError as WSLocalProtocolError
+from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
-from ._frames import DEFAULT_MAX_MESSAGE_SIZE, Frame, decode_frame, encode_response
+from ._close_codes import CloseCode
+from ._frames import DEFAULT_MAX_MESSAGE_SIZE, Frame, Violation, encode_response
+from ._messages import MessageAssembler, Refusal
+from ._state import CLIENT_CALLS, ClientState, transition
 
 __all__ = [
     "ClientConnection",
@@ -57,9 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("mesh_client")
-
-# -- errors --------------------------------------------------------------------
-
 
 # -- events --------------------------------------------------------------------
 
@@ -120,15 +121,6 @@ class Rejected(ClientEvent):
 # -- the connection state machine ----------------------------------------------
 
 
-class ClientState(enum.Enum):
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    OPENING = "opening"
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
 #: frames the client answers itself; never surfaced as pushes
 _SYSTEM: Final = frozenset({"ping", "pong", "latency", "latency:request", "latency:response"})
 #: the reference's ids are below 10^8; stay in the same range
@@ -155,9 +147,10 @@ class ClientConnection:
             raise ValueError("max_missed_pings must be >= 0")
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
+        #: incoming messages, decoded with no nesting bound (the server is trusted)
+        self._messages = MessageAssembler(max_message_size)
         self.ping_timeout = ping_timeout
         self.max_missed_pings = max_missed_pings
-        self.max_message_size = max_message_size
         self.state = ClientState.IDLE
         self.connection_id: str | None = None
         #: last latency the server reported, in milliseconds
@@ -171,11 +164,14 @@ class ClientConnection:
         self._out = bytearray()
         self._in_flight: dict[int, str] = {}
         self._next_id = 0
-        self._parts: list[bytes | str] = []
-        self._size = 0
         self._reject_status = 0
         self._reject_body = bytearray()
         self._finished = False
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest message taken, in UTF-8 bytes (the server counts the same)."""
+        return self._messages.max_size
 
     # -- output ---------------------------------------------------------------
 
@@ -192,20 +188,20 @@ class ClientConnection:
     ) -> None:
         """Queue the HTTP upgrade request. ``target`` carries the query string
         (handshake authentication reads it); ``host`` is the Host header."""
-        if self.state is not ClientState.IDLE:
-            raise RuntimeError("the handshake was already initiated")
+        after = transition(CLIENT_CALLS, "initiate", self.state)
+        assert after is not None  # never late: raises unless IDLE
         headers = [(_latin1(name), _latin1(value)) for name, value in extra_headers]
         self._out += self._ws.send(Request(host=host, target=target, extra_headers=headers))
-        self.state = ClientState.CONNECTING
+        self.state = after
 
     def send_request(self, command: str, payload: Any = None) -> int:
         """Queue a request and return its id (unique among those in flight).
 
         ``None`` is sent as ``{}``, like the reference client. Raises
-        ``RuntimeError`` unless OPEN, and ``TypeError``/``msgspec.EncodeError``
-        for a payload that is not JSON (no id is consumed then)."""
-        if self.state is not ClientState.OPEN:
-            raise RuntimeError(f"cannot send a request while {self.state.value}")
+        :class:`~mesh_core.protocol.LocalProtocolError` (a ``RuntimeError``) unless
+        OPEN, and ``TypeError``/``msgspec.EncodeError`` for a payload that is
+        not JSON (no id is consumed then)."""
+        transition(CLIENT_CALLS, "send_request", self.state)
         id = self._allocate_id()
         self._send_frame(_encode_request(id, command, {} if payload is None else payload))
         self._in_flight[id] = command
@@ -220,9 +216,10 @@ class ClientConnection:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the closing handshake; :class:`Closed` comes with the peer's
-        answer (or with the socket's loss)."""
+        answer (or with the socket's loss). Valid in every state: once closing
+        it does nothing."""
         if self.state in (ClientState.IDLE, ClientState.CONNECTING):
             self.state = ClientState.CLOSED
             self._finished = True
@@ -282,12 +279,12 @@ class ClientConnection:
             if self.state is ClientState.CONNECTING and self._reject_status:
                 self._reject(events)
             else:
-                self._finish(events, 1006, "connection lost")
+                self._finish(events, CloseCode.ABNORMAL, "connection lost")
             return events
         try:
             self._ws.receive_data(data)
-        except (RemoteProtocolError, LocalProtocolError) as exc:
-            self._finish(events, 1002, f"protocol error: {exc}")
+        except (WSRemoteProtocolError, WSLocalProtocolError) as exc:
+            self._finish(events, CloseCode.PROTOCOL_ERROR, f"protocol error: {exc}")
             return events
         for event in self._ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
@@ -318,34 +315,17 @@ class ClientConnection:
     ) -> None:
         if self.state not in (ClientState.OPENING, ClientState.OPEN):
             return
-        raw = event.data
-        data: bytes | str = raw if isinstance(raw, str) else bytes(raw)
-        self._size += len(data)
-        if self._size > self.max_message_size:
-            self._parts.clear()
-            self._size = 0
-            self.close(1009, "message too big")
+        result = self._messages.feed(event.data, event.message_finished)
+        if result is None:
+            return
+        if isinstance(result, Refusal):
+            self.close(result.code, result.reason)
             # unusable from now on, whatever the peer does with our close
-            self._finish(events, 1009, "message too big", closing=True)
-            return
-        if not event.message_finished:
-            self._parts.append(data)
-            return
-        message: bytes | str
-        if self._parts:
-            self._parts.append(data)
-            if isinstance(data, str):
-                message = "".join(p for p in self._parts if isinstance(p, str))
-            else:
-                message = b"".join(p for p in self._parts if not isinstance(p, str))
-            self._parts.clear()
+            self._finish(events, result.code, result.reason, closing=True)
         else:
-            message = data
-        self._size = 0
-        self._on_message(message, now, events)
+            self._on_frame(result, now, events)
 
-    def _on_message(self, message: bytes | str, now: float, events: list[ClientEvent]) -> None:
-        frame = decode_frame(message)
+    def _on_frame(self, frame: Frame | Violation, now: float, events: list[ClientEvent]) -> None:
         if not isinstance(frame, Frame):
             self.violations += 1
             return

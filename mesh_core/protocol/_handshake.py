@@ -1,12 +1,20 @@
-"""What the server sees of an HTTP upgrade request, for handshake authentication."""
+"""The HTTP upgrade, apart from the framing: what the server sees of an
+upgrade request (for handshake authentication), and the HTTP rejection it
+answers with, whether the application refused the upgrade or the request was
+not a valid one. The connection machines keep only the states.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["Reject", "UpgradeRequest"]
+from wsproto import WSConnection
+from wsproto.events import RejectConnection, RejectData, Request
+
+__all__ = ["Reject", "UpgradeRequest", "send_rejection", "upgrade_request"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +67,32 @@ class Reject(Exception):
     def __init__(self, message: str = "Unauthorized", status: int = 401) -> None:
         super().__init__(message)
         self.status = status
+
+
+def upgrade_request(event: Request, peer: tuple[str, int] | None) -> UpgradeRequest:
+    """wsproto's view of the request, as the application sees it: header
+    names lower-case, ``host`` first."""
+    headers = tuple(
+        (name.decode("latin-1").lower(), value.decode("latin-1"))
+        for name, value in event.extra_headers
+    )
+    return UpgradeRequest(target=event.target, headers=(("host", event.host), *headers), peer=peer)
+
+
+def send_rejection(
+    ws: WSConnection,
+    out: bytearray,
+    status: int,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+) -> None:
+    """Queue on ``out`` an HTTP response refusing the upgrade: ``status``,
+    ``headers`` and a ``content-length`` for ``body``, then the body."""
+    out += ws.send(
+        RejectConnection(
+            status_code=status,
+            headers=[*headers, (b"content-length", str(len(body)).encode())],
+            has_body=True,
+        )
+    )
+    out += ws.send(RejectData(data=body))

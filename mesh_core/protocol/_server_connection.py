@@ -8,10 +8,12 @@ adapter: the core calls it whenever it queued output or an event from outside
 a receive (a response, a broadcast, a timer), so the adapter can schedule a
 flush. Time is always passed in; nothing here blocks or reads a clock.
 
-States::
-
-    HANDSHAKE --accept()--> OPENING --opened()--> OPEN --close()/peer close--> CLOSING/CLOSED
-        \\--reject()/bad HTTP--> CLOSED
+The states, and which call is valid in which, are the table in
+:mod:`._state`; a call in a wrong state raises
+:class:`~mesh_core.protocol.LocalProtocolError`, except one that only comes late
+(``accept`` after the peer left during authentication) which does nothing.
+Incoming messages are assembled and decoded by :mod:`._messages`, the same
+path the client role takes.
 
 ``ConnectionLost`` is emitted exactly once, when a connection that was
 accepted stops being usable; that is the adapter's cue to clean it up.
@@ -25,7 +27,7 @@ adapter to stop reading the socket, so a flood pushes back on its sender.
 
 from __future__ import annotations
 
-import enum
+import contextlib
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -40,16 +42,20 @@ from wsproto.events import (
     CloseConnection,
     Ping,
     RejectConnection,
-    RejectData,
     Request,
     TextMessage,
 )
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.utilities import LocalProtocolError as WSLocalProtocolError
+from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
 from .._config import ServerOptions
+from .._errors import LocalProtocolError
 from .._metrics import Metrics, bump
-from ._frames import Frame, decode_frame, encode_push, encode_response
-from ._handshake import UpgradeRequest
+from ._close_codes import CloseCode
+from ._frames import Frame, Violation, decode_frame, encode_push, encode_response
+from ._handshake import UpgradeRequest, send_rejection, upgrade_request
+from ._messages import TOO_BIG, MessageAssembler, Refusal, is_utf8
+from ._state import SERVER_CALLS, State, transition
 from ._wsframes import FAST, INCOMPLETE, scan
 
 __all__ = [
@@ -63,25 +69,6 @@ __all__ = [
     "State",
     "text_frame",
 ]
-
-
-class State(enum.Enum):
-    HANDSHAKE = "handshake"
-    OPENING = "opening"
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-class CloseCode(enum.IntEnum):
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    PROTOCOL_ERROR = 1002
-    ABNORMAL = 1006
-    POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
-    INTERNAL_ERROR = 1011
-    TRY_AGAIN_LATER = 1013
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,14 +139,7 @@ _NOT_RUN = {
 
 
 _SCANNING = (State.OPEN, State.OPENING)
-
-
-def _is_utf8(payload: bytes) -> bool:
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return False  # wsproto answers it with 1007
-    return True
+_TEXT_PLAIN = ((b"content-type", b"text/plain; charset=utf-8"),)
 
 
 class ServerConnection:
@@ -195,9 +175,9 @@ class ServerConnection:
         # those past max_requests_in_flight
         self._queued: deque[RequestReceived] = deque()
         self._running = 0  # released requests not yet reported done
-        self._parts: list[bytes | str] = []  # a fragmented message so far
+        self._messages = MessageAssembler(options.max_message_size, options.max_json_depth)
         self._inbuf = bytearray()  # bytes of frames not yet complete
-        self._size = 0
+        self._answered = False  # accept() or reject() was called
         self._lost = False
         # heartbeat
         self._next_ping: float | None = None
@@ -274,7 +254,11 @@ class ServerConnection:
         case, see :mod:`mesh_core._wsframes`) and hand every other frame to
         wsproto whole, in order."""
         buf = self._inbuf
-        limit = self.options.max_message_size
+        messages = self._messages
+        # loaded once per read, not per frame: this loop is the hot path
+        limit = messages.max_size
+        depth = messages.max_depth
+        parts = messages.parts
         pos = 0
         while True:
             if self.state not in _SCANNING:
@@ -286,19 +270,24 @@ class ServerConnection:
             if pos == len(buf):
                 break
             kind, end, opcode, payload, length = scan(buf, pos)
-            if length > limit:  # refused before it is buffered
-                buf.clear()
-                self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            # a frame too big is refused from its header, before its payload
+            # is buffered (messages.refuses(), the first half inline)
+            if length > limit:
+                self._refuse_buffered()
                 return
             if kind == INCOMPLETE:
+                if parts and messages.refuses(opcode, length):  # a continuation
+                    self._refuse_buffered()
+                    return
                 break
             if (
                 kind == FAST
                 and payload is not None
-                and not self._parts
-                and (opcode == 2 or payload.isascii() or _is_utf8(payload))
+                and not parts
+                and (opcode == 2 or payload.isascii() or is_utf8(payload))
             ):
-                self._on_message(payload, now)
+                # messages.whole(payload), inline
+                self._on_frame(decode_frame(payload, depth), now)
             else:  # control frames, fragments, bad UTF-8, anything odd
                 self._feed_ws(bytes(buf[pos:end]), now)
             pos = end
@@ -307,10 +296,10 @@ class ServerConnection:
     def _feed_ws(self, data: bytes, now: float) -> None:
         try:
             self._ws.receive_data(data)
-        except RemoteProtocolError as exc:  # a malformed HTTP request
+        except WSRemoteProtocolError as exc:  # a malformed HTTP request
             self._reject_bad_request(exc)
             return
-        except LocalProtocolError:
+        except WSLocalProtocolError:
             return
         for event in self._ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
@@ -328,65 +317,39 @@ class ServerConnection:
         return self.state is State.CLOSED
 
     def _on_request(self, event: Request) -> None:
-        headers = tuple(
-            (name.decode("latin-1").lower(), value.decode("latin-1"))
-            for name, value in event.extra_headers
-        )
-        headers = (("host", event.host), *headers)
-        request = UpgradeRequest(target=event.target, headers=headers, peer=self.peer)
-        self._events.append(HandshakeReceived(request))
+        self._events.append(HandshakeReceived(upgrade_request(event, self.peer)))
 
-    def _reject_bad_request(self, exc: RemoteProtocolError) -> None:
+    def _reject_bad_request(self, exc: WSRemoteProtocolError) -> None:
         hint = exc.event_hint
         if self.state is State.HANDSHAKE and isinstance(hint, RejectConnection):
             bump(self.metrics.handshake_rejections, hint.status_code)
-            body = str(exc).encode()
-            try:
-                self._out += self._ws.send(
-                    RejectConnection(
-                        status_code=hint.status_code,
-                        headers=[*hint.headers, (b"content-length", str(len(body)).encode())],
-                        has_body=True,
-                    )
+            with contextlib.suppress(WSLocalProtocolError):
+                send_rejection(
+                    self._ws, self._out, hint.status_code, hint.headers, str(exc).encode()
                 )
-                self._out += self._ws.send(RejectData(data=body))
-            except LocalProtocolError:
-                pass
         self.state = State.CLOSED
 
     def _on_message_part(self, event: TextMessage | BytesMessage, now: float) -> None:
-        if self.state not in (State.OPEN, State.OPENING):
+        if self.state not in _SCANNING:
             return
-        raw = event.data
-        data: bytes | str = bytes(raw) if isinstance(raw, bytearray) else raw
-        # the limit is in bytes; wsproto hands text over already decoded
-        if isinstance(data, bytes) or data.isascii():
-            self._size += len(data)
+        result = self._messages.feed(event.data, event.message_finished)
+        if result is None:
+            return
+        if isinstance(result, Refusal):
+            self._refuse(result)
         else:
-            self._size += len(data.encode("utf-8", "surrogatepass"))
-        if self._size > self.options.max_message_size:
-            self._parts.clear()
-            self._size = 0
-            self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
-            return
-        if not event.message_finished:
-            self._parts.append(data)
-            return
-        if self._parts:
-            self._parts.append(data)
-            message: bytes | str
-            if isinstance(data, str):
-                message = "".join(p for p in self._parts if isinstance(p, str))
-            else:
-                message = b"".join(p for p in self._parts if isinstance(p, bytes))
-            self._parts.clear()
-        else:
-            message = data
-        self._size = 0
-        self._on_message(message, now)
+            self._on_frame(result, now)
 
-    def _on_message(self, message: bytes | str, now: float) -> None:
-        frame = decode_frame(message, self.options.max_json_depth)
+    def _refuse(self, refusal: Refusal) -> None:
+        self.close(refusal.code, refusal.reason)
+
+    def _refuse_buffered(self) -> None:
+        """A frame's header declared too big a message: drop it unread."""
+        self._inbuf.clear()
+        self._messages.reset()
+        self._refuse(TOO_BIG)
+
+    def _on_frame(self, frame: Frame | Violation, now: float) -> None:
         if not isinstance(frame, Frame):
             self._violation()
             return
@@ -451,40 +414,50 @@ class ServerConnection:
 
     # -- handshake ------------------------------------------------------------
 
+    def _answer(self, call: str) -> State | None:
+        """The state answering the upgrade with ``call`` leads to (``None``:
+        the peer left first, do nothing); raises if it was answered already."""
+        if self._answered:
+            raise LocalProtocolError(f"{call}(): the upgrade was already answered")
+        after = transition(SERVER_CALLS, call, self.state)
+        if after is not None:
+            self._answered = True
+        return after
+
     def accept(self, connection_id: str) -> None:
-        """Accept the upgrade; the connection is OPENING until :meth:`opened`."""
-        if self.state is not State.HANDSHAKE:
+        """Accept the upgrade; the connection is OPENING until :meth:`opened`.
+
+        Does nothing if the socket is already gone (the peer left while the
+        server authenticated it): :attr:`id` stays ``None`` then."""
+        after = self._answer("accept")
+        if after is None:
             return
         self.id = connection_id
         self._out += self._ws.send(AcceptConnection())
-        self.state = State.OPENING
+        self.state = after
         self.wake()
 
     def reject(self, status: int = 401, reason: str = "Unauthorized") -> None:
-        if self.state is not State.HANDSHAKE:
+        """Refuse the upgrade with an HTTP error (nothing if the peer left)."""
+        after = self._answer("reject")
+        if after is None:
             return
         bump(self.metrics.handshake_rejections, status)
-        body = reason.encode()
-        self._out += self._ws.send(
-            RejectConnection(
-                status_code=status,
-                headers=[
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-                has_body=True,
-            )
-        )
-        self._out += self._ws.send(RejectData(data=body))
-        self.state = State.CLOSED
+        send_rejection(self._ws, self._out, status, _TEXT_PLAIN, reason.encode())
+        self.state = after
         self.wake()
 
     def opened(self, now: float) -> None:
         """Registration and connect hooks are done: send ``mesh/assign-id``
-        as the first frame, start the heartbeat, release held requests."""
-        if self.state is not State.OPENING:
+        as the first frame, start the heartbeat, release held requests.
+
+        Does nothing if the connection closed while it was opening (by the
+        peer, a connect hook or a shutdown); raises before :meth:`accept` or
+        a second time."""
+        after = transition(SERVER_CALLS, "opened", self.state)
+        if after is None:
             return
-        self.state = State.OPEN
+        self.state = after
         self.send_push("mesh/assign-id", self.id)
         if self.options.ping_interval > 0:
             self._next_ping = now + self.options.ping_interval

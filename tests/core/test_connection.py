@@ -32,6 +32,7 @@ from mesh_core import CloseCode, ServerOptions, UpgradeRequest
 from mesh_core.protocol import (
     ConnectionLost,
     HandshakeReceived,
+    LocalProtocolError,
     RequestReceived,
     ServerConnection,
     State,
@@ -228,21 +229,25 @@ def test_requests_while_opening_are_held_until_opened() -> None:
     ]
 
 
-def test_accept_twice_and_opened_twice_are_ignored() -> None:
+def test_accept_twice_and_opened_twice_raise() -> None:
+    # misuse raises, as in h11 (they were silently ignored before issue 10)
     p = Peer()
     p.handshake()
     p.server.accept("conn-1")
-    p.server.accept("conn-2")
+    with pytest.raises(LocalProtocolError):
+        p.server.accept("conn-2")
     assert p.server.id == "conn-1"
     p.server.opened(0.0)
-    p.server.opened(0.0)
+    with pytest.raises(LocalProtocolError):
+        p.server.opened(0.0)
     assert p.pump() == [{"command": "mesh/assign-id", "payload": "conn-1"}]
 
 
-def test_opened_before_accept_is_ignored() -> None:
+def test_opened_before_accept_raises() -> None:
     p = Peer()
     p.handshake()
-    p.server.opened(0.0)
+    with pytest.raises(LocalProtocolError):
+        p.server.opened(0.0)
     assert p.server.state is State.HANDSHAKE
     assert p.server.data_to_send() == b""
 
@@ -291,12 +296,13 @@ def test_reject_with_custom_status() -> None:
     assert reject.status_code == 403
 
 
-def test_reject_after_accept_is_ignored() -> None:
+def test_reject_after_accept_raises() -> None:
     p = Peer()
     p.handshake()
     p.server.accept("c")
     p.server.data_to_send()
-    p.server.reject()
+    with pytest.raises(LocalProtocolError):
+        p.server.reject()
     assert p.server.state is State.OPENING
     assert p.server.data_to_send() == b""
 
