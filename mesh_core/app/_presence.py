@@ -29,13 +29,11 @@ reads no clock.
 
 from __future__ import annotations
 
-import heapq
 import inspect
-import itertools
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +42,7 @@ import msgspec
 from .._errors import MeshError, ValidationError
 from ..protocol._frames import encode_json, encode_push
 from ..storage import _ops as ops
+from ._timers import Timers
 
 if TYPE_CHECKING:
     from ._server import Connection, ConnectionRef, ServerCore
@@ -275,78 +274,6 @@ PRESENCE_BUILTINS = {
 PRESENCE_GUARDED = frozenset(PRESENCE_BUILTINS) - {"mesh/unsubscribe-presence"}
 
 
-# -- timers ----------------------------------------------------------------------
-
-
-class _Timers:
-    """Deadlines on the server's runtime, all served by one background task
-    that exists only while a timer is set. Setting a key again replaces its
-    timer; a replaced or cancelled entry is skipped when it comes up."""
-
-    def __init__(self, server: ServerCore) -> None:
-        self._server = server
-        self._heap: list[tuple[float, int, tuple[str, str, str]]] = []
-        self._live: dict[tuple[str, str, str], tuple[int, Callable[[], Coroutine[Any, Any, Any]]]]
-        self._live = {}
-        self._seq = itertools.count()
-        self._running = False
-        self._wake: Any = None
-        self._until = math.inf
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def set(
-        self,
-        key: tuple[str, str, str],
-        deadline: float,
-        fire: Callable[[], Coroutine[Any, Any, Any]],
-    ) -> None:
-        seq = next(self._seq)
-        self._live[key] = (seq, fire)
-        heapq.heappush(self._heap, (deadline, seq, key))
-        if not self._running:
-            self._running = True
-            self._server._spawn(self._run)
-        elif deadline < self._until and self._wake is not None:
-            self._wake.set()
-
-    def cancel(self, key: tuple[str, str, str]) -> None:
-        if self._live.pop(key, None) is not None and not self._live and self._wake is not None:
-            self._wake.set()  # nothing left: let the task end
-
-    async def _run(self) -> None:
-        runtime = self._server.runtime
-        heap = self._heap
-        try:
-            while self._live:
-                while heap and self._live.get(heap[0][2], (None,))[0] != heap[0][1]:
-                    heapq.heappop(heap)  # replaced or cancelled
-                if not heap:
-                    break
-                deadline = heap[0][0]
-                now = runtime.now()
-                if deadline <= now:
-                    _, _, key = heapq.heappop(heap)
-                    _, fire = self._live.pop(key)
-                    self._server._spawn(fire)
-                    continue
-                self._wake = runtime.event()
-                self._until = deadline
-                try:
-                    async with runtime.timeout(deadline - now):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-        finally:
-            self._running = False
-            self._wake = None
-            self._until = math.inf
-            heap.clear()
-            if self._live:  # cancelled with timers left (shutdown): nothing fires later
-                self._live.clear()
-
-
 # -- this instance's share ---------------------------------------------------------
 
 
@@ -375,7 +302,7 @@ class PresenceHub:
         self._members: dict[str, dict[str, _Member]] = {}  # connection -> room -> member
         self._subscribers: dict[str, dict[str, None]] = {}  # room -> connections here
         self._subscribed: dict[str, set[str]] = {}  # connection -> rooms it watches
-        self._timers = _Timers(server)
+        self._timers = Timers(server)
 
     @property
     def _rules(self) -> PresenceRules:
