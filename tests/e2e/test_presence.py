@@ -24,6 +24,7 @@ import mesh_asyncio
 import mesh_trio
 from examples.demo import app as demo_app
 from mesh_core import Connection, MeshApp
+from mesh_core.app import BUILTINS
 from tests.helpers.server_thread import ServerThread
 from tests.helpers.wsclient import WSClient
 
@@ -226,6 +227,30 @@ async def test_guard_decides_every_presence_command(server_cls: Any) -> None:
         assert updates(guest) == []
         await staff.close()
         await guest.close()
+
+
+@pytest.mark.skipif("mesh/subscribe-channel" not in BUILTINS, reason="needs the channels built-ins")
+async def test_presence_channels_are_not_reachable_as_channels(server_cls: Any) -> None:
+    app = MeshApp()
+    app.track_presence("p:guarded", guard=lambda connection, room: False)
+    expose = app.expose_channel  # type: ignore[attr-defined,unused-ignore]
+    expose(re.compile(".*"))  # every channel a client may name
+    server = server_cls(app, **QUIET)
+    async with server.listen():
+        member = await WSClient.connect(server.port)
+        spy = await WSClient.connect(server.port)
+        answer = await spy.request(
+            "mesh/subscribe-channel", {"channel": "mesh:presence:updates:p:guarded"}
+        )
+        assert not (isinstance(answer, dict) and answer.get("success") is True), answer
+        await member.request("mesh/join-room", {"roomName": "p:guarded"})
+        await member.request(
+            "mesh/publish-presence-state", {"roomName": "p:guarded", "state": {"secret": 1}}
+        )
+        await settle(spy)
+        assert [p for p in spy.pushes if p.get("command") != "mesh/assign-id"] == []
+        await member.close()
+        await spy.close()
 
 
 async def test_an_abrupt_disconnect_leaves_within_5s(server_cls: Any) -> None:
