@@ -2,7 +2,7 @@
 
 One :class:`mesh_core.ServerConnection` is handshaken in memory with a wsproto
 client, accepted and opened, and wrapped in a :class:`mesh_core.Connection`
-of a minimal :class:`mesh_core.ServerCore` whose ``_spawn`` only collects the
+of a minimal :class:`mesh_core.ServerCore` whose task group only collects the
 request coroutines. Each iteration feeds one pre-masked client frame to
 ``receive_data`` (wsproto parse, size check, msgspec decode, request event),
 hands the events to the server (route, middleware, built-in or handler,
@@ -21,8 +21,8 @@ import contextlib
 import gc
 import json
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import msgspec
 from wsproto import ConnectionType, WSConnection
@@ -32,6 +32,7 @@ from mesh_core import Connection, MeshApp, ServerCore, UpgradeRequest
 from mesh_core.protocol import ServerConnection, State
 from mesh_core.protocol._server_connection import text_frame
 from mesh_core.protocol._wsframes import scan
+from mesh_core.runtime import CollectingTaskGroup, Runtime
 
 from ._util import median
 from .loadgen import request_bytes
@@ -52,18 +53,28 @@ CASES: dict[str, tuple[str, Any]] = {
 }
 
 
-class BenchServer(ServerCore):
-    """A server with a fixed clock whose spawned coroutines are stepped by hand."""
+class _FixedClock:
+    """The one runtime service the core uses outside serving(): a clock."""
 
-    def __init__(self, app: MeshApp) -> None:
-        super().__init__(app, ping_interval=0, latency_interval=0, instance_id="inst-bench")
-        self.spawned: list[Coroutine[Any, Any, Any]] = []
+    name = "bench"
 
-    def _now(self) -> float:
+    def now(self) -> float:
         return 1000.0
 
-    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        self.spawned.append(fn(*args))
+
+class BenchServer(ServerCore):
+    """A server with a fixed clock whose started coroutines are stepped by hand."""
+
+    def __init__(self, app: MeshApp) -> None:
+        super().__init__(
+            app,
+            runtime=cast(Runtime, _FixedClock()),
+            ping_interval=0,
+            latency_interval=0,
+            instance_id="inst-bench",
+        )
+        self._group = group = CollectingTaskGroup()
+        self.spawned = group.started
 
     def step_all(self) -> None:
         spawned = self.spawned
@@ -80,12 +91,12 @@ def open_connection(app: MeshApp) -> tuple[BenchServer, ServerConnection]:
     server = BenchServer(app)
     proto = ServerConnection(server.options)
     client = WSConnection(ConnectionType.CLIENT)
-    proto.receive_data(client.send(Request(host="localhost", target="/")), server._now())
+    proto.receive_data(client.send(Request(host="localhost", target="/")), server.runtime.now())
     proto.events()
     proto.accept("conn-bench")
     connection = Connection(server, proto, UpgradeRequest(target="/", headers=()))
     server._local[connection.id] = connection
-    server._spawn(server._open, connection, None)
+    server.spawned.append(server._open(connection, None))
     server.step_all()
     if proto.state is not State.OPEN:
         raise RuntimeError(f"the connection did not open: {proto.state}")
@@ -131,7 +142,7 @@ def _interleaved(
 def core_fn(app: MeshApp, command: str, payload: Any) -> Callable[[int], None]:
     server, proto = open_connection(app)
     frame = request_bytes(command, payload, 7)
-    handle_events = server._handle_events
+    handle_events = server.handle_events
     step_all = server.step_all
     receive = proto.receive_data
     events = proto.events

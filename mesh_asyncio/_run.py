@@ -1,4 +1,5 @@
-"""Run a server until Ctrl-C / SIGTERM, then shut it down cleanly."""
+"""Run a server until Ctrl-C / SIGTERM, then shut it down cleanly; the
+runtime-neutral part is :func:`mesh_core.app.serve_until`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from mesh_core import MeshApp, ServerOptions, Storage
+from mesh_core.app import serve_until
 
 from ._server import MeshServer
 
@@ -32,28 +35,20 @@ def run(
     frame and every connection is cleaned out of the store. ``storage`` may
     be a factory, called inside the event loop (the Redis store's client
     belongs to the loop that runs it)."""
-
-    async def main() -> None:
-        store = storage() if callable(storage) and not isinstance(storage, Storage) else storage
-        server = MeshServer(app, storage=store, options=options, **option_overrides)
-        await server.start(host, port, reuse_port=reuse_port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            log.info(
-                "Shutting down: closing %d connection(s)",
-                len(server.connections.local_connections()),
-            )
-            await server.close()
-            log.info("Stopped")
-
+    new_server = partial(MeshServer, app, options=options, **option_overrides)
+    main = serve_until(new_server, storage, _stop_signal, host, port, reuse_port, log)
     if use_uvloop:
         import uvloop
 
-        uvloop.run(main())
+        uvloop.run(main)
     else:
-        asyncio.run(main())
+        asyncio.run(main)
+
+
+async def _stop_signal() -> None:
+    """Return at the first SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -21,16 +21,18 @@ class _TaskGroup:
     ``asyncio.TaskGroup``, ``cancel()`` is public and ``len()`` counts the
     tasks still running."""
 
-    __slots__ = ("_body", "_cancelled", "_errors", "_tasks")
+    __slots__ = ("_body", "_cancelled", "_errors", "_loop", "_tasks")
 
     def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._errors: list[BaseException] = []
         self._body = asyncio.current_task()
         self._cancelled = False
 
     def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        task = asyncio.get_running_loop().create_task(fn(*args))
+        # the server's hot path: a request that waits costs this one task
+        task = self._loop.create_task(fn(*args))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -42,11 +44,14 @@ class _TaskGroup:
             self.cancel()
 
     def cancel(self) -> None:
-        self._cancelled = True
         for task in list(self._tasks):
             task.cancel()
-        if self._body is not None and not self._body.done():
-            self._body.cancel()
+        body = self._body
+        # the body cancelling its own group is about to leave the block (as
+        # after a nursery's cancel, nothing is left for it to wait for)
+        if body is not None and not body.done() and body is not asyncio.current_task():
+            self._cancelled = True  # the body's CancelledError is ours to absorb
+            body.cancel()
 
     def __len__(self) -> int:
         return len(self._tasks)

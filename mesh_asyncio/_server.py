@@ -12,16 +12,14 @@ waiting (``reading_paused``), the transport stops reading from it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
 from mesh_core import ServerCore
 from mesh_core.protocol import ServerConnection, State
-from mesh_core.runtime import Event
 
 from ._runtime import RUNTIME
 
@@ -37,14 +35,18 @@ class _WebSocketProtocol(asyncio.Protocol):
         "_paused",
         "_reading_paused",
         "_server",
+        "_sockets",
         "_timer",
         "_timer_at",
         "proto",
         "transport",
     )
 
-    def __init__(self, server: MeshServer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, server: MeshServer, sockets: _Sockets, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self._server = server
+        self._sockets = sockets
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.proto: ServerConnection
@@ -61,9 +63,9 @@ class _WebSocketProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
-        self.proto = self._server._new_protocol(peer, self._loop.time())
+        self.proto = self._server.new_protocol(peer, self._loop.time())
         self.proto.wake = self._wake
-        self._server._protocols.add(self)
+        self._sockets.open.add(self)
         self._pump()
 
     def data_received(self, data: bytes) -> None:
@@ -82,7 +84,7 @@ class _WebSocketProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._server._protocols.discard(self)
+        self._sockets.open.discard(self)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -103,7 +105,7 @@ class _WebSocketProtocol(asyncio.Protocol):
         proto = self.proto
         events = proto.events()
         if events:
-            self._server._handle_events(proto, events)
+            self._server.handle_events(proto, events)
         transport = self.transport
         if transport is None:
             return
@@ -147,36 +149,40 @@ class _WebSocketProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
+class _Sockets:
+    """The listener and the sockets it accepted, as the core's shutdown
+    sequence sees them (:class:`mesh_core.app.ServerSockets`)."""
+
+    def __init__(self, listener: asyncio.Server) -> None:
+        self.listener = listener
+        self.open: set[_WebSocketProtocol] = set()
+
+    async def stop_accepting(self) -> None:
+        self.listener.close()
+
+    def protocols(self) -> list[ServerConnection]:
+        return [protocol.proto for protocol in self.open]
+
+    def abort(self) -> None:
+        for protocol in list(self.open):
+            protocol.abort()
+
+
 class MeshServer(ServerCore):
     """A Mesh server on asyncio. Same constructor and API as
-    ``mesh_trio.MeshServer``; see :class:`mesh_core.ServerCore`."""
+    ``mesh_trio.MeshServer``; see :class:`mesh_core.ServerCore`.
 
-    runtime = RUNTIME
+    The server's life (storage, the core's tasks, the shutdown) runs in one
+    task started by :meth:`start`, inside :meth:`ServerCore.serving`, so
+    that ``start`` can return while the server runs, as asyncio servers do.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(*args, runtime=RUNTIME, **kwargs)
         self._listener: asyncio.Server | None = None
-        self._protocols: set[_WebSocketProtocol] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
-        self._storage_task: asyncio.Task[Any] | None = None
-        self._closing = False
-
-    # -- runtime hooks for the core -------------------------------------------
-
-    def _now(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
-
-    def _new_event(self) -> Event:
-        return RUNTIME.event()
-
-    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        assert self._loop is not None
-        task: asyncio.Task[Any] = self._loop.create_task(fn(*args))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -196,27 +202,71 @@ class MeshServer(ServerCore):
         reuse_port: bool = False,
     ) -> None:
         """Start listening and return; the server runs until :meth:`close`."""
-        if self._listener is not None:
+        if self._main is not None:
             raise RuntimeError("the server is already listening")
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
         self._closed = asyncio.Event()
-        self._closing = False
-        await self._start_storage()
-        duties = getattr(self.storage, "run", None)  # heartbeats, sweeps (Redis)
-        self._storage_task = loop.create_task(duties()) if callable(duties) else None
+        listening: asyncio.Future[None] = loop.create_future()
+        self._main = loop.create_task(self._run(host, port, sock, reuse_port, listening))
+        await listening
+
+    async def _run(
+        self,
+        host: str,
+        port: int,
+        sock: socket.socket | None,
+        reuse_port: bool,
+        listening: asyncio.Future[None],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._stop is not None and self._closed is not None
+        try:
+            await self.start_storage()
+            try:
+                async with self.serving():
+                    sockets = await self._listen(loop, host, port, sock, reuse_port)
+                    listening.set_result(None)
+                    await self._stop.wait()
+                    await self.shutdown(sockets)
+                    await sockets.listener.wait_closed()
+            finally:
+                await self.stop_storage()
+        except BaseException as exc:
+            if listening.done():
+                raise
+            listening.set_exception(exc)  # start() raises it
+        finally:
+            self._listener = None
+            self._main = None
+            self._closed.set()
+
+    async def _listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        sock: socket.socket | None,
+        reuse_port: bool,
+    ) -> _Sockets:
+        sockets: _Sockets | None = None
 
         def factory() -> _WebSocketProtocol:
-            return _WebSocketProtocol(self, loop)
+            assert sockets is not None
+            return _WebSocketProtocol(self, sockets, loop)
 
         if sock is not None:
-            self._listener = await loop.create_server(factory, sock=sock, backlog=1024)
+            listener = await loop.create_server(factory, sock=sock, backlog=1024)
         else:
-            self._listener = await loop.create_server(
+            listener = await loop.create_server(
                 factory, host, port, reuse_port=reuse_port or None, backlog=1024
             )
-        for s in self._listener.sockets:
+        sockets = _Sockets(listener)
+        self._listener = listener
+        for s in listener.sockets:
             name = s.getsockname()
             log.info("Mesh server (asyncio) listening on ws://%s:%d", name[0], name[1])
+        return sockets
 
     async def serve(self, host: str = "127.0.0.1", port: int = 8765) -> None:
         """Listen and run until :meth:`close` is called (from another task)."""
@@ -228,50 +278,23 @@ class MeshServer(ServerCore):
             await self._closed.wait()
 
     @asynccontextmanager
-    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[MeshServer]:
+    async def listen(
+        self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+    ) -> AsyncIterator[MeshServer]:
         """``async with server.listen(host, port):`` serve inside the block."""
-        await self.start(host, port)
+        await self.start(host, port, reuse_port=reuse_port)
         try:
             yield self
         finally:
             await self.close()
 
     async def close(self) -> None:
-        """Graceful shutdown: stop accepting, let requests in flight finish
-        (up to ``shutdown_timeout``), send every client close 1001, wait for
-        them to be cleaned out of the store, then stop."""
-        if self._listener is None or self._closing:
-            await self.wait_closed()
-            return
-        self._closing = True
-        loop = asyncio.get_running_loop()
-        self._listener.close()
-        deadline = loop.time() + self.options.shutdown_timeout
-        await self._wait_until(lambda: self._inflight == 0, deadline)
-        self._close_all()
-        for protocol in list(self._protocols):
-            if protocol.proto.state is State.HANDSHAKE:
-                protocol.proto.close()  # not upgraded yet: nothing to say goodbye with
-        close_deadline = min(deadline, loop.time() + self.options.close_timeout) + 0.5
-        await self._wait_until(lambda: not self._protocols and not self._tasks, close_deadline)
-        for protocol in list(self._protocols):
-            protocol.abort()
-        await self._wait_until(lambda: not self._tasks, loop.time() + 1.0)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._storage_task is not None:
-            self._storage_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._storage_task
-            self._storage_task = None
-        await self._stop_storage()
-        await self._listener.wait_closed()
-        self._listener = None
-        assert self._closed is not None
-        self._closed.set()
-
-    @staticmethod
-    async def _wait_until(done: Callable[[], bool], deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        while not done() and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        """Graceful shutdown (:meth:`ServerCore.shutdown`): stop accepting, let
+        requests in flight finish (up to ``shutdown_timeout``), send every
+        client close 1001, wait for them to be cleaned out of the store, then
+        stop."""
+        main = self._main
+        if main is not None and self._stop is not None:
+            self._stop.set()
+            await asyncio.shield(main)
+        await self.wait_closed()

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
-__all__ = ["Event", "Runtime", "TaskGroup"]
+__all__ = ["CollectingTaskGroup", "Event", "Runtime", "TaskGroup"]
 
 T = TypeVar("T")
 
@@ -76,3 +76,27 @@ class Runtime(Protocol):
         ...
 
     def open_task_group(self) -> AbstractAsyncContextManager[TaskGroup]: ...
+
+
+class CollectingTaskGroup:
+    """A :class:`TaskGroup` that runs nothing: it keeps every coroutine
+    started in it (:attr:`started`, in order) for the caller to step or
+    await. For driving the sans-IO core by hand, as its tests and the core
+    benchmark do, with no event loop."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started: list[Coroutine[Any, Any, Any]] = []
+
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        self.started.append(fn(*args))
+
+    def cancel(self) -> None:
+        """Close every coroutine not run yet."""
+        for coro in self.started:
+            coro.close()
+        self.started.clear()
+
+    def __len__(self) -> int:
+        return len(self.started)

@@ -1,4 +1,5 @@
-"""Run a server until Ctrl-C / SIGTERM, then shut it down cleanly."""
+"""Run a server until Ctrl-C / SIGTERM, then shut it down cleanly; the
+runtime-neutral part is :func:`mesh_core.app.serve_until`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import trio
 
 from mesh_core import MeshApp, ServerOptions, Storage
+from mesh_core.app import serve_until
 
 from ._server import MeshServer
 
@@ -33,20 +35,12 @@ def run(
     frame and every connection is cleaned out of the store. ``storage`` may
     be a factory, called inside the event loop (the Redis store's client
     belongs to the loop that runs it)."""
+    new_server = partial(MeshServer, app, options=options, **option_overrides)
+    trio.run(serve_until, new_server, storage, _stop_signal, host, port, reuse_port, log)
 
-    async def main() -> None:
-        store = storage() if callable(storage) and not isinstance(storage, Storage) else storage
-        server = MeshServer(app, storage=store, options=options, **option_overrides)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(server.serve, reuse_port=reuse_port), host, port)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    break
-            log.info(
-                "Shutting down: closing %d connection(s)",
-                len(server.connections.local_connections()),
-            )
-            await server.close()
-            log.info("Stopped")
 
-    trio.run(main)
+async def _stop_signal() -> None:
+    """Return at the first SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return

@@ -21,15 +21,15 @@ import errno
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
 
 from mesh_core import ServerCore
 from mesh_core.protocol import ServerConnection, State
-from mesh_core.runtime import Event
 
 from ._runtime import RUNTIME
 
@@ -73,6 +73,7 @@ class _Link:
     """One accepted socket, its core state machine, and what is left to send."""
 
     __slots__ = (
+        "cancel_scope",
         "closed_at",
         "dirty",
         "done",
@@ -99,6 +100,7 @@ class _Link:
         self.eof = False  # the peer sent everything it will send
         self.closed_at: float | None = None  # when the core reached CLOSED
         self.waiting_for = _RUN
+        self.cancel_scope = trio.CancelScope()  # the whole task: aborts the socket
         proto.wake = self.wake
 
     def wanted(self) -> int:
@@ -118,33 +120,42 @@ class _Link:
             self.server._flush_needed.set()
 
 
+class _Sockets:
+    """The listeners and the sockets they accepted, as the core's shutdown
+    sequence sees them (:class:`mesh_core.app.ServerSockets`)."""
+
+    def __init__(self, server: MeshServer) -> None:
+        self._server = server
+        self.accepting = trio.CancelScope()
+        self.accepted_all = trio.Event()
+        self.links: set[_Link] = set()
+
+    async def stop_accepting(self) -> None:
+        self.accepting.cancel()
+        await self.accepted_all.wait()  # no accept() on a closed listener
+        self._server._close_listeners()
+
+    def protocols(self) -> list[ServerConnection]:
+        return [link.proto for link in self.links]
+
+    def abort(self) -> None:
+        for link in list(self.links):
+            link.cancel_scope.cancel()
+
+
 class MeshServer(ServerCore):
     """A Mesh server on trio. Same constructor and API as
     ``mesh_asyncio.MeshServer``; see :class:`mesh_core.ServerCore`."""
 
-    runtime = RUNTIME
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, runtime=RUNTIME, **kwargs)
         self._nursery: trio.Nursery | None = None
         self._listeners: list[socket.socket] = []
-        self._links: set[_Link] = set()
+        self._sockets: _Sockets | None = None
         self._to_flush: list[_Link] = []
         self._flush_needed = trio.Event()
         self._stop_requested: trio.Event | None = None
         self._stopped: trio.Event | None = None
-
-    # -- runtime hooks for the core -------------------------------------------
-
-    def _now(self) -> float:
-        return trio.current_time()
-
-    def _new_event(self) -> Event:
-        return RUNTIME.event()
-
-    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -170,7 +181,7 @@ class MeshServer(ServerCore):
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
         try:
-            await self._start_storage()
+            await self.start_storage()
             if reuse_port:
                 self._listeners = [_reuse_port_socket(host, port)]
             else:
@@ -181,27 +192,21 @@ class MeshServer(ServerCore):
             for sock in self._listeners:
                 name = sock.getsockname()
                 log.info("Mesh server (trio) listening on ws://%s:%d", name[0], name[1])
-            async with trio.open_nursery() as nursery:
+            sockets = self._sockets = _Sockets(self)
+            async with trio.open_nursery() as nursery, self.serving():
                 self._nursery = nursery
-                accepting = trio.CancelScope()
-                accepted_all = trio.Event()
-                nursery.start_soon(self._accept_all, accepting, accepted_all)
+                nursery.start_soon(self._accept_all, sockets)
                 nursery.start_soon(self._flusher)
-                duties = getattr(self.storage, "run", None)  # heartbeats, sweeps (Redis)
-                if callable(duties):
-                    nursery.start_soon(duties)
                 task_status.started(self)
                 await self._stop_requested.wait()
-                accepting.cancel()
-                await accepted_all.wait()  # no accept() on a closed listener
-                self._close_listeners()
-                await self._shutdown()
+                await self.shutdown(sockets)
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
+            self._sockets = None
             self._close_listeners()
             with trio.CancelScope(shield=True):
-                await self._stop_storage()
+                await self.stop_storage()
             self._stopped.set()
             self._stop_requested = None
 
@@ -211,14 +216,14 @@ class MeshServer(ServerCore):
             sock.close()
         self._listeners = []
 
-    async def _accept_all(self, scope: trio.CancelScope, done: trio.Event) -> None:
+    async def _accept_all(self, sockets: _Sockets) -> None:
         try:
-            with scope:
+            with sockets.accepting:
                 async with trio.open_nursery() as nursery:
                     for sock in self._listeners:
                         nursery.start_soon(self._accept, sock)
         finally:
-            done.set()
+            sockets.accepted_all.set()
 
     async def _accept(self, listener: socket.socket) -> None:
         nursery = self._nursery
@@ -247,23 +252,11 @@ class MeshServer(ServerCore):
                     continue
                 nursery.start_soon(self._serve_link, sock, peer)
 
-    async def _shutdown(self) -> None:
-        deadline = trio.current_time() + self.options.shutdown_timeout
-        with trio.move_on_at(deadline):
-            while self._inflight:
-                await trio.sleep(0.01)
-        self._close_all()
-        for link in list(self._links):
-            if link.proto.state is State.HANDSHAKE:
-                link.proto.close()  # not upgraded yet: nothing to say goodbye with
-        with trio.move_on_at(min(deadline, trio.current_time() + self.options.close_timeout) + 0.5):
-            while self._links or self._local:
-                await trio.sleep(0.01)
-
     async def close(self) -> None:
-        """Graceful shutdown: stop accepting, let requests in flight finish
-        (up to ``shutdown_timeout``), send every client close 1001, wait for
-        them to be cleaned out of the store, then stop."""
+        """Graceful shutdown (:meth:`ServerCore.shutdown`): stop accepting, let
+        requests in flight finish (up to ``shutdown_timeout``), send every
+        client close 1001, wait for them to be cleaned out of the store, then
+        stop."""
         if self._stop_requested is None or self._stopped is None:
             return
         stopped = self._stopped
@@ -271,10 +264,12 @@ class MeshServer(ServerCore):
         await stopped.wait()
 
     @asynccontextmanager
-    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[MeshServer]:
+    async def listen(
+        self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+    ) -> AsyncIterator[MeshServer]:
         """``async with server.listen(host, port):`` serve inside the block."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.serve, host, port)
+            await nursery.start(partial(self.serve, reuse_port=reuse_port), host, port)
             try:
                 yield self
             finally:
@@ -309,7 +304,7 @@ class MeshServer(ServerCore):
             link.woken = False
             events = proto.events()
             if events:
-                self._handle_events(proto, events)
+                self.handle_events(proto, events)
             if link.out is None and not link.done:
                 data = proto.data_to_send()
                 if data:
@@ -335,60 +330,67 @@ class MeshServer(ServerCore):
 
     async def _serve_link(self, sock: socket.socket, peer: Any) -> None:
         address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
-        link = _Link(self, sock, self._new_protocol(address, trio.current_time()))
+        link = _Link(self, sock, self.new_protocol(address, trio.current_time()))
         proto = link.proto
-        self._links.add(link)
+        sockets = self._sockets
+        assert sockets is not None
+        sockets.links.add(link)
         try:
-            while True:
-                deadline = self._pump(link)
-                now = trio.current_time()
-                if proto.state is State.CLOSED:
-                    if link.out is None or proto.aborted:
-                        return
-                    # flush the close frame, but not for longer than close_timeout
-                    if link.closed_at is None:
-                        link.closed_at = now
-                    deadline = min(deadline, link.closed_at + self.options.close_timeout)
-                    if deadline <= now:
-                        return
-                elif deadline <= now:
-                    proto.tick(now)
-                    continue
-                wanted = link.wanted()
-                with trio.CancelScope(deadline=deadline) as scope:
-                    link.scope = scope
-                    link.waiting_for = wanted
-                    try:
-                        if wanted == _READABLE:
-                            await trio.lowlevel.wait_readable(sock)
-                        elif wanted == _WRITABLE:
-                            await trio.lowlevel.wait_writable(sock)
-                        else:
-                            await trio.sleep_forever()
-                    finally:
-                        link.scope = None
-                        link.waiting_for = _RUN
-                if scope.cancelled_caught:
-                    continue  # a timer is due, or the flusher wants another wait
-                if wanted == _WRITABLE:
-                    if link.out is not None:
-                        self._send(link, link.out)
-                    continue
-                try:
-                    data = sock.recv(_READ_SIZE)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    link.eof = True
-                proto.receive_data(data or None, trio.current_time())
+            with link.cancel_scope:
+                await self._run_link(link)
         finally:
-            self._links.discard(link)
+            sockets.links.discard(link)
             proto.receive_data(None, trio.current_time())
             link.done = True
             self._pump(link)
             sock.close()
+
+    async def _run_link(self, link: _Link) -> None:
+        proto, sock = link.proto, link.sock
+        while True:
+            deadline = self._pump(link)
+            now = trio.current_time()
+            if proto.state is State.CLOSED:
+                if link.out is None or proto.aborted:
+                    return
+                # flush the close frame, but not for longer than close_timeout
+                if link.closed_at is None:
+                    link.closed_at = now
+                deadline = min(deadline, link.closed_at + self.options.close_timeout)
+                if deadline <= now:
+                    return
+            elif deadline <= now:
+                proto.tick(now)
+                continue
+            wanted = link.wanted()
+            with trio.CancelScope(deadline=deadline) as scope:
+                link.scope = scope
+                link.waiting_for = wanted
+                try:
+                    if wanted == _READABLE:
+                        await trio.lowlevel.wait_readable(sock)
+                    elif wanted == _WRITABLE:
+                        await trio.lowlevel.wait_writable(sock)
+                    else:
+                        await trio.sleep_forever()
+                finally:
+                    link.scope = None
+                    link.waiting_for = _RUN
+            if scope.cancelled_caught:
+                continue  # a timer is due, or the flusher wants another wait
+            if wanted == _WRITABLE:
+                if link.out is not None:
+                    self._send(link, link.out)
+                continue
+            try:
+                data = sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                link.eof = True
+            proto.receive_data(data or None, trio.current_time())
 
 
 def _plain(sock: trio.socket.SocketType) -> socket.socket:

@@ -1,9 +1,19 @@
 """The application layer: ``MeshApp`` (commands, middleware, hooks, policies),
-the request ``Context``, the built-in commands, and ``ServerCore``: the
-runtime-neutral server that turns protocol events into handler runs and storage
-operations, and the connections/rooms API handed to handlers.
+the request ``Context``, the built-in commands (each with its own scheduling
+flags), and ``ServerCore``: the runtime-neutral server that turns protocol
+events into handler runs and storage operations, and the server-side API
+objects handed to handlers (``server.connections``, ``server.rooms``).
+
+Modules: ``_app`` (what an app author declares), ``_builtins`` (the ``mesh/*``
+commands as generators of storage operations), ``_api`` (``Connection`` and
+the API objects), ``_server`` (``ServerCore``: dispatch, policies, the
+connection lifecycle, shutdown, and the adapter API). A new capability
+(presence, channels, records) adds built-ins in ``_builtins``, an API object
+in ``_api`` and its operations in :mod:`mesh_core.storage`; see
+:mod:`mesh_core.app._server` for where each is wired.
 """
 
+from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI
 from ._app import (
     Authenticator,
     ConnectionHook,
@@ -16,10 +26,12 @@ from ._app import (
     WriteGuard,
     WritePolicy,
 )
-from ._builtins import BUILTINS, Builtin, CheckClientWrite, Steps
+from ._builtins import BUILTINS, Builtin, BuiltinCommand, CheckClientWrite, Steps
 from ._presence import PresenceAPI, PresenceGuard, PresenceRules, PresenceTrack
 from ._pubsub import Listener, PubSub
-from ._server import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, ServerCore
+from ._run import ListeningServer, serve_until
+from ._server import ServerCore, ServerSockets
+from .exports import lazy_attributes
 
 __all__ = [
     "PresenceAPI",
@@ -29,6 +41,7 @@ __all__ = [
     "Authenticator",
     "BUILTINS",
     "Builtin",
+    "BuiltinCommand",
     "CheckClientWrite",
     "Connection",
     "ConnectionHook",
@@ -37,6 +50,7 @@ __all__ = [
     "Context",
     "Handler",
     "Listener",
+    "ListeningServer",
     "MeshApp",
     "Middleware",
     "PubSub",
@@ -44,7 +58,10 @@ __all__ = [
     "ReadPolicy",
     "RoomsAPI",
     "ServerCore",
+    "ServerSockets",
     "Steps",
     "WriteGuard",
     "WritePolicy",
+    "lazy_attributes",
+    "serve_until",
 ]

@@ -16,7 +16,8 @@ from ..protocol._handshake import UpgradeRequest
 from ._presence import PresenceGuard, PresenceRules
 
 if TYPE_CHECKING:
-    from ._server import Connection, ServerCore
+    from ._api import Connection
+    from ._server import ServerCore
 
 __all__ = [
     "Authenticator",

@@ -5,20 +5,30 @@ and is resumed with their results, and returns the response payload. The
 adapter drives it on whatever runtime and store it has; the core's tests
 drive it synchronously against the in-memory store. A raised
 :class:`~mesh_core.MeshError` becomes the error payload.
+
+Each built-in is registered in :data:`BUILTINS` as a :class:`BuiltinCommand`
+that also declares what the server must know to schedule it (whether it
+touches the store, which application policies run on its path). A new
+capability (presence, channels, records) adds its generators and their
+records here, its operations in :mod:`mesh_core.storage._ops`, and nothing in
+the server's dispatch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ValidationError
 from ..storage import _ops as ops
 from ..storage._strategies import check_strategy, updater
-from ._presence import PRESENCE_BUILTINS
+from ._presence import PRESENCE_BUILTINS, PRESENCE_GUARDED
 
-__all__ = ["BUILTINS", "Builtin", "CheckClientWrite", "Steps"]
+if TYPE_CHECKING:
+    from ._app import MeshApp
+
+__all__ = ["BUILTINS", "Builtin", "BuiltinCommand", "CheckClientWrite", "Steps"]
 
 #: What a built-in is: yields operations, receives results, returns a payload.
 Steps = Generator[ops.Op, Any, Any]
@@ -34,6 +44,26 @@ class CheckClientWrite(ops.Op):
     connection_id: str
     value: Any
     strategy: str
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinCommand:
+    """A built-in and what the server needs to know about it: whether it can
+    be answered inline (no task) depends on these flags and on the store."""
+
+    steps: Builtin
+    #: yields no storage operation: answered inline on any store
+    storeless: bool = False
+    #: the application's ``client_metadata_writes`` policy runs on its path
+    writes_policed: bool = False
+    #: the application's ``client_metadata_reads`` policy runs on its path
+    reads_policed: bool = False
+    #: whether, for this app, other code of the application runs on its path
+    #: (a capability's guards: presence, channels, records)
+    app_code: Callable[[MeshApp], bool] | None = None
+
+    def __call__(self, connection_id: str, payload: Any) -> Steps:
+        return self.steps(connection_id, payload)
 
 
 def _field(payload: Any, name: str) -> str:
@@ -98,13 +128,31 @@ def get_room_metadata(connection_id: str, payload: Any) -> Steps:
     return {"metadata": metadata}
 
 
-BUILTINS: dict[str, Builtin] = {
-    "mesh/noop": noop,
-    "mesh/join-room": join_room,
-    "mesh/leave-room": leave_room,
-    "mesh/get-connection-metadata": get_connection_metadata,
-    "mesh/get-my-connection-metadata": get_my_connection_metadata,
-    "mesh/set-my-connection-metadata": set_my_connection_metadata,
-    "mesh/get-room-metadata": get_room_metadata,
-    **PRESENCE_BUILTINS,
+BUILTINS: dict[str, BuiltinCommand] = {
+    "mesh/noop": BuiltinCommand(noop, storeless=True),
+    "mesh/join-room": BuiltinCommand(join_room, reads_policed=True),
+    "mesh/leave-room": BuiltinCommand(leave_room),
+    "mesh/get-connection-metadata": BuiltinCommand(get_connection_metadata, reads_policed=True),
+    "mesh/get-my-connection-metadata": BuiltinCommand(get_my_connection_metadata),
+    "mesh/set-my-connection-metadata": BuiltinCommand(
+        set_my_connection_metadata, writes_policed=True
+    ),
+    "mesh/get-room-metadata": BuiltinCommand(get_room_metadata),
 }
+
+
+def _presence_guarded(app: MeshApp) -> bool:
+    return app.presence.guarded
+
+
+BUILTINS.update(
+    {
+        name: BuiltinCommand(
+            steps,
+            # the subscribe snapshot shows other connections' metadata
+            reads_policed=name == "mesh/subscribe-presence",
+            app_code=_presence_guarded if name in PRESENCE_GUARDED else None,
+        )
+        for name, steps in PRESENCE_BUILTINS.items()
+    }
+)

@@ -45,7 +45,8 @@ from ..storage import _ops as ops
 from ._timers import Timers
 
 if TYPE_CHECKING:
-    from ._server import Connection, ConnectionRef, ServerCore
+    from ._api import Connection, ConnectionRef
+    from ._server import ServerCore
 
 __all__ = [
     "PRESENCE_BUILTINS",

@@ -1,10 +1,33 @@
 """The runtime-neutral half of a server: dispatch, lifecycle, the Mesh API.
 
 Everything here is plain ``async def`` code that awaits only the storage
-driver and the application's own handlers, so it runs unchanged on asyncio
-and on trio. An adapter subclasses :class:`ServerCore` and supplies the few
-things that need a runtime: a clock (``_now``), a way to start a background
-task (``_spawn``) and the sockets.
+driver, the application's own handlers and the :class:`~mesh_core.runtime.Runtime`
+it was given, so it runs unchanged on asyncio and on trio.
+
+**The adapter API.** An adapter (``mesh_asyncio``, ``mesh_trio``) owns the
+sockets and nothing else; it drives a :class:`ServerCore` through these
+public members only, in this order:
+
+1. ``ServerCore(app, ..., runtime=RUNTIME)``: the runtime's services are
+   passed in (composition), never supplied as subclass hooks.
+2. :meth:`ServerCore.start_storage`, then ``async with`` :meth:`ServerCore.serving`:
+   the task group the core starts its tasks in (handshakes, requests that
+   wait, cleanups) and the store's background duties (``Storage.run``).
+3. For each accepted socket, :meth:`ServerCore.new_protocol` makes its state
+   machine; the adapter feeds it bytes and timer ticks, hands every batch of
+   its events to :meth:`ServerCore.handle_events`, and writes what it queued.
+4. To stop, :meth:`ServerCore.shutdown` with the adapter's
+   :class:`ServerSockets` (stop the listener, list and abort sockets): the
+   whole graceful sequence is written here, once.
+5. After ``serving`` is left, :meth:`ServerCore.stop_storage`.
+
+**Where a capability plugs in.** Presence, channels, records: each adds its
+built-ins (generators plus a :class:`~mesh_core.app._builtins.BuiltinCommand`
+record in ``_builtins.BUILTINS``: dispatch here finds them by name and reads
+their flags), its storage operations (``mesh_core.storage._ops``, one handler
+per driver), and a server-side API object like ``server.rooms``
+(``_api.py``), created in :meth:`ServerCore.__init__` under
+"the server-side API". Nothing else in this module changes.
 """
 
 from __future__ import annotations
@@ -13,211 +36,106 @@ import dataclasses
 import inspect
 import logging
 import secrets
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
 
 from .._config import ServerOptions
 from .._errors import MeshError, RedisUnavailable, error_payload, not_found_payload
 from .._metrics import UNKNOWN_COMMAND, Metrics, bump, prometheus_text
-from ..protocol._frames import encode_json, encode_push
-from ..protocol._handshake import Reject, UpgradeRequest
-from ..protocol._server_connection import (
+from ..protocol import (
     CloseCode,
     ConnectionLost,
     Event,
     HandshakeReceived,
     PongReceived,
+    Reject,
     RequestReceived,
+    ServerConnection,
+    State,
+    UpgradeRequest,
+    encode_json,
+    encode_push,
     text_frame,
 )
-from ..protocol._server_connection import ServerConnection as Protocol
-from ..runtime import Event as RuntimeEvent
-from ..runtime import Runtime
+from ..runtime import Runtime, TaskGroup
 from ..storage import _ops as ops
 from ..storage._base import Storage
 from ..storage._memory import MemoryStore
-from ..storage._strategies import updater
+from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, id_set
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
-from ._presence import PRESENCE_GUARDED, PresenceAPI, PresenceHub, PresenceStep
+from ._presence import PresenceAPI, PresenceHub, PresenceStep
 from ._pubsub import PubSub
 
-__all__ = ["Connection", "ConnectionRef", "ConnectionsAPI", "RoomsAPI", "ServerCore"]
+__all__ = ["ServerCore", "ServerSockets"]
 
 log = logging.getLogger("mesh_core.server")
 
-
-class Connection:
-    """A connection this server holds: what hooks and handlers receive."""
-
-    __slots__ = ("_cleaned", "_lost", "_phase", "id", "proto", "request", "server")
-
-    def __init__(self, server: ServerCore, proto: Protocol, request: UpgradeRequest) -> None:
-        assert proto.id is not None
-        self.id: str = proto.id
-        self.server = server
-        self.proto = proto
-        self.request = request
-        self._phase = "opening"  # opening -> open -> done
-        self._lost = False
-        self._cleaned = False
-
-    def __repr__(self) -> str:
-        return f"<Connection {self.id} {self.proto.state.value}>"
-
-    @property
-    def remote_address(self) -> tuple[str, int] | None:
-        return self.proto.peer
-
-    @property
-    def latency(self) -> float | None:
-        """The last measured round trip in milliseconds."""
-        return self.proto.latency
-
-    @property
-    def is_open(self) -> bool:
-        return not self._lost
-
-    def send(self, command: str, payload: Any = None) -> bool:
-        """Push ``{"command", "payload"}`` to this client (no id)."""
-        return self.proto.send_push(command, payload)
-
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        self.proto.close(code, reason)
-
-    async def get_metadata(self) -> Any:
-        return await self.server.connections.get_metadata(self)
-
-    async def set_metadata(self, value: Any, strategy: str = "replace") -> Any:
-        return await self.server.connections.set_metadata(self, value, strategy=strategy)
+#: how often the shutdown sequence looks whether what it waits for is done
+_POLL = 0.01
 
 
-ConnectionRef = Connection | str
+class ServerSockets(Protocol):
+    """What :meth:`ServerCore.shutdown` asks of the adapter: the only
+    socket-specific steps of the graceful shutdown."""
+
+    async def stop_accepting(self) -> None:
+        """Close the listeners; return once no connection is accepted any more."""
+        ...
+
+    def protocols(self) -> Collection[ServerConnection]:
+        """The state machines of the sockets still open (empty when all are gone)."""
+        ...
+
+    def abort(self) -> None:
+        """Abort every socket still open: the stragglers of the shutdown."""
+        ...
 
 
-def _cid(connection: ConnectionRef) -> str:
-    if isinstance(connection, Connection):
-        return connection.id
-    if isinstance(connection, str):
-        return connection
-    raise TypeError(f"expected a Connection or a connection id, got {type(connection).__name__}")
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Admitted:
+    metadata: Any
 
 
-def _rows(pairs: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
-    return [{"id": key, "metadata": value} for key, value in pairs]
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Refusal:
+    status: int
+    reason: str
 
 
-class ConnectionsAPI:
-    """Connection metadata. Every method takes a :class:`Connection` or a
-    connection id (of a connection on any instance sharing the store)."""
+class _NoTasks:
+    """The task group while the server is not serving. Before
+    :meth:`ServerCore.serving` starting a task is a bug in the adapter; after
+    it, what still arrives (a socket's last events) is dropped: the store
+    forgets this instance's connections when it stops."""
 
-    def __init__(self, server: ServerCore) -> None:
-        self._server = server
+    __slots__ = ("_served",)
 
-    async def set_metadata(
-        self, connection: ConnectionRef, value: Any, *, strategy: str = "replace"
-    ) -> Any:
-        """Store ``value`` with a strategy (``replace``/``merge``/``deepMerge``);
-        the merge is atomic. Returns the stored value."""
-        return await self._server._execute(
-            ops.UpdateMetadata(
-                "connection", _cid(connection), updater(strategy, value), strategy, value
-            )
-        )
+    def __init__(self, served: bool) -> None:
+        self._served = served
 
-    async def update_metadata(self, connection: ConnectionRef, update: Callable[[Any], Any]) -> Any:
-        """Atomic read-modify-write: store ``update(old)`` (``old`` is ``None``
-        when there is none). ``update`` must be a pure function: a shared store
-        may call it again if another writer got in first."""
-        return await self._server._execute(
-            ops.UpdateMetadata("connection", _cid(connection), update)
-        )
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        if not self._served:
+            raise RuntimeError("the server is not serving: enter ServerCore.serving() first")
+        log.debug("the server has stopped: %s not run", getattr(fn, "__name__", fn))
 
-    async def get_metadata(self, connection: ConnectionRef) -> Any:
-        (value,) = await self._server._execute(ops.GetMetadata("connection", (_cid(connection),)))
-        return value
+    def cancel(self) -> None:
+        pass
 
-    async def get_all_metadata(self) -> list[dict[str, Any]]:
-        """``[{"id", "metadata"}]`` for every connection on every instance."""
-        return _rows(await self._server._execute(ops.GetAllMetadata("connection")))
-
-    async def get_all_metadata_for_room(self, room: str) -> list[dict[str, Any]]:
-        return _rows(await self._server._execute(ops.GetRoomMembersMetadata(room)))
-
-    def get_local_connection(self, connection_id: str) -> Connection | None:
-        return self._server._local.get(connection_id)
-
-    def local_connections(self) -> list[Connection]:
-        return list(self._server._local.values())
-
-
-class RoomsAPI:
-    """Room metadata and membership."""
-
-    def __init__(self, server: ServerCore) -> None:
-        self._server = server
-
-    async def set_metadata(self, room: str, value: Any, *, strategy: str = "replace") -> Any:
-        """Store room metadata (``None`` stores JSON null; it does not delete)."""
-        return await self._server._execute(
-            ops.UpdateMetadata("room", room, updater(strategy, value), strategy, value)
-        )
-
-    async def update_metadata(self, room: str, update: Callable[[Any], Any]) -> Any:
-        """Atomic read-modify-write of the room's metadata; see
-        :meth:`ConnectionsAPI.update_metadata`."""
-        return await self._server._execute(ops.UpdateMetadata("room", room, update))
-
-    async def get_metadata(self, room: str) -> Any:
-        (value,) = await self._server._execute(ops.GetMetadata("room", (room,)))
-        return value
-
-    async def get_all_metadata(self) -> list[dict[str, Any]]:
-        return _rows(await self._server._execute(ops.GetAllMetadata("room")))
-
-    async def delete_metadata(self, room: str) -> bool:
-        """Drop the room's metadata only; members stay."""
-        return bool(await self._server._execute(ops.DeleteRoomMetadata(room)))
-
-    async def add_to_room(self, room: str, connection: ConnectionRef) -> bool:
-        return bool(await self._server._execute(ops.AddToRoom(room, _cid(connection))))
-
-    async def remove_from_room(self, room: str, connection: ConnectionRef) -> bool:
-        return bool(await self._server._execute(ops.RemoveFromRoom(room, _cid(connection))))
-
-    async def is_in_room(self, room: str, connection: ConnectionRef) -> bool:
-        return bool(await self._server._execute(ops.IsInRoom(room, _cid(connection))))
-
-    async def get_room_members(self, room: str) -> list[str]:
-        return list(await self._server._execute(ops.GetRoomMembers(room)))
-
-    async def get_connection_rooms(self, connection: ConnectionRef) -> list[str]:
-        return list(await self._server._execute(ops.GetConnectionRooms(_cid(connection))))
-
-    async def get_all_rooms(self) -> list[str]:
-        """Rooms with at least one member."""
-        return list(await self._server._execute(ops.GetAllRooms()))
-
-    async def clear_room(self, room: str) -> list[str]:
-        """Remove every member; the room's metadata stays."""
-        return list(await self._server._execute(ops.ClearRoom(room)))
-
-    async def delete_room(self, room: str) -> list[str]:
-        """Remove every member and the room's metadata."""
-        return list(await self._server._execute(ops.DeleteRoom(room)))
+    def __len__(self) -> int:
+        return 0
 
 
 class ServerCore:
     """Runtime-neutral server: subclassed by ``mesh_asyncio.MeshServer`` and
-    ``mesh_trio.MeshServer``, which add sockets, a clock and task spawning."""
-
-    #: the adapter's runtime services (timers of presence, wall-clock stamps)
-    runtime: Runtime
+    ``mesh_trio.MeshServer``, which add the sockets and pass their runtime."""
 
     def __init__(
         self,
         app: MeshApp,
         *,
+        runtime: Runtime,
         storage: Storage | None = None,
         options: ServerOptions | None = None,
         instance_id: str | None = None,
@@ -234,17 +152,22 @@ class ServerCore:
             base = ServerOptions(**{**fields, **option_overrides})
         self.app = app
         self.options = base
+        self.runtime = runtime
         self.storage: Storage = storage if storage is not None else MemoryStore()
+        self._store_inline = self.storage.answers_inline  # read once: per request below
         self.instance_id = instance_id or f"inst-{secrets.token_hex(8)}"
         self._local: dict[str, Connection] = {}
         self._inflight = 0  # requests being handled, for graceful shutdown
         self._metrics = Metrics()
+        # where the core's tasks start: the group of serving() while it runs
+        self._group: TaskGroup = _NoTasks(served=False)
+        # -- the server-side API (a new capability adds its object here) --
         self.connections = ConnectionsAPI(self)
         self.rooms = RoomsAPI(self)
+        #: the store's named channels, one store subscription per channel
+        self.pubsub = PubSub(self.execute, self.instance_id, lambda: self.runtime.event())
         self.presence = PresenceAPI(self)
         self._presence = PresenceHub(self)
-        #: the store's named channels, one store subscription per channel
-        self.pubsub = PubSub(self._execute, self.instance_id, self._new_event)
         # the reference's names, on the server itself
         self.add_to_room = self.rooms.add_to_room
         self.remove_from_room = self.rooms.remove_from_room
@@ -254,22 +177,105 @@ class ServerCore:
         self.clear_room = self.rooms.clear_room
         self.delete_room = self.rooms.delete_room
 
-    # -- what the adapter provides --------------------------------------------
+    # -- the adapter API (see the module docstring) -----------------------------
 
-    def _now(self) -> float:
-        raise NotImplementedError
-
-    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        raise NotImplementedError
-
-    def _new_event(self) -> RuntimeEvent:
-        raise NotImplementedError
-
-    def _new_protocol(self, peer: tuple[str, int] | None, now: float) -> Protocol:
+    def new_protocol(self, peer: tuple[str, int] | None, now: float) -> ServerConnection:
         """The state machine for a socket the adapter just accepted."""
-        proto = Protocol(self.options, peer=peer, now=now, metrics=self._metrics)
-        proto.report_pongs = bool(self.app.presence)  # pongs refresh presence
+        proto = ServerConnection(self.options, peer=peer, now=now, metrics=self._metrics)
+        proto.report_pongs = bool(self.app.presence.tracks)  # pongs refresh presence
         return proto
+
+    def handle_events(self, proto: ServerConnection, events: list[Event]) -> None:
+        """Act on the events ``proto`` produced: start a handshake, answer a
+        request (right here when nothing on its path can wait, else in a
+        task of :meth:`serving`), clean up a connection that is gone."""
+        for event in events:
+            if isinstance(event, RequestReceived):
+                connection = self._local.get(proto.id or "")
+                if connection is None:
+                    proto.request_done()
+                elif self._runs_inline(event.command):
+                    _run_inline(self._handle_request(connection, event))
+                else:
+                    self._group.start_soon(self._handle_request, connection, event)
+            elif isinstance(event, PongReceived):
+                connection = self._local.get(proto.id or "")
+                if connection is not None and self._presence.holds(connection.id):
+                    self._group.start_soon(self._presence.pong, connection.id)
+            elif isinstance(event, ConnectionLost):
+                connection = self._local.get(proto.id or "")
+                if connection is not None:
+                    self._connection_lost(connection)
+            elif isinstance(event, HandshakeReceived):
+                self._group.start_soon(self._handshake, proto, event.request)
+
+    async def start_storage(self) -> None:
+        """Register this instance with the store (before :meth:`serving`)."""
+        await self.storage.start(self.instance_id, self._deliver_from_elsewhere)
+
+    async def stop_storage(self) -> None:
+        """Leave the store (after :meth:`serving`): no more deliveries to this
+        instance, then the driver releases what it holds."""
+        self.pubsub.clear()  # the store drops its subscriptions as it stops
+        self.storage.detach(self.instance_id)
+        await self.storage.stop()
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """``async with server.serving():`` the adapter accepts connections
+        inside the block. It holds the core's tasks (handshakes, requests that
+        wait, cleanups) and the store's background duties; leaving it cancels
+        whatever of them still runs (after :meth:`shutdown`, only the duties)."""
+        runtime = self.runtime
+        async with runtime.open_task_group() as duties:
+            duties.start_soon(self.storage.run)  # heartbeats, sweeps (Redis)
+            try:
+                async with runtime.open_task_group() as group:
+                    self._group = group
+                    try:
+                        yield
+                    finally:
+                        self._group = _NoTasks(served=True)
+                        group.cancel()
+            finally:
+                duties.cancel()
+
+    async def shutdown(self, sockets: ServerSockets) -> None:
+        """The graceful shutdown, inside :meth:`serving`: stop accepting; let
+        requests in flight finish (up to ``shutdown_timeout``); send every
+        client close 1001 and close sockets still in their handshake; wait
+        for the sockets, the connections' cleanup out of the store and the
+        core's tasks (up to ``close_timeout``); abort the sockets left, give
+        the tasks a last second, cancel the rest."""
+        options = self.options
+        now = self.runtime.now
+        group = self._group
+        await sockets.stop_accepting()
+        deadline = now() + options.shutdown_timeout
+        await self._wait_until(lambda: self._inflight == 0, deadline)
+        self.close_all()
+        for proto in list(sockets.protocols()):
+            if proto.state is State.HANDSHAKE:
+                proto.close()  # not upgraded yet: nothing to say goodbye with
+        await self._wait_until(
+            lambda: not sockets.protocols() and not len(group) and not self._local,
+            min(deadline, now() + options.close_timeout) + 0.5,
+        )
+        sockets.abort()
+        await self._wait_until(lambda: not sockets.protocols() and not len(group), now() + 1.0)
+        group.cancel()
+
+    def close_all(
+        self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
+        """Close every connection this server holds (1001 by default)."""
+        for connection in list(self._local.values()):
+            connection.proto.close(code, reason)
+
+    async def _wait_until(self, done: Callable[[], bool], deadline: float) -> None:
+        runtime = self.runtime
+        while not done() and runtime.now() < deadline:
+            await runtime.sleep(_POLL)
 
     # -- observability --------------------------------------------------------
 
@@ -286,7 +292,10 @@ class ServerCore:
 
     # -- storage --------------------------------------------------------------
 
-    async def _execute(self, op: ops.Op) -> Any:
+    async def execute(self, op: ops.Op) -> Any:
+        """Run one storage operation with the app's limits applied (metadata
+        size) and the server's own operations answered here (the client-write
+        policy): what every server-side API object calls."""
         if isinstance(op, CheckClientWrite):
             return await self._check_client_write(op)
         if isinstance(op, PresenceStep):
@@ -308,7 +317,7 @@ class ServerCore:
         try:
             op = next(steps)
             while True:
-                result = await self._execute(op)
+                result = await self.execute(op)
                 if guarded:
                     assert reader is not None
                     result = await self._guard_read(reader, op, result)
@@ -382,109 +391,84 @@ class ServerCore:
             verdict = await verdict
         return bool(verdict)
 
-    async def _start_storage(self) -> None:
-        await self.storage.start(self.instance_id, self._deliver_from_elsewhere)
-
-    async def _stop_storage(self) -> None:
-        self.pubsub.clear()  # the store drops its subscriptions as it stops
-        if isinstance(self.storage, MemoryStore):
-            self.storage.detach(self.instance_id)
-        await self.storage.stop()
-
-    # -- the connection lifecycle (the adapter feeds protocol events here) ----
-
-    def _handle_events(self, proto: Protocol, events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, RequestReceived):
-                connection = self._local.get(proto.id or "")
-                if connection is None:
-                    proto.request_done()
-                elif self._runs_inline(event.command):
-                    _run_inline(self._handle_request(connection, event))
-                else:
-                    self._spawn(self._handle_request, connection, event)
-            elif isinstance(event, PongReceived):
-                connection = self._local.get(proto.id or "")
-                if connection is not None and self._presence.holds(connection.id):
-                    self._spawn(self._presence.pong, connection.id)
-            elif isinstance(event, ConnectionLost):
-                connection = self._local.get(proto.id or "")
-                if connection is not None:
-                    self._connection_lost(connection)
-            elif isinstance(event, HandshakeReceived):
-                self._spawn(self._handshake, proto, event.request)
+    # -- the connection lifecycle ----------------------------------------------
 
     def _runs_inline(self, command: str) -> bool:
         """Whether a request can be answered without a task of its own: a
-        built-in on the in-memory store (or one that touches no store), with
-        no application code (middleware, policy functions) on its path, never
-        waits, so it runs right here. That is most traffic, and a task per
-        request is most of its cost."""
+        built-in on a store that never suspends (or one that touches no
+        store), with no application code (middleware, policy functions) on
+        its path, never waits, so it runs right here. That is most traffic,
+        and a task per request is most of its cost."""
+        if command not in BUILTINS:
+            return False
+        builtin = BUILTINS[command]
         app = self.app
         return (
-            command in BUILTINS
+            (self._store_inline or builtin.storeless)
             and command not in app.commands
-            and (type(self.storage) is MemoryStore or command in _STORELESS)
             and not app.global_middleware
             and command not in app.command_middleware
-            and not (callable(app.client_metadata_writes) and command in _WRITES_POLICED)
-            and not (callable(app.client_metadata_reads) and command in _READS_POLICED)
-            and not (app.presence.guarded and command in PRESENCE_GUARDED)
+            and not (builtin.writes_policed and callable(app.client_metadata_writes))
+            and not (builtin.reads_policed and callable(app.client_metadata_reads))
+            and not (builtin.app_code is not None and builtin.app_code(app))
         )
 
     def _full(self) -> bool:
         limit = self.options.max_connections
         return bool(limit) and len(self._local) >= limit
 
-    async def _handshake(self, proto: Protocol, request: UpgradeRequest) -> None:
-        if not self.options.origin_allowed(request.header("origin")):
-            log.debug("refused an upgrade from origin %r", request.header("origin"))
-            proto.reject(403, "Forbidden: origin not allowed")
+    async def _handshake(self, proto: ServerConnection, request: UpgradeRequest) -> None:
+        verdict = await self._admit(request)
+        if proto.state is not State.HANDSHAKE:  # the peer left during authentication
             return
-        if self._full():
-            proto.reject(503, "Service Unavailable: too many connections")
+        if isinstance(verdict, _Refusal):
+            proto.reject(verdict.status, verdict.reason)
             return
-        metadata: Any = None
-        authenticate = self.app.authenticator
-        if authenticate is not None:
-            try:
-                metadata = await authenticate(request)
-            except Reject as exc:
-                proto.reject(exc.status, str(exc))
-                return
-            except Exception:
-                log.exception("authenticate_connection failed; refusing the upgrade")
-                proto.reject(500, "Internal Server Error")
-                return
-            if not metadata:
-                proto.reject(401, "Unauthorized")
-                return
-            limit = self.options.max_metadata_size
-            if limit:
-                try:
-                    _check_size("connection", "(new)", metadata, limit)
-                except MeshError as exc:  # the app's doing: not stored, not admitted
-                    log.error("authenticate_connection returned metadata too large: %s", exc)
-                    proto.reject(500, "Internal Server Error")
-                    return
-                except Exception:
-                    log.exception("authenticate_connection returned metadata that is not JSON")
-                    proto.reject(500, "Internal Server Error")
-                    return
-            if self._full():  # others got in while this one authenticated
-                proto.reject(503, "Service Unavailable: too many connections")
-                return
         proto.accept(f"conn-{secrets.token_hex(12)}")
-        if proto.id is None:  # the peer left during authentication
+        if proto.id is None:
             return
         self._metrics.connections_total += 1
         connection = Connection(self, proto, request)
         self._local[connection.id] = connection
-        await self._open(connection, metadata)
+        await self._open(connection, verdict.metadata)
+
+    async def _admit(self, request: UpgradeRequest) -> _Admitted | _Refusal:
+        """Whether to accept an upgrade: the origin, the connection limit,
+        the app's authenticator and what it returned."""
+        if not self.options.origin_allowed(request.header("origin")):
+            log.debug("refused an upgrade from origin %r", request.header("origin"))
+            return _Refusal(403, "Forbidden: origin not allowed")
+        if self._full():
+            return _Refusal(503, "Service Unavailable: too many connections")
+        authenticate = self.app.authenticator
+        if authenticate is None:
+            return _Admitted(None)
+        try:
+            metadata = await authenticate(request)
+        except Reject as exc:
+            return _Refusal(exc.status, str(exc))
+        except Exception:
+            log.exception("authenticate_connection failed; refusing the upgrade")
+            return _Refusal(500, "Internal Server Error")
+        if not metadata:
+            return _Refusal(401, "Unauthorized")
+        limit = self.options.max_metadata_size
+        if limit:
+            try:
+                _check_size("connection", "(new)", metadata, limit)
+            except MeshError as exc:  # the app's doing: not stored, not admitted
+                log.error("authenticate_connection returned metadata too large: %s", exc)
+                return _Refusal(500, "Internal Server Error")
+            except Exception:
+                log.exception("authenticate_connection returned metadata that is not JSON")
+                return _Refusal(500, "Internal Server Error")
+        if self._full():  # others got in while this one authenticated
+            return _Refusal(503, "Service Unavailable: too many connections")
+        return _Admitted(metadata)
 
     async def _open(self, connection: Connection, metadata: Any) -> None:
         try:
-            await self._execute(ops.RegisterConnection(connection.id, self.instance_id, metadata))
+            await self.execute(ops.RegisterConnection(connection.id, self.instance_id, metadata))
             for hook in self.app.connection_hooks:
                 await hook(connection)
         except Exception:
@@ -495,13 +479,13 @@ class ServerCore:
             await self._cleanup(connection)
         else:
             connection._phase = "open"
-            connection.proto.opened(self._now())
+            connection.proto.opened(self.runtime.now())
 
     def _connection_lost(self, connection: Connection) -> None:
         connection._lost = True
         if connection._phase == "open":
             connection._phase = "done"
-            self._spawn(self._cleanup, connection)
+            self._group.start_soon(self._cleanup, connection)
         # while opening, _open cleans up when it finishes
 
     async def _cleanup(self, connection: Connection) -> None:
@@ -515,7 +499,7 @@ class ServerCore:
                 except Exception:
                     log.exception("on_disconnection hook failed for %s", connection.id)
             await self._presence.connection_gone(connection.id)
-            await self._execute(ops.UnregisterConnection(connection.id, self.instance_id))
+            await self.execute(ops.UnregisterConnection(connection.id, self.instance_id))
         except Exception:
             log.exception("cleaning up connection %s failed", connection.id)
         finally:
@@ -578,7 +562,7 @@ class ServerCore:
         for middleware in self.app.command_middleware.get(name, ()):
             await middleware(ctx)
         if builtin is not None:
-            return await self._drive(builtin(ctx.connection.id, ctx.payload), ctx.connection)
+            return await self._drive(builtin.steps(ctx.connection.id, ctx.payload), ctx.connection)
         assert handler is not None
         return await handler(ctx)
 
@@ -607,7 +591,7 @@ class ServerCore:
     async def _deliver(self, connection_ids: Iterable[str], command: str, payload: Any) -> None:
         remote = self._send_local(connection_ids, encode_push(command, payload))
         if remote:
-            await self._execute(ops.Publish(tuple(remote), command, payload))
+            await self.execute(ops.Publish(tuple(remote), command, payload))
 
     async def broadcast(self, command: str, payload: Any = None) -> None:
         """Push to every connection on every instance."""
@@ -616,8 +600,8 @@ class ServerCore:
     async def broadcast_exclude(
         self, command: str, payload: Any, exclude: ConnectionRef | Iterable[ConnectionRef]
     ) -> None:
-        skip = _id_set(exclude)
-        everyone = await self._execute(ops.GetAllConnectionIds())
+        skip = id_set(exclude)
+        everyone = await self.execute(ops.GetAllConnectionIds())
         await self._deliver((cid for cid, _ in everyone if cid not in skip), command, payload)
 
     async def broadcast_room(self, room: str, command: str, payload: Any = None) -> None:
@@ -631,17 +615,13 @@ class ServerCore:
         payload: Any,
         exclude: ConnectionRef | Iterable[ConnectionRef],
     ) -> None:
-        skip = _id_set(exclude)
-        members = await self._execute(ops.GetRoomMembers(room))
+        skip = id_set(exclude)
+        members = await self.execute(ops.GetRoomMembers(room))
         await self._deliver((cid for cid in members if cid not in skip), command, payload)
 
-    # -- shutdown -------------------------------------------------------------
 
-    def _close_all(
-        self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down"
-    ) -> None:
-        for connection in list(self._local.values()):
-            connection.proto.close(code, reason)
+#: the operations that change who is in a room
+_MEMBERSHIP = (ops.AddToRoom, ops.RemoveFromRoom, ops.ClearRoom, ops.DeleteRoom)
 
 
 def _check_size(scope: str, key: str, value: Any, limit: int) -> None:
@@ -652,21 +632,6 @@ def _check_size(scope: str, key: str, value: Any, limit: int) -> None:
             code="ETOOLARGE",
             name="MetadataTooLarge",
         )
-
-
-def _id_set(exclude: ConnectionRef | Iterable[ConnectionRef]) -> set[str]:
-    if isinstance(exclude, (Connection, str)):
-        return {_cid(exclude)}
-    return {_cid(item) for item in exclude}
-
-
-_MEMBERSHIP = (ops.AddToRoom, ops.RemoveFromRoom, ops.ClearRoom, ops.DeleteRoom)
-
-#: built-ins that yield no storage operation: inline on any store
-_STORELESS = frozenset({"mesh/noop"})
-#: built-ins on whose path a policy function of the application runs
-_WRITES_POLICED = frozenset({"mesh/set-my-connection-metadata"})
-_READS_POLICED = frozenset({"mesh/get-connection-metadata", "mesh/join-room"})
 
 
 def _run_inline(coro: Coroutine[Any, Any, Any]) -> None:

@@ -53,7 +53,7 @@ class Timers:
         heapq.heappush(self._heap, (deadline, seq, key))
         if not self._running:
             self._running = True
-            self._server._spawn(self._run)
+            self._server._group.start_soon(self._run)
         elif deadline < self._until and self._wake is not None:
             self._wake.set()
 
@@ -75,7 +75,7 @@ class Timers:
                 if deadline <= now:
                     _, _, key = heapq.heappop(heap)
                     _, fire = self._live.pop(key)
-                    self._server._spawn(fire)
+                    self._server._group.start_soon(fire)
                     continue
                 self._wake = runtime.event()
                 self._until = deadline

@@ -221,6 +221,11 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
     ``heartbeat_interval`` and :meth:`sweep` every ``sweep_interval``.
     """
 
+    answers_inline = False  # every operation is a round trip (Storage protocol)
+
+    def detach(self, instance_id: str) -> None:
+        """Nothing to do: :meth:`stop` unsubscribes (Storage protocol)."""
+
     def __init__(
         self,
         transport: RedisTransport,

@@ -1,7 +1,14 @@
-"""Storage, as data: the operations the core emits (``ops``), the merge
-strategies (pure functions), the ``Storage`` protocol every driver implements,
-and the in-memory driver. A storage author implements ``Storage`` and runs
-``tests/storage_conformance.py`` against it.
+"""Storage, as data: the operations the core emits (``_ops``), the merge
+strategies (pure functions), the ``Storage`` protocol every driver implements
+(``_base``: ``execute``, ``start``/``run``/``detach``/``stop`` and the
+``answers_inline`` capability), and the in-memory driver (``_memory``). A
+storage author implements ``Storage`` and runs
+``tests/helpers/storage_conformance.py`` against it.
+
+A new capability (presence, channels, records) adds its operations as
+frozen dataclasses in ``_ops`` (with their handler names in its table), and
+one handler per operation in each driver; the server and its built-ins only
+ever yield or execute operations.
 """
 
 from ._base import DeliverCallback, Storage

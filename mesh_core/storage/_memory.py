@@ -25,6 +25,10 @@ log = logging.getLogger("mesh_core.storage")
 
 
 class MemoryStore(MemoryPresence):
+    #: every operation completes inside ``execute``: the server answers
+    #: built-ins on this store without a task (see :class:`Storage`)
+    answers_inline = True
+
     def __init__(self) -> None:
         self._owner: dict[str, str] = {}  # connection id -> instance id
         # metadata is kept as JSON text, as Redis keeps it: a value that could
@@ -44,8 +48,8 @@ class MemoryStore(MemoryPresence):
     async def start(self, instance_id: str, deliver: DeliverCallback) -> None:
         self._instances[instance_id] = deliver
 
-    async def stop(self) -> None:
-        """Nothing to release: instances unregister through :meth:`detach`."""
+    async def run(self) -> None:
+        """No background duties: nothing expires, nothing to sweep."""
 
     def detach(self, instance_id: str) -> None:
         """Forget an instance that stopped: its delivery callback and every
@@ -53,6 +57,9 @@ class MemoryStore(MemoryPresence):
         self._instances.pop(instance_id, None)
         for channel in list(self._subscriptions):
             self._unsubscribe(ops.Unsubscribe(channel, instance_id))
+
+    async def stop(self) -> None:
+        """Nothing to release: instances unregister through :meth:`detach`."""
 
     async def execute(self, op: ops.Op) -> Any:
         return self.apply(op)

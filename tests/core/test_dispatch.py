@@ -8,8 +8,7 @@ output is parsed by a wsproto client.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from wsproto import ConnectionType, WSConnection
@@ -33,24 +32,37 @@ from mesh_core.protocol import (
     ServerConnection,
     State,
 )
+from mesh_core.runtime import CollectingTaskGroup, Runtime
 from mesh_core.storage import _ops as ops
 
 pytestmark = pytest.mark.anyio
 
 
-class FakeServer(ServerCore):
-    def __init__(self, app: MeshApp, **kwargs: Any) -> None:
-        super().__init__(app, ping_interval=0, latency_interval=0, **kwargs)
-        self.clock = 1000.0
-        self.spawned: list[Coroutine[Any, Any, Any]] = []
+class FakeRuntime:
+    """The one runtime service the core uses outside serving(): a clock,
+    here one the test sets."""
 
-    def _now(self) -> float:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.clock = 1000.0
+
+    def now(self) -> float:
         return self.clock
 
-    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        coro = fn(*args)
-        assert isinstance(coro, Coroutine)
-        self.spawned.append(coro)
+
+class FakeServer(ServerCore):
+    def __init__(self, app: MeshApp, **kwargs: Any) -> None:
+        self.fake_runtime = FakeRuntime()
+        super().__init__(
+            app,
+            ping_interval=0,
+            latency_interval=0,
+            runtime=cast(Runtime, self.fake_runtime),
+            **kwargs,
+        )
+        self._group = group = CollectingTaskGroup()
+        self.spawned = group.started
 
     async def run_spawned(self) -> None:
         while self.spawned:
@@ -89,15 +101,15 @@ class Client:
 async def connect(server: FakeServer, cid: str = "conn-1", metadata: Any = None) -> Client:
     proto = ServerConnection(server.options)
     client_ws = WSConnection(ConnectionType.CLIENT)
-    proto.receive_data(client_ws.send(Request(host="localhost", target="/")), server._now())
+    proto.receive_data(client_ws.send(Request(host="localhost", target="/")), server.runtime.now())
     (event,) = proto.events()
     assert isinstance(event, HandshakeReceived)
     proto.accept(cid)
     conn = Connection(server, proto, event.request)
     server._local[cid] = conn
-    await server._execute(ops.RegisterConnection(cid, server.instance_id, metadata))
+    await server.execute(ops.RegisterConnection(cid, server.instance_id, metadata))
     conn._phase = "open"
-    proto.opened(server._now())
+    proto.opened(server.runtime.now())
     assert proto.state is State.OPEN
     client = Client(server, proto, conn)
     client.ws = client_ws
@@ -431,7 +443,7 @@ async def test_handle_events_spawns_request_handling() -> None:
 
     server = make(app)
     client = await connect(server)
-    server._handle_events(client.proto, [RequestReceived(1, "double", 21)])
+    server.handle_events(client.proto, [RequestReceived(1, "double", 21)])
     assert len(server.spawned) == 1
     assert client.frames() == []
     await server.run_spawned()
@@ -447,7 +459,7 @@ async def test_requests_answered_in_completion_order() -> None:
 
     server = make(app)
     client = await connect(server)
-    server._handle_events(
+    server.handle_events(
         client.proto,
         [RequestReceived(i, "echo", i) for i in (3, 1, 2)],
     )
@@ -721,8 +733,8 @@ async def test_broadcast_reaches_another_instance_on_the_same_store() -> None:
     store = MemoryStore()
     one = FakeServer(MeshApp(), storage=store, instance_id="one")
     two = FakeServer(MeshApp(), storage=store, instance_id="two")
-    await one._start_storage()
-    await two._start_storage()
+    await one.start_storage()
+    await two.start_storage()
     a = await connect(one, "a")
     b = await connect(two, "b")
     await one.add_to_room("r", "a")
@@ -730,8 +742,8 @@ async def test_broadcast_reaches_another_instance_on_the_same_store() -> None:
     await one.broadcast_room("r", "hello", [1])
     assert a.frames() == [{"command": "hello", "payload": [1]}]
     assert b.frames() == [{"command": "hello", "payload": [1]}]
-    await one._stop_storage()
-    await two._stop_storage()
+    await one.stop_storage()
+    await two.stop_storage()
 
 
 # -- the connection lifecycle ---------------------------------------------------
@@ -742,8 +754,8 @@ def upgrade(server: FakeServer, target: str = "/") -> tuple[ServerConnection, WS
     server's handshake task is spawned (not yet run)."""
     proto = ServerConnection(server.options)
     ws = WSConnection(ConnectionType.CLIENT)
-    proto.receive_data(ws.send(Request(host="localhost", target=target)), server._now())
-    server._handle_events(proto, proto.events())
+    proto.receive_data(ws.send(Request(host="localhost", target=target)), server.runtime.now())
+    server.handle_events(proto, proto.events())
     assert len(server.spawned) == 1
     return proto, ws
 
@@ -822,8 +834,8 @@ async def test_connection_lost_runs_disconnection_hooks_then_cleans_up() -> None
     server = make(app)
     client = await connect(server, "c1", {"n": 1})
     await server.add_to_room("r", "c1")
-    client.proto.receive_data(None, server._now())
-    server._handle_events(client.proto, client.proto.events())
+    client.proto.receive_data(None, server.runtime.now())
+    server.handle_events(client.proto, client.proto.events())
     assert client.conn.is_open is False
     assert len(server.spawned) == 1
     await server.run_spawned()
@@ -832,7 +844,7 @@ async def test_connection_lost_runs_disconnection_hooks_then_cleans_up() -> None
     assert await server.connections.get_all_metadata() == []
     assert await server.get_all_rooms() == []
     # a second loss report changes nothing
-    server._handle_events(client.proto, [ConnectionLost(1006, "again")])
+    server.handle_events(client.proto, [ConnectionLost(1006, "again")])
     assert server.spawned == []
 
 
@@ -842,8 +854,8 @@ async def test_connection_lost_runs_disconnection_hooks_then_cleans_up() -> None
 async def test_builtins_on_the_memory_store_are_answered_without_a_task() -> None:
     server = make()
     client = await connect(server)
-    server._handle_events(client.proto, [RequestReceived(7, "mesh/noop", {})])
-    server._handle_events(client.proto, [RequestReceived(8, "mesh/join-room", {"roomName": "r"})])
+    server.handle_events(client.proto, [RequestReceived(7, "mesh/noop", {})])
+    server.handle_events(client.proto, [RequestReceived(8, "mesh/join-room", {"roomName": "r"})])
     assert server.spawned == []
     frames = client.frames()
     assert [(f["id"], f["payload"]) for f in frames] == [
@@ -868,12 +880,12 @@ async def test_application_code_on_the_path_means_a_task() -> None:
     app.client_metadata_writes = guard
     server = make(app)
     client = await connect(server)
-    server._handle_events(client.proto, [RequestReceived(1, "mesh/noop", {})])
-    server._handle_events(
+    server.handle_events(client.proto, [RequestReceived(1, "mesh/noop", {})])
+    server.handle_events(
         client.proto,
         [RequestReceived(2, "mesh/set-my-connection-metadata", {"metadata": {"a": 1}})],
     )
-    server._handle_events(client.proto, [RequestReceived(3, "mesh/get-room-metadata", {})])
+    server.handle_events(client.proto, [RequestReceived(3, "mesh/get-room-metadata", {})])
     assert len(server.spawned) == 2  # noop (middleware) and the guarded write
     frames = client.frames()
     assert [f["id"] for f in frames] == [3]  # no application code: inline
@@ -885,12 +897,14 @@ async def test_application_code_on_the_path_means_a_task() -> None:
 class _OtherStore(MemoryStore):
     """Any store but the in-memory one: its operations may wait."""
 
+    answers_inline = False
+
 
 async def test_on_other_stores_only_builtins_without_storage_are_inline() -> None:
     server = FakeServer(MeshApp(), storage=_OtherStore(), instance_id="inst-test")
     client = await connect(server)
-    server._handle_events(client.proto, [RequestReceived(1, "mesh/noop", {})])
-    server._handle_events(client.proto, [RequestReceived(2, "mesh/get-room-metadata", {})])
+    server.handle_events(client.proto, [RequestReceived(1, "mesh/noop", {})])
+    server.handle_events(client.proto, [RequestReceived(2, "mesh/get-room-metadata", {})])
     assert [(f["id"], f["payload"]) for f in client.frames()] == [(1, True)]
     assert len(server.spawned) == 1  # the read waits on the store: a task
     await server.run_spawned()
@@ -898,9 +912,8 @@ async def test_on_other_stores_only_builtins_without_storage_are_inline() -> Non
 
 
 def test_storeless_builtins_yield_no_operation() -> None:
-    from mesh_core.app._builtins import BUILTINS
-    from mesh_core.app._server import _STORELESS
+    from mesh_core.app import BUILTINS
 
-    for name in _STORELESS:
+    for name in [name for name, builtin in BUILTINS.items() if builtin.storeless]:
         with pytest.raises(StopIteration):
             next(BUILTINS[name]("conn-1", {}))

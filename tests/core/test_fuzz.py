@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Coroutine, Generator
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, cast
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +22,7 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Requ
 from mesh_core import Context, MeshApp, ServerCore
 from mesh_core.app import BUILTINS
 from mesh_core.protocol import State
+from mesh_core.runtime import CollectingTaskGroup, Runtime
 
 MAX_DEPTH = 6
 BUDGET = 4
@@ -37,18 +38,22 @@ class _Yield:
         yield
 
 
+class _ZeroClock:
+    """The one runtime service the core uses outside serving(): a clock."""
+
+    name = "fake"
+
+    def now(self) -> float:
+        return 0.0
+
+
 class SteppedServer(ServerCore):
     """A ServerCore whose tasks are stepped by the test."""
 
     def __init__(self, app: MeshApp, **options: Any) -> None:
-        super().__init__(app, **options)
-        self.tasks: list[Coroutine[Any, Any, Any]] = []
-
-    def _now(self) -> float:
-        return 0.0
-
-    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        self.tasks.append(fn(*args))
+        super().__init__(app, runtime=cast(Runtime, _ZeroClock()), **options)
+        self._group = group = CollectingTaskGroup()
+        self.tasks = group.started
 
     def discard(self) -> None:
         """Close tasks left when hypothesis abandons an example midway."""
@@ -102,7 +107,7 @@ class Harness:
             max_message_size=16 * 1024,
         )
         self.pick = pick
-        self.proto = self.server._new_protocol(("10.0.0.1", 5), 0.0)
+        self.proto = self.server.new_protocol(("10.0.0.1", 5), 0.0)
         self.client = WSConnection(ConnectionType.CLIENT)
         self.responses: list[dict[str, Any]] = []
         self.close_code: int | None = None
@@ -119,7 +124,7 @@ class Harness:
     def drain(self) -> None:
         events = self.proto.events()
         if events:
-            self.server._handle_events(self.proto, events)
+            self.server.handle_events(self.proto, events)
         data = self.proto.data_to_send()
         if data:
             self.client.receive_data(data)

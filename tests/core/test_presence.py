@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -19,6 +19,7 @@ from mesh_core.app._presence import (
     SubscribeUpdates,
     _falsy,
 )
+from mesh_core.runtime import Runtime
 from mesh_core.storage import _ops as ops
 from tests.core.test_builtins import drive
 from tests.core.test_dispatch import Client, FakeServer, connect
@@ -172,21 +173,21 @@ class SimRuntime:
 
     name = "sim"
 
-    def __init__(self, server: SimServer) -> None:
-        self.server = server
+    def __init__(self) -> None:
+        self.clock = 1000.0
 
     def now(self) -> float:
-        return self.server.clock
+        return self.clock
 
     def wall_ms(self) -> int:
-        return int(self.server.clock * 1000)
+        return int(self.clock * 1000)
 
     def event(self) -> _Event:
         return _Event()
 
     @asynccontextmanager
     async def timeout(self, seconds: float) -> AsyncIterator[None]:
-        self.server.clock += seconds
+        self.clock += seconds
         raise TimeoutError
         yield  # pragma: no cover
 
@@ -194,10 +195,16 @@ class SimRuntime:
 class SimServer(FakeServer):
     def __init__(self, app: MeshApp, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
-        self.runtime = SimRuntime(self)  # type: ignore[assignment]
+        self.sim = SimRuntime()
+        self.runtime = cast(Runtime, self.sim)
 
-    def _new_event(self) -> _Event:
-        return _Event()
+    @property
+    def clock(self) -> float:
+        return self.sim.clock
+
+    @clock.setter
+    def clock(self, value: float) -> None:
+        self.sim.clock = value
 
 
 def updates(client: Client) -> list[dict[str, Any]]:
@@ -209,7 +216,7 @@ async def two_servers(app: MeshApp) -> tuple[SimServer, SimServer]:
     a = SimServer(app, storage=store, instance_id="inst-a")
     b = SimServer(app, storage=store, instance_id="inst-b")
     for server in (a, b):
-        await server._start_storage()
+        await server.start_storage()
     return a, b
 
 
@@ -317,7 +324,7 @@ async def test_the_guard_sees_the_connection_and_failing_guards_refuse() -> None
     app.track_presence("room", guard=guard)
     app.track_presence("boom", guard=guard)
     server = SimServer(app, storage=MemoryStore(), instance_id="inst")
-    await server._start_storage()
+    await server.start_storage()
     ok, no = await connect(server, "ok"), await connect(server, "no")
     assert (await ok.request("mesh/subscribe-presence", {"roomName": "room"}))["success"]
     assert not (await no.request("mesh/subscribe-presence", {"roomName": "room"}))["success"]
