@@ -17,6 +17,13 @@ times it took, and then, by mode:
     joins every connection to a room with ``bench/join-room``, then for each
     ``round`` line on stdin waits until every connection has one more push,
     and prints when the first and the last of them arrived.
+``listen``
+    sends every connection the ``subscribe`` requests (e.g. a channel
+    subscription and a room join), then reads pushes until stdin says
+    ``close``: a push carrying ``<phase>@@<monotonic send time>@@`` counts
+    for that phase, with the delivery latency of the oldest mark of the
+    read that brought it; each ``report`` line prints the counts and a
+    latency histogram (0.1 ms buckets) since the last one.
 
 Responses are counted by reading frame headers; the only bytes of a body
 that are looked at are the digits of ``{"id":N`` (responses are encoded
@@ -334,6 +341,71 @@ class Worker:
         return first, last, len(self.order) - len(missing)
 
 
+def listen(worker: Worker, requests: list[list[Any]]) -> None:
+    """The ``listen`` mode; see the module docstring."""
+    for c in worker.order:
+        for i, (command, payload) in enumerate(requests, start=1):
+            c.sock.sendall(request_bytes(command, payload, i))
+    waiting = {c.sock.fileno(): len(requests) for c in worker.order}
+    while waiting:
+        for fd, _ in worker.ep.poll(10.0):
+            c = worker.conns[fd]
+            c.buf += c.sock.recv(65536)
+            left = waiting.get(fd, 0) - worker._count_frames(c)
+            if left <= 0:
+                waiting.pop(fd, None)
+            else:
+                waiting[fd] = left
+    _emit({"joined": True})
+    stdin = sys.stdin.fileno()
+    worker.ep.register(stdin, select.EPOLLIN)
+    counts: dict[str, int] = {}
+    hist: dict[str, dict[int, int]] = {}
+    pending = b""
+    while True:
+        for fd, _ in worker.ep.poll(1.0):
+            if fd == stdin:
+                pending += os.read(stdin, 4096)
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    if line.strip() != b"report":
+                        return
+                    _emit({"counts": counts, "hist": hist})
+                    counts, hist = {}, {}
+                continue
+            c = worker.conns[fd]
+            data = c.sock.recv(262144)
+            if not data:
+                raise ConnectionError("the server closed a subscriber")
+            now = time.monotonic()
+            # The marks are counted, not parsed, by C-speed scans of the whole
+            # chunk; the latency of its *oldest* mark stands for all of them
+            # (an upper bound for the others), so a subscriber costs a few
+            # Python operations per read, not per message.
+            buf = c.buf + data
+            cut = buf.rfind(b"@@")
+            if cut < 1:
+                c.buf = buf
+                continue
+            if buf[cut - 1] in b"CR":  # an opening: that mark is not complete yet
+                cut -= 1
+            else:
+                cut += 2
+            head, c.buf = buf[:cut], buf[cut:]
+            opening = head.find(b"@@")
+            if opening < 1:
+                continue
+            closing = head.find(b"@@", opening + 2)
+            latency = now - float(head[opening + 2 : closing])
+            bucket = int(latency * 10_000)  # 0.1 ms
+            for phase in ("C", "R"):
+                n = head.count(phase.encode() + b"@@")
+                if n:
+                    counts[phase] = counts.get(phase, 0) + n
+                    per = hist.setdefault(phase, {})
+                    per[bucket] = per.get(bucket, 0) + n
+
+
 def _emit(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -352,6 +424,8 @@ def main() -> None:
             _emit(worker.run_load(times["go"], times["start"], times["end"]))
         elif mode == "idle":
             sys.stdin.readline()
+        elif mode == "listen":
+            listen(worker, cfg["subscribe"])
         elif mode == "room":
             worker.join_room(cfg.get("room", "bench"))
             _emit({"joined": True})

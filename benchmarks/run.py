@@ -5,9 +5,11 @@ the msgspec and wsproto floors), ``e2e`` (servers over loopback, with the
 bare wsproto + msgspec floors), ``scale`` (idle memory, accepting, room
 broadcast), ``profile`` (py-spy on the noop path). Prints tables, writes
 ``benchmarks/results/results.json`` and ``results.md``, and ``chart.png``
-when matplotlib is installed. Every comparison is measured in the same run;
-figures are medians of several rounds, and e2e rounds alternate between
-servers so that drift on a shared machine hits all of them alike.
+when matplotlib is installed, and refreshes the committed summary
+``benchmarks/RESULTS.md`` (not on a ``--quick`` run). Every comparison is
+measured in the same run; figures are medians of several rounds, and e2e
+rounds alternate between servers so that drift on a shared machine hits all
+of them alike.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import core, prof, scale
-from ._util import RESULTS, median, private_redis, raise_fd_limit
+from ._util import RESULTS, ROOT, median, private_redis, raise_fd_limit
 from .driver import WORKER_LOG, run_load, wait_idle
 from .servers import FLOOR_OF, KINDS, ServerFailed, ServerSpec, Unavailable, running
 
@@ -39,7 +42,12 @@ LOADS: dict[str, tuple[str, int, int]] = {
 BARE_LOADS = ("noop 50x4", "noop 1000x1")  # the bare servers answer `true` to anything
 MESH_KINDS = ("mesh-asyncio", "mesh-uvloop", "mesh-trio")
 
-# the issue's reference figures (measured outside this run; see README)
+#: the committed summary of the latest full run, which the README links to
+REPORT = ROOT / "benchmarks" / "RESULTS.md"
+#: where the hand-written part of the summary starts: a refresh keeps it
+KEPT_HEADING = "## How the figures are measured"
+
+# the issue's reference figures (measured outside this run; see benchmarks/RESULTS.md)
 SOCKETIO_CPU_US = 91.0  # python-socketio's best plain setup, server CPU per call
 SOCKETIO_KIB_PER_CONN = 78.0  # its smallest idle connection
 REFERENCE_META_REDIS_CPU_US = 20.0  # the TypeScript server, meta on Redis
@@ -83,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=None, help="seconds of load before measuring")
     p.add_argument("--procs", type=int, default=2, help="load generator processes")
     p.add_argument("--out", type=Path, default=RESULTS, help="where to write results")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="the Markdown summary to refresh (default benchmarks/RESULTS.md; "
+        "a --quick run writes none unless this is given)",
+    )
     return p
 
 
@@ -467,6 +482,39 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# -- the committed summary -------------------------------------------------------
+
+
+def write_report(
+    path: Path, body: Sequence[str], results: dict[str, Any], argv: Sequence[str]
+) -> None:
+    """Refresh ``RESULTS.md``: this run's tables under its date and command,
+    then the hand-written part of the old file (from :data:`KEPT_HEADING` on),
+    so that a run replaces the figures without losing how they are taken."""
+    old = path.read_text() if path.exists() else ""
+    at = old.find(KEPT_HEADING)
+    kept = old[at:] if at >= 0 else ""
+    machine = results["machine"]
+    command = shlex.join(["benchmarks/run", *argv])
+    head = [
+        "# Benchmark results",
+        "",
+        "Written by `benchmarks/run` at the end of its latest run that was not `--quick`.",
+        "The raw figures (`results.json`, profiles, server logs) are in `benchmarks/results/`,",
+        "which is not committed. Compare rows of one run with each other, not with another",
+        "run's or another machine's.",
+        "",
+        "## Latest run",
+        "",
+        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{results['elapsed_s']:.0f} s",
+        f"- command: `{command}`",
+        f"- machine: {machine['cpus']} CPUs, Python {machine['python']}, "
+        f"{machine['platform']} ({machine['note']})",
+    ]
+    path.write_text("\n".join([*head, *body, "", kept]).rstrip() + "\n")
+
+
 # -- chart -----------------------------------------------------------------------
 
 
@@ -599,9 +647,9 @@ def main(argv: list[str] | None = None) -> None:
     text, md = [], []
     for title, headers, rows in tables(results):
         text += ["", title, _table(headers, rows)]
-        md += ["", f"**{title}**", "", _markdown(headers, rows)]
+        md += ["", f"### {title}", "", _markdown(headers, rows)]
     goal_rows = [[str(g["goal"]), g["text"], g["status"], g["figures"]] for g in results["goals"]]
-    md += ["", "**Goals**", "", _markdown(["#", "goal", "status", "figures"], goal_rows)]
+    md += ["", "### Goals", "", _markdown(["#", "goal", "status", "figures"], goal_rows)]
     issues = notes(results)
     if issues:
         text += ["", "Not measured:", *(f"  - {n}" for n in issues)]
@@ -615,4 +663,9 @@ def main(argv: list[str] | None = None) -> None:
     wrote = ["results.json", "results.md"]
     if chart(results, args.out / "chart.png"):
         wrote.append("chart.png")
-    print(f"\nwrote {', '.join(str(args.out / w) for w in wrote)} in {results['elapsed_s']:.0f} s")
+    written = [str(args.out / w) for w in wrote]
+    report = args.report or (None if quick else REPORT)
+    if report is not None:
+        write_report(report, md, results, sys.argv[1:] if argv is None else argv)
+        written.append(str(report))
+    print(f"\nwrote {', '.join(written)} in {results['elapsed_s']:.0f} s")

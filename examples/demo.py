@@ -149,3 +149,84 @@ async def count_disconnect(connection: Connection) -> None:
     # a client that goes away without leaving still stops being a member
     for room in await connection.server.rooms.get_connection_rooms(connection):
         await connection.server.rooms.update_metadata(room, _add_members(-1))
+
+
+# -- channels ----------------------------------------------------------------
+# Every chat:* channel is open to any client, except chat:admin: only a
+# connection whose metadata says role "admin" may subscribe to it or read
+# its history (the guard is asked on every subscribe and every read).
+
+
+async def chat_guard(connection: Connection, channel: str) -> bool:
+    if channel != "chat:admin":
+        return True
+    metadata = await connection.get_metadata()
+    return isinstance(metadata, dict) and metadata.get("role") == "admin"
+
+
+app.expose_channel(re.compile(r"^chat:"), guard=chat_guard)
+
+
+@app.command("post")
+async def post(ctx: Context) -> dict[str, Any]:
+    """Write ``message`` (a string) to ``channel``, keeping the last
+    ``history`` (default 50) messages."""
+    payload = _require(ctx.payload, "channel", "message")
+    await ctx.server.write_channel(
+        payload["channel"], payload["message"], payload.get("history", 50)
+    )
+    return {"success": True}
+
+
+# -- records and collections -----------------------------------------------------
+# doc:* any client may read; note:* any client may read and write; secret:*
+# only a connection whose metadata says role == "admin" may read, and no
+# client may write. The server writes, deletes and reads any of them through
+# the commands below. Collection "docs": every doc:* record, sorted by id.
+
+app.expose_record(re.compile(r"^doc:"))
+app.expose_record(re.compile(r"^note:"))
+app.expose_writable_record(re.compile(r"^note:"))
+
+
+async def _is_admin(connection: Connection, record_id: str) -> bool:
+    metadata = await connection.server.connections.get_metadata(connection)
+    return isinstance(metadata, dict) and metadata.get("role") == "admin"
+
+
+app.expose_record(re.compile(r"^secret:"), _is_admin)
+
+
+def _record_id(payload: Any) -> str:
+    record_id = _require(payload, "recordId")["recordId"]
+    if not isinstance(record_id, str) or not record_id:
+        raise MeshError("recordId must be a non-empty string", code="EINVAL")
+    return record_id
+
+
+@app.command("write-record")
+async def write_record(ctx: Context) -> dict[str, Any]:
+    record_id = _record_id(ctx.payload)
+    payload = _require(ctx.payload, "value")
+    await ctx.server.records.write(
+        record_id, payload["value"], strategy=payload.get("strategy") or "replace"
+    )
+    return {"success": True}
+
+
+@app.command("delete-record")
+async def delete_record(ctx: Context) -> dict[str, Any]:
+    await ctx.server.records.delete(_record_id(ctx.payload))
+    return {"success": True}
+
+
+@app.command("get-record")
+async def get_record(ctx: Context) -> dict[str, Any]:
+    return {"record": await ctx.server.records.get(_record_id(ctx.payload))}
+
+
+async def _docs(connection: Connection, collection_id: str) -> list[str]:
+    return [record_id for record_id, _ in await connection.server.records.list_matching("doc:*")]
+
+
+app.expose_collection("docs", _docs)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mesh_core.client import ClientBinding, ClientCore, Endpoint
+from mesh_core.runtime import TLSContext
 
 from ._runtime import RUNTIME
 
@@ -48,7 +49,8 @@ class _Stream:
         self._writer.transport.abort()
 
 
-async def _open_stream(endpoint: Endpoint, ssl_context: ssl.SSLContext | None) -> _Stream:
+async def _open_stream(endpoint: Endpoint, ssl_context: TLSContext | None) -> _Stream:
+    assert ssl_context is None or isinstance(ssl_context, ssl.SSLContext)
     reader, writer = await asyncio.open_connection(
         endpoint.host,
         endpoint.port,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 from mesh_core.runtime import Event
@@ -13,6 +14,8 @@ from mesh_core.runtime import Event
 __all__ = ["AsyncioRuntime", "RUNTIME"]
 
 T = TypeVar("T")
+
+_SYSTEM_TASKS: set[asyncio.Task[None]] = set()  # strong references while they run
 
 
 class _TaskGroup:
@@ -88,6 +91,14 @@ class AsyncioRuntime:
             return await thunk()
 
         return list(await asyncio.gather(*(run(t) for t in thunks)))
+
+    def shield(self) -> AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+    def spawn_system_task(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.get_running_loop().create_task(fn())
+        _SYSTEM_TASKS.add(task)
+        task.add_done_callback(_SYSTEM_TASKS.discard)
 
     @asynccontextmanager
     async def open_task_group(self) -> AsyncIterator[_TaskGroup]:

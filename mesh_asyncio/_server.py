@@ -263,9 +263,9 @@ class MeshServer(ServerCore):
             )
         sockets = _Sockets(listener)
         self._listener = listener
-        for s in listener.sockets:
-            name = s.getsockname()
-            log.info("Mesh server (asyncio) listening on ws://%s:%d", name[0], name[1])
+        uvloop = type(loop).__module__.startswith("uvloop")
+        names = [s.getsockname() for s in listener.sockets]
+        log.info(self.listening_line(names, "uvloop" if uvloop else "asyncio"))
         return sockets
 
     async def serve(self, host: str = "127.0.0.1", port: int = 8765) -> None:

@@ -22,17 +22,37 @@ from ._errors import (
     MeshCommandError,
     MeshConnectionError,
     MeshError,
+    MessageTooLarge,
+    ServerStartupError,
     StorageUnavailable,
     ValidationError,
 )
-from .app import Connection, ConnectionRef, ConnectionsAPI, Context, MeshApp, RoomsAPI, ServerCore
+from .app import (
+    ChannelsAPI,
+    Connection,
+    ConnectionRef,
+    ConnectionsAPI,
+    Context,
+    MeshApp,
+    RoomsAPI,
+    ServerCore,
+)
 from .client import ClientOptions
 from .protocol import CloseCode, Push, Reject, UpgradeRequest
-from .storage import STRATEGIES, UNCHANGED, MemoryStore, Storage, UnknownConnection
+from .storage import (
+    STRATEGIES,
+    UNCHANGED,
+    ChannelHistory,
+    MemoryStore,
+    Storage,
+    UnknownConnection,
+)
 
 __all__ = [
     "STRATEGIES",
     "UNCHANGED",
+    "ChannelHistory",
+    "ChannelsAPI",
     "ClientOptions",
     "CloseCode",
     "CommandError",
@@ -48,11 +68,13 @@ __all__ = [
     "MeshCommandError",
     "MeshConnectionError",
     "MeshError",
+    "MessageTooLarge",
     "Push",
     "Reject",
     "RoomsAPI",
     "ServerCore",
     "ServerOptions",
+    "ServerStartupError",
     "Storage",
     "StorageUnavailable",
     "UnknownConnection",

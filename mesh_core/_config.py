@@ -24,8 +24,8 @@ class ServerOptions:
     for tests and for clients that do not need them).
 
     The limits default to values no ordinary client reaches, so that one
-    hostile client cannot take more than its share; the README's hardening
-    table says what happens past each one.
+    hostile client cannot take more than its share; docs/HARDENING.md says
+    what happens past each one.
     """
 
     ping_interval: float = 30.0
@@ -47,6 +47,9 @@ class ServerOptions:
     max_connections: int = 10_000
     #: invalid frames one connection may send; one more closes it with 1008
     max_violations: int = 100
+    #: the most messages a channel keeps, and the most one history read
+    #: returns (``historyLimit``/``limit`` beyond it are refused)
+    max_channel_history: int = 1000
     #: ``Origin`` header values allowed to upgrade, e.g.
     #: ``["https://app.example.com"]`` (``None``: any; ``"*"`` in the list:
     #: any, including none; ``None`` in the list: requests without an
@@ -77,6 +80,8 @@ class ServerOptions:
         for name in ("max_metadata_size", "max_connections", "max_violations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.max_channel_history < 1:
+            raise ValueError("max_channel_history must be >= 1")
         if self.allowed_origins is not None:
             object.__setattr__(self, "allowed_origins", _origins(self.allowed_origins))
 

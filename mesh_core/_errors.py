@@ -21,9 +21,11 @@ __all__ = [
     "CommandError",
     "LocalProtocolError",
     "MeshError",
+    "ServerStartupError",
     "ValidationError",
     "error_payload",
     "not_found_payload",
+    "unavailable_payload",
 ]
 
 
@@ -31,10 +33,19 @@ class MeshError(Exception):
     """An error a handler or middleware raises to fail one request.
 
     ``code`` travels to the client as the payload's ``code`` (default
-    ``ESERVER``, like the reference); ``name`` defaults to the class name.
+    ``ESERVER``, like the reference). ``name`` is ``"Error"`` for a plain
+    ``MeshError``, the name the reference sends for a plain application error,
+    so a mixed fleet answers alike; a subclass is named after itself
+    (``CommandError``) unless it sets ``name``.
     """
 
     code: str = "ESERVER"
+    name: str = "Error"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__name__
 
     def __init__(self, message: str = "", *, code: str | None = None, name: str | None = None):
         super().__init__(message)
@@ -71,6 +82,16 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
         "code": code if isinstance(code, str) else "ESERVER",
         "name": name if isinstance(name, str) else type(exc).__name__,
     }
+
+
+#: what a client reads when the store failed it: a stable code and a generic
+#: message. The driver's text (host, port, errno) describes the server's
+#: network, not the client's mistake, so it goes to the server log only.
+UNAVAILABLE_MESSAGE = "storage unavailable, safe to retry"
+
+
+def unavailable_payload() -> dict[str, Any]:
+    return {"error": UNAVAILABLE_MESSAGE, "code": "EUNAVAILABLE", "name": "StorageUnavailable"}
 
 
 def not_found_payload(command: str) -> dict[str, Any]:
@@ -138,6 +159,16 @@ class RedisReplyError(Exception):
         return hash(self.message)
 
 
+# -- running a server ------------------------------------------------------------
+
+
+class ServerStartupError(Exception):
+    """The server could not start: the port is taken, the store is down, the
+    store's URL is wrong. The message says what and what to do, in one line,
+    for an operator (``mesh serve`` prints it and exits 1); the original
+    exception is its ``__cause__``."""
+
+
 # -- errors --------------------------------------------------------------------
 
 
@@ -165,6 +196,23 @@ class MeshCommandError(MeshClientError):
 
     def __repr__(self) -> str:
         return f"MeshCommandError({self.command!r}, code={self.code!r}, error={str(self)!r})"
+
+
+class MessageTooLarge(MeshClientError, ValueError):
+    """A request is larger than the client's ``max_message_size``: it is not
+    sent, because a server with the same limit would close the connection
+    (1009) and every command in flight on it would fail."""
+
+    code = "ETOOLARGE"
+
+    def __init__(self, command: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"request {command!r} is {size} bytes, over the client's max_message_size "
+            f"of {limit} bytes: not sent (the server's --max-message-size is usually the same)"
+        )
+        self.command = command
+        self.size = size
+        self.limit = limit
 
 
 class CommandTimeout(MeshClientError, TimeoutError):

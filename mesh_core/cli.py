@@ -11,13 +11,76 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from ._config import ServerOptions
+from ._errors import ServerStartupError
 from .app._app import MeshApp
+from .app._logging import LOG_FORMAT, WORKER_ENV
 
 __all__ = ["load_app", "main", "options_from_args"]
+
+#: the extra that provides each optional package, for the install hint
+_EXTRAS = {"hiredis": "redis", "redis": "redis", "uvloop": "uvloop"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line on stderr (exit 2), not the usage block:
+    an operator reads what is wrong and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 0-65535")
+    return port
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str:
+    """The one-line hint for an optional package that is not installed."""
+    package = (exc.name or "").split(".")[0]
+    extra = _EXTRAS.get(package)
+    if extra is None:
+        return f"{exc}"
+    return f"{package} is not installed: pip install 'mesh-python[{extra}]'"
+
+
+def _redis_url(text: str) -> str:
+    """Check a ``--redis`` URL when the flags are parsed, with the message
+    the store would give (which names every supported scheme)."""
+    try:
+        from .redis import _url
+    except ModuleNotFoundError as exc:
+        raise argparse.ArgumentTypeError(_missing_extra(exc)) from None
+    try:
+        if _url.is_cluster_url(text):
+            _url.parse_cluster_url(text)
+        else:
+            _url.parse_redis_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def load_app(spec: str) -> MeshApp:
@@ -41,21 +104,33 @@ def load_app(spec: str) -> MeshApp:
     if callable(obj) and not isinstance(obj, MeshApp):
         obj = obj()  # an app factory
     if not isinstance(obj, MeshApp):
-        raise SystemExit(f"error: {spec} is a {type(obj).__name__}, not a MeshApp")
+        kind = type(obj).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise SystemExit(f"error: {spec} is {article} {kind}, not a MeshApp")
     return obj
 
 
 def _parser() -> argparse.ArgumentParser:
     defaults = ServerOptions()
-    parser = argparse.ArgumentParser(prog="mesh", description="Mesh for Python")
+    parser = _Parser(prog="mesh", description="Mesh for Python")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a Mesh server for an app")
     serve.add_argument(
         "app", metavar="MODULE:ATTR", help="the MeshApp to serve, e.g. examples.demo:app"
     )
-    serve.add_argument("--runtime", choices=("asyncio", "trio"), default="asyncio")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument(
+        "--runtime",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="the event loop to serve on; the same app runs on either (default %(default)s)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=_port, default=8765, help="port to listen on (default %(default)s)"
+    )
     serve.add_argument(
         "--ping-interval",
         type=float,
@@ -63,7 +138,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="0 disables pings (default %(default)s)",
     )
-    serve.add_argument("--max-missed-pongs", type=int, default=defaults.max_missed_pongs)
+    serve.add_argument(
+        "--max-missed-pongs",
+        type=int,
+        default=defaults.max_missed_pongs,
+        metavar="N",
+        help="ping intervals without a pong before the connection is closed (default %(default)s)",
+    )
     serve.add_argument(
         "--latency-interval",
         type=float,
@@ -71,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="0 disables latency probes (default %(default)s)",
     )
-    limits = serve.add_argument_group("limits (see the README's hardening table)")
+    limits = serve.add_argument_group("limits (see docs/HARDENING.md)")
     limits.add_argument(
         "--max-message-size",
         type=int,
@@ -115,6 +196,13 @@ def _parser() -> argparse.ArgumentParser:
         help="more are refused with HTTP 503; 0: no limit (default %(default)s)",
     )
     limits.add_argument(
+        "--max-channel-history",
+        type=int,
+        default=defaults.max_channel_history,
+        metavar="N",
+        help="messages a channel keeps and one history read returns, at most (default %(default)s)",
+    )
+    limits.add_argument(
         "--max-violations",
         type=int,
         default=defaults.max_violations,
@@ -155,6 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     shared.add_argument(
         "--redis",
         metavar="URL",
+        type=_redis_url,
         help="share state through Redis (redis://host:port/db, rediss://, unix:///path, "
         "redis+sentinel://host[,host...]/service/db, redis+cluster://host[,host...]); "
         "default: the in-memory store of this process",
@@ -164,22 +253,59 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run N server processes on one port (SO_REUSEPORT); needs --redis",
+        help="run N server processes on one port (SO_REUSEPORT); needs --redis "
+        "(default %(default)s)",
     )
     shared.add_argument(
         "--redis-command-timeout",
-        type=float,
+        type=_positive(float),
         default=2.0,
         metavar="SECONDS",
-        help="a request waits this long for Redis before EUNAVAILABLE",
+        help="a request waits this long for Redis before EUNAVAILABLE (default %(default)s)",
     )
-    shared.add_argument("--redis-heartbeat-interval", type=float, default=15.0, metavar="SECONDS")
-    shared.add_argument("--redis-heartbeat-ttl", type=int, default=120, metavar="SECONDS")
-    shared.add_argument("--redis-sweep-interval", type=float, default=60.0, metavar="SECONDS")
+    shared.add_argument(
+        "--redis-heartbeat-interval",
+        type=_positive(float),
+        default=15.0,
+        metavar="SECONDS",
+        help="seconds between heartbeats of this instance (default %(default)s)",
+    )
+    shared.add_argument(
+        "--redis-heartbeat-ttl",
+        type=_positive(int),
+        default=120,
+        metavar="SECONDS",
+        help="an instance silent this long is dead and swept (default %(default)s)",
+    )
+    shared.add_argument(
+        "--redis-sweep-interval",
+        type=_positive(float),
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between sweeps for dead instances (default %(default)s)",
+    )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    serve.add_argument("--uvloop", action="store_true", help="asyncio only: run on uvloop")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="asyncio only: run on uvloop, pip install 'mesh-python[uvloop]' (default: off)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="debug adds a line per connection opened and closed (default %(default)s)",
+    )
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mesh-python")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
@@ -199,6 +325,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
             max_queued_requests=args.max_queued_requests,
             max_connections=args.max_connections,
             max_violations=args.max_violations,
+            max_channel_history=args.max_channel_history,
             max_send_buffer=send_buffer,
             handshake_timeout=args.handshake_timeout,
             shutdown_timeout=args.shutdown_timeout,
@@ -215,12 +342,15 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     options = options_from_args(args)
     if args.uvloop and args.runtime != "asyncio":
         raise SystemExit("error: --uvloop needs --runtime asyncio")
+    if args.uvloop:
+        try:
+            importlib.import_module("uvloop")
+        except ModuleNotFoundError as exc:
+            raise SystemExit(f"error: {_missing_extra(exc)}") from None
     if args.workers < 1:
         raise SystemExit("error: --workers must be at least 1")
     if args.workers > 1:
@@ -232,6 +362,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         load_app(args.app)  # fail here, once, rather than in every worker
         raise SystemExit(_supervise(argv, args.workers))
     app = load_app(args.app)
+    try:
+        _serve(app, args, options)
+    except ServerStartupError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _EXTRAS:
+            raise
+        raise SystemExit(f"error: {_missing_extra(exc)}") from None
+
+
+def _serve(app: MeshApp, args: argparse.Namespace, options: ServerOptions) -> None:
     runtime = importlib.import_module(f"mesh_{args.runtime}")
     kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "options": options}
     if args.redis:
@@ -251,8 +392,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     runtime.run(app, **kwargs)
 
 
-def _worker(argv: list[str]) -> None:
-    main(argv)
+def _worker(argv: list[str], number: int, errors: Any) -> None:
+    """One worker; a start that fails hands its one-line message to the
+    supervisor (``errors``, a queue) instead of printing it, so N workers
+    failing alike print one line, not N."""
+    os.environ[WORKER_ENV] = str(number)  # named in the worker's startup line
+    try:
+        main(argv)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        errors.put(exc.code)
+        raise SystemExit(1) from None
 
 
 def _supervise(argv: list[str], workers: int) -> int:
@@ -263,8 +414,11 @@ def _supervise(argv: list[str], workers: int) -> int:
 
     child_argv = [*argv, "--workers", "1", "--reuse-port"]
     context = multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
     children = [
-        context.Process(target=_worker, args=(child_argv,), name=f"mesh-worker-{i}")
+        context.Process(
+            target=_worker, args=(child_argv, i + 1, errors), name=f"mesh-worker-{i + 1}"
+        )
         for i in range(workers)
     ]
     for child in children:
@@ -279,6 +433,13 @@ def _supervise(argv: list[str], workers: int) -> int:
     signal.signal(signal.SIGTERM, forward)
     for child in children:
         child.join()
+    messages: list[str] = []
+    while not errors.empty():
+        message = errors.get()
+        if message not in messages:
+            messages.append(message)
+    for message in messages:
+        print(message, file=sys.stderr)
     return max((child.exitcode or 0) for child in children)
 
 

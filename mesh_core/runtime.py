@@ -12,10 +12,10 @@ embedder on another loop implements these few methods and nothing else.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
-__all__ = ["CollectingTaskGroup", "Event", "Runtime", "TaskGroup"]
+__all__ = ["CollectingTaskGroup", "Event", "Runtime", "TLSContext", "TaskGroup"]
 
 T = TypeVar("T")
 
@@ -28,6 +28,16 @@ class Event(Protocol):
     def is_set(self) -> bool: ...
 
     async def wait(self) -> Any: ...
+
+
+class TLSContext(Protocol):
+    """An ``ssl.SSLContext`` as the core sees it. The runtime side creates
+    contexts (loading CA files is I/O) and wraps sockets with them; the core
+    only passes them on, and relaxes verification for ``rediss://`` URLs that
+    ask for it."""
+
+    check_hostname: bool
+    verify_mode: Any
 
 
 class TaskGroup(Protocol):
@@ -76,6 +86,19 @@ class Runtime(Protocol):
         ...
 
     def open_task_group(self) -> AbstractAsyncContextManager[TaskGroup]: ...
+
+    def shield(self) -> AbstractContextManager[object]:
+        """``with runtime.shield():`` a block the caller's cancellation does
+        not interrupt, for clean-up that must finish (closing connections):
+        trio's shielded cancel scope; on asyncio, which delivers a
+        cancellation once, a plain block."""
+        ...
+
+    def spawn_system_task(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``fn()`` in the background, outliving the task that started it
+        (a trio system task, an asyncio task kept referenced); ``fn`` ends
+        itself (by an event or its own task group) and handles its errors."""
+        ...
 
 
 class CollectingTaskGroup:

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from mesh_core.client import ClientBinding, ClientCore, Endpoint
+from mesh_core.runtime import TLSContext
 
 from ._runtime import RUNTIME
 
@@ -54,7 +55,8 @@ class _Stream:
         await trio.aclose_forcefully(self._stream)
 
 
-async def _open_stream(endpoint: Endpoint, ssl_context: ssl.SSLContext | None) -> _Stream:
+async def _open_stream(endpoint: Endpoint, ssl_context: TLSContext | None) -> _Stream:
+    assert ssl_context is None or isinstance(ssl_context, ssl.SSLContext)
     tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     if ssl_context is None:
         return _Stream(tcp)

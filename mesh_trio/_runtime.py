@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
@@ -74,6 +74,12 @@ class TrioRuntime:
     async def open_task_group(self) -> AsyncIterator[_TaskGroup]:
         async with trio.open_nursery() as nursery:
             yield _TaskGroup(nursery)
+
+    def shield(self) -> AbstractContextManager[object]:
+        return trio.CancelScope(shield=True)
+
+    def spawn_system_task(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        trio.lowlevel.spawn_system_task(fn, name=getattr(fn, "__qualname__", None))
 
 
 RUNTIME = TrioRuntime()

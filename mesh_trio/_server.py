@@ -189,9 +189,8 @@ class MeshServer(ServerCore):
                     _plain(listener.socket)
                     for listener in await trio.open_tcp_listeners(port, host=host, backlog=1024)
                 ]
-            for sock in self._listeners:
-                name = sock.getsockname()
-                log.info("Mesh server (trio) listening on ws://%s:%d", name[0], name[1])
+            names = [sock.getsockname() for sock in self._listeners]
+            log.info(self.listening_line(names, "trio"))
             sockets = self._sockets = _Sockets(self)
             async with trio.open_nursery() as nursery, self.serving():
                 self._nursery = nursery

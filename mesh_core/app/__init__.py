@@ -16,6 +16,8 @@ in ``_api`` and its operations in :mod:`mesh_core.storage`; see
 from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI
 from ._app import (
     Authenticator,
+    ChannelGuard,
+    ChannelPattern,
     ConnectionHook,
     Context,
     Handler,
@@ -27,8 +29,11 @@ from ._app import (
     WritePolicy,
 )
 from ._builtins import BUILTINS, Builtin, BuiltinCommand, CheckClientWrite, Steps
+from ._channels import SUBSCRIPTION_MESSAGE, ChannelsAPI
+from ._collections import CollectionsAPI
 from ._presence import PresenceAPI, PresenceGuard, PresenceRules, PresenceTrack
 from ._pubsub import Listener, PubSub
+from ._records import RecordsAPI
 from ._run import ListeningServer, serve_until
 from ._server import ServerCore, ServerSockets
 from .exports import lazy_attributes
@@ -38,10 +43,15 @@ __all__ = [
     "PresenceGuard",
     "PresenceRules",
     "PresenceTrack",
+    "CollectionsAPI",
+    "RecordsAPI",
     "Authenticator",
     "BUILTINS",
     "Builtin",
     "BuiltinCommand",
+    "ChannelGuard",
+    "ChannelPattern",
+    "ChannelsAPI",
     "CheckClientWrite",
     "Connection",
     "ConnectionHook",
@@ -57,6 +67,7 @@ __all__ = [
     "ReadGuard",
     "ReadPolicy",
     "RoomsAPI",
+    "SUBSCRIPTION_MESSAGE",
     "ServerCore",
     "ServerSockets",
     "Steps",

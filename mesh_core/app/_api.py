@@ -28,7 +28,7 @@ __all__ = ["Connection", "ConnectionRef", "ConnectionsAPI", "RoomsAPI", "id_set"
 class Connection:
     """A connection this server holds: what hooks and handlers receive."""
 
-    __slots__ = ("_cleaned", "_lost", "_phase", "id", "proto", "request", "server")
+    __slots__ = ("_cleaned", "_lost", "_phase", "id", "opened_at", "proto", "request", "server")
 
     def __init__(
         self, server: ServerCore, proto: ServerConnection, request: UpgradeRequest
@@ -39,6 +39,8 @@ class Connection:
         self.proto = proto
         self.request = request
         self._phase = "opening"  # opening -> open -> done
+        #: the runtime clock (seconds) when the upgrade was accepted
+        self.opened_at: float = server.runtime.now()
         self._lost = False
         self._cleaned = False
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..protocol._handshake import UpgradeRequest
+from ._channels import RESERVED_CHANNEL_PREFIX
+from ._collections import CollectionsAppMixin
 from ._presence import PresenceGuard, PresenceRules
+from ._records import RecordsAppMixin
 
 if TYPE_CHECKING:
     from ._api import Connection
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Authenticator",
+    "ChannelGuard",
+    "ChannelPattern",
     "ConnectionHook",
     "Context",
     "Handler",
@@ -61,10 +66,17 @@ WritePolicy = Literal["allow", "deny"] | WriteGuard
 ReadGuard = Callable[["Connection", str], Awaitable[bool] | bool]
 ReadPolicy = Literal["allow", "deny"] | ReadGuard
 
+#: an exact channel name, or a compiled pattern searched in the name (the
+#: reference's ``string | RegExp``)
+ChannelPattern = str | re.Pattern[str]
+#: ``guard(connection, channel)``: may this client subscribe to / read it?
+ChannelGuard = Callable[["Connection", str], Awaitable[bool] | bool]
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class MeshApp:
+class MeshApp(RecordsAppMixin, CollectionsAppMixin):
     """Commands, middleware and hooks of one application.
 
     ``client_metadata_writes`` decides ``mesh/set-my-connection-metadata``:
@@ -95,6 +107,7 @@ class MeshApp:
         self.client_metadata_reads: ReadPolicy = client_metadata_reads
         #: the rooms whose presence is tracked (see :meth:`track_presence`)
         self.presence = PresenceRules()
+        self.exposed_channels: list[tuple[ChannelPattern, ChannelGuard | None]] = []
 
     # -- commands -------------------------------------------------------------
 
@@ -118,6 +131,27 @@ class MeshApp:
             return handler
 
         return register
+
+    # -- channels -------------------------------------------------------------
+
+    def expose_channel(self, pattern: ChannelPattern, guard: ChannelGuard | None = None) -> None:
+        """Let clients subscribe to, and read the history of, the channels
+        ``pattern`` matches: an exact name, or a compiled ``re.Pattern``
+        searched in the name (as the reference's ``RegExp.test``). The first
+        pattern that matches decides; its ``guard(connection, channel)``
+        (sync or async) is asked on every subscribe and every history read,
+        and one that raises refuses. A name starting with ``mesh:`` is never
+        exposed, whatever the pattern: those channels are the framework's."""
+        if isinstance(pattern, str):
+            if not pattern:
+                raise ValueError("a channel name is a non-empty string")
+            if pattern.startswith(RESERVED_CHANNEL_PREFIX):
+                raise ValueError(f"{pattern!r}: mesh: channels are the framework's")
+        elif not isinstance(pattern, re.Pattern):
+            raise TypeError(f"expected a str or a re.Pattern, got {type(pattern).__name__}")
+        if guard is not None and not callable(guard):
+            raise TypeError("guard must be callable")
+        self.exposed_channels.append((pattern, guard))
 
     # -- middleware -----------------------------------------------------------
 

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._errors import ValidationError
 from ..storage import _ops as ops
 from ..storage._strategies import check_strategy, updater
+from ._channels import get_channel_history, subscribe_channel, unsubscribe_channel
 from ._presence import PRESENCE_BUILTINS, PRESENCE_GUARDED
-
-if TYPE_CHECKING:
-    from ._app import MeshApp
 
 __all__ = ["BUILTINS", "Builtin", "BuiltinCommand", "CheckClientWrite", "Steps"]
 
@@ -58,9 +56,9 @@ class BuiltinCommand:
     writes_policed: bool = False
     #: the application's ``client_metadata_reads`` policy runs on its path
     reads_policed: bool = False
-    #: whether, for this app, other code of the application runs on its path
-    #: (a capability's guards: presence, channels, records)
-    app_code: Callable[[MeshApp], bool] | None = None
+    #: may wait whatever the store (application guards, a subscription
+    #: being made): never answered inline
+    waits: bool = False
 
     def __call__(self, connection_id: str, payload: Any) -> Steps:
         return self.steps(connection_id, payload)
@@ -138,11 +136,11 @@ BUILTINS: dict[str, BuiltinCommand] = {
         set_my_connection_metadata, writes_policed=True
     ),
     "mesh/get-room-metadata": BuiltinCommand(get_room_metadata),
+    # channels (mesh_core/app/_channels.py)
+    "mesh/subscribe-channel": BuiltinCommand(subscribe_channel, waits=True),
+    "mesh/unsubscribe-channel": BuiltinCommand(unsubscribe_channel, waits=True),
+    "mesh/get-channel-history": BuiltinCommand(get_channel_history, waits=True),
 }
-
-
-def _presence_guarded(app: MeshApp) -> bool:
-    return app.presence.guarded
 
 
 BUILTINS.update(
@@ -151,7 +149,8 @@ BUILTINS.update(
             steps,
             # the subscribe snapshot shows other connections' metadata
             reads_policed=name == "mesh/subscribe-presence",
-            app_code=_presence_guarded if name in PRESENCE_GUARDED else None,
+            # a presence guard is application code that may wait
+            waits=name in PRESENCE_GUARDED,
         )
         for name, steps in PRESENCE_BUILTINS.items()
     }

@@ -134,6 +134,10 @@ class PubSub:
                 self._forget_if_idle(channel, entry)
                 return
             busy = entry.busy = self._new_event()
+            # (cancelled during a Subscribe, the entry stays "not subscribed":
+            # the next subscriber asks again, which is harmless; a store
+            # subscription that did get made meanwhile only delivers to a
+            # channel nobody listens to, and is dropped: see _on_message)
             try:
                 if wanted:
                     await self._execute(ops.Subscribe(channel, self.instance_id, self._on_message))

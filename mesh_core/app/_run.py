@@ -8,15 +8,18 @@ to enter the event loop (``asyncio.run``, ``uvloop.run``, ``trio.run``).
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any, Protocol
 
+from .._errors import ServerStartupError, StorageUnavailable
 from ..storage import Storage
 from ._api import ConnectionsAPI
+from ._logging import ensure_logging
 
-__all__ = ["ListeningServer", "serve_until"]
+__all__ = ["ListeningServer", "describe_startup_failure", "serve_until"]
 
 
 class ListeningServer(Protocol):
@@ -44,9 +47,14 @@ async def serve_until(
     cleaned out of the store. ``new_server(storage=...)`` makes the adapter's
     server; ``storage`` may be a factory, called here, inside the event loop
     (the Redis store's client belongs to the loop that runs it)."""
-    store = storage() if callable(storage) and not isinstance(storage, Storage) else storage
-    server = new_server(storage=store)
-    async with server.listen(host, port, reuse_port=reuse_port):
+    ensure_logging()
+    async with AsyncExitStack() as stack:
+        try:
+            store = storage() if callable(storage) and not isinstance(storage, Storage) else storage
+            server = new_server(storage=store)
+            await stack.enter_async_context(server.listen(host, port, reuse_port=reuse_port))
+        except Exception as exc:
+            raise ServerStartupError(describe_startup_failure(exc, host, port)) from exc
         try:
             await stop_signal()
         finally:
@@ -55,3 +63,30 @@ async def serve_until(
                 len(server.connections.local_connections()),
             )
     log.info("Stopped")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups: trio reports a failed
+    bind as an ``ExceptionGroup`` around the ``OSError``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def describe_startup_failure(exc: BaseException, host: str, port: int) -> str:
+    """One line for an operator: what went wrong at startup and what to do."""
+    leaves = _leaves(exc)
+    first = next((e for e in leaves if isinstance(e, (OSError, StorageUnavailable))), leaves[0])
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(first, StorageUnavailable):
+        return f"cannot reach the store: {first} (is Redis running at the --redis URL?)"
+    if isinstance(first, OSError) and first.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: address already in use "
+            "(another server is running there: stop it or choose another --port)"
+        )
+    if isinstance(first, OSError) and first.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+    if isinstance(first, OSError):
+        return f"cannot listen on {where}: {first.strerror or first} (check --host and --port)"
+    return f"{type(first).__name__}: {first}"

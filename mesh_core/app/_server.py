@@ -41,7 +41,13 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 from .._config import ServerOptions
-from .._errors import MeshError, RedisUnavailable, error_payload, not_found_payload
+from .._errors import (
+    MeshError,
+    StorageUnavailable,
+    error_payload,
+    not_found_payload,
+    unavailable_payload,
+)
 from .._metrics import UNKNOWN_COMMAND, Metrics, bump, prometheus_text
 from ..protocol import (
     CloseCode,
@@ -65,8 +71,12 @@ from ..storage._memory import MemoryStore
 from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, id_set
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
+from ._channels import ChannelsAPI, ChannelServerOp
+from ._collections import COLLECTION_BUILTINS, CollectionsAPI
+from ._logging import OutageLog, listening_line, peer_label
 from ._presence import PresenceAPI, PresenceHub, PresenceStep
 from ._pubsub import PubSub
+from ._records import RECORD_BUILTINS, RecordsAPI
 
 __all__ = ["ServerCore", "ServerSockets"]
 
@@ -156,6 +166,9 @@ class ServerCore:
         self.storage: Storage = storage if storage is not None else MemoryStore()
         self._store_inline = self.storage.answers_inline  # read once: per request below
         self.instance_id = instance_id or f"inst-{secrets.token_hex(8)}"
+        self._storage_started = False  # stop_storage leaves only a store it joined
+        #: rate-limits outage warnings; ``outage_log.interval`` is in seconds
+        self.outage_log = OutageLog(log)
         self._local: dict[str, Connection] = {}
         self._inflight = 0  # requests being handled, for graceful shutdown
         self._metrics = Metrics()
@@ -166,6 +179,10 @@ class ServerCore:
         self.rooms = RoomsAPI(self)
         #: the store's named channels, one store subscription per channel
         self.pubsub = PubSub(self.execute, self.instance_id, lambda: self.runtime.event())
+        self.channels = ChannelsAPI(self)
+        self.write_channel = self.channels.write
+        self.records = RecordsAPI(self)
+        self.collections = CollectionsAPI(self)
         self.presence = PresenceAPI(self)
         self._presence = PresenceHub(self)
         # the reference's names, on the server itself
@@ -205,19 +222,56 @@ class ServerCore:
             elif isinstance(event, ConnectionLost):
                 connection = self._local.get(proto.id or "")
                 if connection is not None:
+                    if log.isEnabledFor(logging.DEBUG):
+                        self._log_closed(connection, event)
                     self._connection_lost(connection)
             elif isinstance(event, HandshakeReceived):
                 self._group.start_soon(self._handshake, proto, event.request)
 
+    def listening_line(self, addresses: Iterable[Sequence[Any]], runtime: str) -> str:
+        """The startup line an adapter logs once it listens (``runtime``:
+        ``asyncio``, ``uvloop`` or ``trio``): the addresses as clients type
+        them (``ws://[::1]:8765``), the store, the instance id, pid, worker."""
+        return listening_line(addresses, runtime, self.storage, self.instance_id)
+
+    def _log_closed(self, connection: Connection, event: ConnectionLost) -> None:
+        log.debug(
+            "connection %s from %s closed: %s %r after %.3f s",
+            connection.id,
+            peer_label(connection.proto.peer),
+            event.code,
+            event.reason,
+            self.runtime.now() - connection.opened_at,
+        )
+
     async def start_storage(self) -> None:
-        """Register this instance with the store (before :meth:`serving`)."""
-        await self.storage.start(self.instance_id, self._deliver_from_elsewhere)
+        """Register this instance with the store (before :meth:`serving`).
+
+        A start that fails half way (registered, then the subscription
+        failed) is undone at once: the store is told to stop, so the instance
+        leaves no registration and live heartbeat behind for another
+        instance's sweep to find."""
+        try:
+            await self.storage.start(self.instance_id, self._deliver_from_elsewhere)
+        except Exception:
+            try:
+                await self.storage.stop()
+            except Exception as exc:  # the start's own error is the one to report
+                log.debug("undoing the failed start of the store: %s", exc)
+            raise
+        self._storage_started = True
 
     async def stop_storage(self) -> None:
         """Leave the store (after :meth:`serving`): no more deliveries to this
-        instance, then the driver releases what it holds."""
+        instance, then the driver releases what it holds. A no-op if
+        :meth:`start_storage` failed: a server that never started has no
+        shutdown to report."""
+        if not self._storage_started:
+            return
+        self._storage_started = False
         self.pubsub.clear()  # the store drops its subscriptions as it stops
         self.storage.detach(self.instance_id)
+        self.channels.clear()
         await self.storage.stop()
 
     @asynccontextmanager
@@ -300,6 +354,8 @@ class ServerCore:
             return await self._check_client_write(op)
         if isinstance(op, PresenceStep):
             return await self._presence.execute(op)
+        if isinstance(op, ChannelServerOp):
+            return await self.channels.execute(op)
         if isinstance(op, ops.UpdateMetadata) and self.options.max_metadata_size:
             op = self._bounded(op)
         if self.app.presence.tracks and isinstance(op, _MEMBERSHIP):
@@ -405,12 +461,12 @@ class ServerCore:
         app = self.app
         return (
             (self._store_inline or builtin.storeless)
+            and not builtin.waits
             and command not in app.commands
             and not app.global_middleware
             and command not in app.command_middleware
             and not (builtin.writes_policed and callable(app.client_metadata_writes))
             and not (builtin.reads_policed and callable(app.client_metadata_reads))
-            and not (builtin.app_code is not None and builtin.app_code(app))
         )
 
     def _full(self) -> bool:
@@ -430,6 +486,8 @@ class ServerCore:
         self._metrics.connections_total += 1
         connection = Connection(self, proto, request)
         self._local[connection.id] = connection
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection %s opened from %s", connection.id, peer_label(proto.peer))
         await self._open(connection, verdict.metadata)
 
     async def _admit(self, request: UpgradeRequest) -> _Admitted | _Refusal:
@@ -499,6 +557,9 @@ class ServerCore:
                 except Exception:
                     log.exception("on_disconnection hook failed for %s", connection.id)
             await self._presence.connection_gone(connection.id)
+            await self.channels.connection_closed(connection)
+            await self.records.connection_gone(connection.id)
+            await self.collections.connection_gone(connection.id)
             await self.execute(ops.UnregisterConnection(connection.id, self.instance_id))
         except Exception:
             log.exception("cleaning up connection %s failed", connection.id)
@@ -517,9 +578,9 @@ class ServerCore:
             except (MeshError, ops.UnknownConnection) as exc:  # expected: the client's doing
                 result = error_payload(exc)
                 bump(self._metrics.errors, result["code"])
-            except RedisUnavailable as exc:  # an outage: no traceback per request
-                log.warning("command %r: %s", request.command, exc)
-                result = error_payload(exc)
+            except StorageUnavailable as exc:  # an outage: no traceback per request
+                self.outage_log.failed(self.runtime.now(), request.command, exc)  # log only
+                result = unavailable_payload()
                 bump(self._metrics.errors, result["code"])
             except Exception as exc:
                 log.exception("command %r failed", request.command)
@@ -546,7 +607,7 @@ class ServerCore:
 
     async def _run_command(self, ctx: Context) -> Any:
         name = ctx.command
-        handler = self.app.commands.get(name)
+        handler = self.app.commands.get(name) or _CAPABILITY_COMMANDS.get(name)
         builtin = BUILTINS.get(name) if handler is None else None
         if handler is None and builtin is None:
             bump(self._metrics.requests, UNKNOWN_COMMAND)
@@ -632,6 +693,10 @@ def _check_size(scope: str, key: str, value: Any, limit: int) -> None:
             code="ETOOLARGE",
             name="MetadataTooLarge",
         )
+
+
+#: built-ins of the record and collection capabilities, run as handlers
+_CAPABILITY_COMMANDS = {**RECORD_BUILTINS, **COLLECTION_BUILTINS}
 
 
 def _run_inline(coro: Coroutine[Any, Any, Any]) -> None:

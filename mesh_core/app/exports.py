@@ -23,6 +23,7 @@ from .._errors import (
     MeshCommandError,
     MeshConnectionError,
     MeshError,
+    MessageTooLarge,
 )
 from ..protocol import Push, Reject, UpgradeRequest
 from ..storage import MemoryStore
@@ -41,6 +42,7 @@ __all__ = [
     "MeshCommandError",
     "MeshConnectionError",
     "MeshError",
+    "MessageTooLarge",
     "Push",
     "Reject",
     "ServerOptions",

@@ -14,6 +14,7 @@ from .._errors import (
     MeshCommandError,
     MeshConnectionError,
 )
+from ._channels import ChannelCallback, ChannelSubscription, History
 from ._core import ClientCore, PushBuffer, PushIterator
 from ._options import (
     LIFECYCLE_EVENTS,
@@ -25,9 +26,14 @@ from ._options import (
     parse_url,
     reconnect_delay,
 )
+from ._records import CollectionDiff, RecordUpdate
 from ._supervisor import ClientBinding, ClientStream, OpenStream, StartTask
 
 __all__ = [
+    "ChannelCallback",
+    "ChannelSubscription",
+    "CollectionDiff",
+    "RecordUpdate",
     "ClientBinding",
     "ClientCore",
     "ClientOptions",
@@ -36,6 +42,7 @@ __all__ = [
     "CommandTimeout",
     "ConnectionRejected",
     "Endpoint",
+    "History",
     "LIFECYCLE_EVENTS",
     "MeshClientError",
     "MeshCommandError",

@@ -13,16 +13,18 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, overload
 
 from .._errors import CommandTimeout
 from ..protocol import DEFAULT_MAX_MESSAGE_SIZE, ClientEvent, LatencyUpdated, Push
+from ._channels import ClientChannels
 from ._options import LIFECYCLE_EVENTS, ClientOptions, ClientStatus, check_response, parse_url
 from ._presence import PresenceCallback, PresenceClient
+from ._records import RecordsClientMixin
 from ._supervisor import ClientBinding, Supervisor
 
 if TYPE_CHECKING:
-    from ssl import SSLContext
+    from ..runtime import TLSContext
 
 __all__ = ["ClientCore", "PushBuffer", "PushIterator"]
 
@@ -61,6 +63,25 @@ def _noop() -> None:
 
 Callback = Callable[..., Any]
 
+#: lifecycle events that carry the ``Closed`` (code, reason) of the connection
+_CLOSE_EVENTS = frozenset({"disconnect", "close"})
+
+
+def _takes_an_argument(callback: Callback) -> bool:
+    """Whether ``callback`` asks for an argument (a required positional
+    parameter, or ``*args``): ``lambda: ...`` and ``lambda n=n: ...``, the
+    callbacks written before these events carried one, do not."""
+    try:
+        parameters = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(
+        p.kind is inspect.Parameter.VAR_POSITIONAL
+        or (p.kind in positional and p.default is inspect.Parameter.empty)
+        for p in parameters
+    )
+
 
 class PushIterator:
     """``async for push in client.pushes():`` ends when the client closes."""
@@ -92,7 +113,7 @@ class PushIterator:
         self._buffer.close()
 
 
-class ClientCore(PresenceClient):
+class ClientCore(ClientChannels, RecordsClientMixin, PresenceClient):
     """The Mesh client, for every runtime: ``mesh_asyncio.MeshClient`` and
     ``mesh_trio.MeshClient`` are this class with a :attr:`binding` (the
     runtime, how to open a TCP/TLS stream, how to start a background task).
@@ -109,7 +130,7 @@ class ClientCore(PresenceClient):
         url: str,
         *,
         headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-        ssl_context: SSLContext | None = None,
+        ssl_context: TLSContext | None = None,
         ping_timeout: float = 30.0,
         max_missed_pings: int = 1,
         reconnect: bool = True,
@@ -156,6 +177,7 @@ class ClientCore(PresenceClient):
         self._listeners: dict[str, list[Callback]] = {}
         self._buffers: set[PushBuffer] = set()
         self._init_presence()
+        self._init_channels()
         self._supervisor = Supervisor(self)
 
     # -- lifecycle ------------------------------------------------------------
@@ -210,11 +232,26 @@ class ClientCore(PresenceClient):
         """Rooms joined through this client (re-joined after a reconnect)."""
         return frozenset(self._rooms)
 
-    def on(self, name: str, callback: Callback) -> Callback:
+    @overload
+    def on(self, name: str) -> Callable[[Callback], Callback]: ...
+
+    @overload
+    def on(self, name: str, callback: Callback) -> Callback: ...
+
+    def on(
+        self, name: str, callback: Callback | None = None
+    ) -> Callback | Callable[[Callback], Callback]:
         """Call ``callback`` for a push named ``name`` (with its payload), or
         for a lifecycle event (:data:`LIFECYCLE_EVENTS`; ``latency`` gets the
-        value in ms, the others no argument). A callback may be ``async``: it
-        then runs as a task of the client, cancelled when the client closes."""
+        value in ms; ``disconnect`` and ``close`` a ``Closed`` with the close
+        ``code`` and ``reason``, 1001 for a server shutting down, 1006 for a
+        lost network, if the callback has a required argument; the others
+        none).
+        A callback may be ``async``: it then runs as a task of the client,
+        cancelled when the client closes. Without ``callback``, a decorator:
+        ``@client.on("chat")``."""
+        if callback is None:
+            return lambda fn: self.on(name, fn)
         self._listeners.setdefault(name, []).append(callback)
         return callback
 
@@ -229,7 +266,10 @@ class ClientCore(PresenceClient):
         pending: list[Awaitable[Any]] = []
         for callback in list(self._listeners.get(name, ())):
             try:
-                result = callback(*args)
+                if name in _CLOSE_EVENTS and not _takes_an_argument(callback):
+                    result = callback()  # written before these events carried the code
+                else:
+                    result = callback(*args)
             except Exception:
                 log.exception("Mesh client listener for %r failed", name)
                 continue

@@ -47,8 +47,7 @@ from ..runtime import Event, Runtime
 from ._options import ClientStatus, Endpoint, reconnect_delay
 
 if TYPE_CHECKING:
-    from ssl import SSLContext
-
+    from ..runtime import TLSContext
     from ._core import ClientCore
 
 __all__ = ["ClientBinding", "ClientStream", "Link", "OpenStream", "StartTask", "Supervisor"]
@@ -87,7 +86,7 @@ class ClientStream(Protocol):
 #: ``await open_stream(endpoint, ssl_context)``: a connected stream to
 #: ``endpoint.host``/``port``, TLS over TCP when ``ssl_context`` is not
 #: ``None``; raises ``OSError`` when it cannot connect
-OpenStream = Callable[[Endpoint, "SSLContext | None"], Awaitable["ClientStream"]]
+OpenStream = Callable[[Endpoint, "TLSContext | None"], Awaitable["ClientStream"]]
 
 #: ``start_task(async_fn, *args)``: run it in the background; raises
 #: ``RuntimeError`` when the client cannot run tasks now (trio outside ``async
@@ -105,7 +104,7 @@ class ClientBinding:
     runtime: Runtime
     open_stream: OpenStream
     start_task: StartTask
-    default_tls: Callable[[], SSLContext]
+    default_tls: Callable[[], TLSContext]
 
 
 class _Waiter:
@@ -234,6 +233,8 @@ class Supervisor:
         #: the link commands go out on (``None`` while offline)
         self.link: Link | None = None
         self.closing = False
+        #: how the last connection ended, for the disconnect and close events
+        self.last_closed: Closed | None = None
         #: where the jitter of each reconnect delay comes from (in [0, 1))
         self.rand: Callable[[], float] = random.random
         self._status_changed = self._runtime.event()
@@ -289,6 +290,8 @@ class Supervisor:
 
     async def _shut_down(self, *, disconnected: bool = False) -> None:
         client = self.client
+        closed = (self.link.closed if self.link is not None else None) or self.last_closed
+        closed = closed or Closed(CloseCode.NORMAL, "")
         if self.link is not None:
             self._drop(self.link, MeshConnectionError("the client was closed"))
         self._task = None
@@ -302,7 +305,7 @@ class Supervisor:
                 listener.cancel()
         # the last listeners run to completion before close() returns
         for name in ("disconnect", "close") if disconnected else ("close",):
-            for awaitable in client._emit(name, collect=True):
+            for awaitable in client._emit(name, closed, collect=True):
                 try:
                     await awaitable
                 except Exception:
@@ -540,10 +543,11 @@ class Supervisor:
                         client._emit("connect")
                         client._emit("reconnect")
             self._drop(link, MeshConnectionError("connection lost before the response"))
+            self.last_closed = link.closed
             if self.closing:
                 return
             self._set_status(ClientStatus.RECONNECTING)
-            client._emit("disconnect")
+            client._emit("disconnect", link.closed or Closed(CloseCode.ABNORMAL, ""))
             if not client.options.reconnect:
                 return
             link, backlog = await self._reconnect()

@@ -43,6 +43,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError as WSLocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
+from .._errors import MessageTooLarge
 from ._close_codes import CloseCode
 from ._frames import DEFAULT_MAX_MESSAGE_SIZE, Frame, Violation, encode_response
 from ._messages import MessageAssembler, Refusal
@@ -170,7 +171,8 @@ class ClientConnection:
 
     @property
     def max_message_size(self) -> int:
-        """The largest message taken, in UTF-8 bytes (the server counts the same)."""
+        """The largest message taken, in UTF-8 bytes (the server counts the
+        same), and sent: servers default to the same limit."""
         return self._messages.max_size
 
     # -- output ---------------------------------------------------------------
@@ -199,11 +201,15 @@ class ClientConnection:
 
         ``None`` is sent as ``{}``, like the reference client. Raises
         :class:`~mesh_core.protocol.LocalProtocolError` (a ``RuntimeError``) unless
-        OPEN, and ``TypeError``/``msgspec.EncodeError`` for a payload that is
-        not JSON (no id is consumed then)."""
+        OPEN, ``TypeError``/``msgspec.EncodeError`` for a payload that is
+        not JSON and :class:`~mesh_core.MessageTooLarge` for a request over
+        ``max_message_size`` (no id is consumed then)."""
         transition(CLIENT_CALLS, "send_request", self.state)
         id = self._allocate_id()
-        self._send_frame(_encode_request(id, command, {} if payload is None else payload))
+        data = _encode_request(id, command, {} if payload is None else payload)
+        if len(data) > self.max_message_size:  # the server would close with 1009
+            raise MessageTooLarge(command, len(data), self.max_message_size)
+        self._send_frame(data)
         self._in_flight[id] = command
         return id
 

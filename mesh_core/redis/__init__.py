@@ -1,9 +1,14 @@
-"""The Redis store's runtime-neutral half: the shared key layout and scripts,
-the store's logic over a ``RedisTransport``, RESP encoding, Sentinel switch
-following, Cluster routing and the URL forms. The adapters supply the sockets.
+"""The Redis store's runtime-neutral half: the shared key layout and scripts
+(``_layout``), the store's logic (``_store``) over a ``RedisTransport``
+(``_transport``), the Redis client itself (``_client``: pool, request FIFO
+and batching in ``_connection``, pub/sub, Sentinel discovery and switch
+following with ``_sentinel``), Cluster routing (``_cluster``), RESP
+(``_resp``) and the URL forms (``_url``). Each runtime supplies a socket
+shim (a :class:`Network`) and its :class:`~mesh_core.runtime.Runtime`.
 """
 
 from .._errors import RedisReplyError, RedisUnavailable
+from ._client import GROW_AT, RedisClient
 from ._cluster import (
     SLOTS,
     ClusterEndpoint,
@@ -20,17 +25,35 @@ from ._cluster import (
     parse_redirect,
     split_by_node,
 )
-from ._resp import PING, Arg, forget_channel, on_pubsub_reply, pack
-from ._sentinel import ANNOUNCEMENT_TRUST, SWITCH_CHANNEL, SwitchState, parse_switch
-from ._store import RedisStoreCore, RedisTransport, keys
+from ._connection import Link, Multiplexed, Network, Stream, Waiter
+from ._layout import keys
+from ._resp import PING, Arg, on_pubsub_reply, pack, scan_keys
+from ._sentinel import (
+    ANNOUNCEMENT_TRUST,
+    SWITCH_CHANNEL,
+    SentinelMaster,
+    SwitchState,
+    parse_switch,
+)
+from ._store import RedisStoreCore
+from ._transport import DEFAULT_URL, NodeClient, RedisTransport, open_transport
 from ._url import DEFAULT_SENTINEL_PORT, RedisEndpoint, SentinelEndpoint, parse_redis_url
 
 __all__ = [
     "ANNOUNCEMENT_TRUST",
     "Arg",
     "ClusterEndpoint",
+    "GROW_AT",
+    "Link",
+    "Multiplexed",
+    "Network",
+    "RedisClient",
+    "Stream",
+    "Waiter",
     "ClusterTransportCore",
+    "DEFAULT_URL",
     "DEFAULT_SENTINEL_PORT",
+    "NodeClient",
     "NodeTransport",
     "PING",
     "Redirect",
@@ -42,16 +65,18 @@ __all__ = [
     "SLOTS",
     "SWITCH_CHANNEL",
     "SentinelEndpoint",
+    "SentinelMaster",
     "SlotTable",
     "SwitchState",
     "Thunk",
     "command_slot",
-    "forget_channel",
     "is_cluster_url",
     "key_slot",
     "keys",
     "on_pubsub_reply",
     "pack",
+    "scan_keys",
+    "open_transport",
     "parse_cluster_slots",
     "parse_cluster_url",
     "parse_redirect",

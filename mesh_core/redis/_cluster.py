@@ -4,15 +4,16 @@ The pure parts (key slots, which argument of a command is its key, the
 ``CLUSTER SLOTS`` table, ``MOVED``/``ASK`` replies, splitting a pipeline by
 node) are plain functions, unit-tested without a server. :class:`ClusterTransportCore`
 puts them together into a ``RedisTransport`` over one single-node transport
-per node; the runtime adapters (``mesh_asyncio._redis_cluster``,
-``mesh_trio._redis_cluster``) only supply how to make a node transport, how
-to run coroutines side by side, a sleep, a monotonic clock and a background
-task for the pub/sub watchdog. Pooling, auto-pipelining, timeouts and the
-mapping of failures to ``RedisUnavailable`` stay in the node transports.
+per node (a :class:`~mesh_core.redis.RedisClient`); the runtime supplies the
+node client class and its :class:`~mesh_core.runtime.Runtime` (running
+coroutines side by side, sleeps, the clock, the pub/sub watchdog's
+background task), see :func:`~mesh_core.redis.open_transport`. Pooling,
+auto-pipelining, timeouts and the mapping of failures to
+``RedisUnavailable`` stay in the node transports.
 
 The key layout is a contract shared with other implementations (PROTOCOL.md
 section 8), so there are no hash tags: keys of one operation may live on
-different nodes, and :mod:`mesh_core._redis` orders its writes accordingly.
+different nodes, and :mod:`mesh_core.redis._store` orders its writes accordingly.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .._errors import RedisReplyError, RedisUnavailable
+from ..runtime import Event, Runtime, TaskGroup
+from ._resp import scan_keys
 from ._url import ClusterEndpoint, is_cluster_url, parse_cluster_url
 
 __all__ = [
@@ -247,11 +250,11 @@ class ClusterTransportCore:
     """A ``RedisTransport`` over a Redis Cluster; see the module docstring.
 
     ``make_node(url)`` returns a runtime's single-node transport for a node
-    URL; ``gather(thunks)`` runs the thunks side by side and returns their
-    results in order (each thunk here already turns its exceptions into
-    return values). The slot table is loaded on :meth:`connect`, patched on
-    ``MOVED`` and reloaded (at most every ``refresh_interval`` seconds) after
-    a ``MOVED`` or a node failure. A command is redirected at most
+    URL; ``runtime.gather`` runs the per-node sub-pipelines side by side
+    (each thunk here already turns its exceptions into return values). The
+    slot table is loaded on :meth:`connect`, patched on ``MOVED`` and
+    reloaded (at most every ``refresh_interval`` seconds) after a ``MOVED``
+    or a node failure. A command is redirected at most
     ``max_redirects`` times. Node failures surface as ``RedisUnavailable``.
     """
 
@@ -262,18 +265,18 @@ class ClusterTransportCore:
         url: str,
         *,
         make_node: Callable[[str], NodeTransport],
-        gather: Callable[[list[Thunk]], Awaitable[list[Any]]],
-        sleep: Callable[[float], Awaitable[Any]],
-        clock: Callable[[], float],
+        runtime: Runtime,
         max_redirects: int = 5,
         refresh_interval: float = 0.5,
         pubsub_check_interval: float = 2.0,
     ) -> None:
         self.url: ClusterEndpoint = parse_cluster_url(url)
         self._make_node = make_node
-        self._gather = gather
-        self._sleep = sleep
-        self._clock = clock
+        self._rt = runtime
+        self._sleep = runtime.sleep
+        self._watching = False
+        self._watch_group: TaskGroup | None = None
+        self._watch_done: Event | None = None
         self.max_redirects = max_redirects
         self.refresh_interval = refresh_interval
         self.pubsub_check_interval = pubsub_check_interval
@@ -310,7 +313,7 @@ class ClusterTransportCore:
 
     async def refresh(self, *, force: bool = False) -> None:
         """Reload the slot table from any node that answers (one at a time)."""
-        now = self._clock()
+        now = self._rt.now()
         if (
             not force
             and self._refreshed_at is not None
@@ -504,26 +507,14 @@ class ClusterTransportCore:
 
         if len(thunks) == 1:
             return [await caught(thunks[0])()]
-        return await self._gather([caught(t) for t in thunks])
+        return await self._rt.gather([caught(t) for t in thunks])
 
     async def scan_all(self, pattern: str, count: int) -> list[bytes]:
         """Every key matching ``pattern`` on every primary (SCAN sees one node only)."""
         await self._ready()
 
         def scan(address: Address) -> Thunk:
-            async def run() -> list[bytes]:
-                node = self.node(address)
-                found: list[bytes] = []
-                cursor: bytes | int = 0
-                while True:
-                    cursor, keys = await node.execute(
-                        "SCAN", cursor, "MATCH", pattern, "COUNT", count
-                    )
-                    found += keys
-                    if int(cursor) == 0:
-                        return found
-
-            return run
+            return lambda: scan_keys(self.node(address).execute, pattern, count)
 
         outcomes = await self._run_all([scan(a) for a in self.table.primaries])
         names: list[bytes] = []
@@ -603,13 +594,32 @@ class ClusterTransportCore:
                 log.exception("pub/sub watchdog failed; will retry")
 
     def start_watchdog(self) -> None:
-        """Have :meth:`watch_pubsub` run in the background (once); the
-        runtime adapters know how. Without it, pub/sub never leaves a node."""
+        """Have :meth:`watch_pubsub` run in the background (once), until
+        :meth:`aclose`. Without it, pub/sub never leaves a node."""
+        if not self._watching and not self._closed:
+            self._watching = True
+            # a system task, like the node transports' own: it must outlive
+            # the task that happened to subscribe
+            self._rt.spawn_system_task(self._watch)
+
+    async def _watch(self) -> None:
+        if self._closed:
+            return
+        self._watch_done = done = self._rt.event()
+        try:
+            async with self._rt.open_task_group() as group:
+                self._watch_group = group
+                if not self._closed:
+                    group.start_soon(self.watch_pubsub)
+        finally:
+            self._watch_group = None
+            done.set()
 
     async def _close_node(self, transport: NodeTransport) -> None:
-        """Close a node transport even from a task being cancelled: a runtime
-        whose cancellation hits every later await (trio) shields this."""
-        await transport.aclose()
+        """Close a node transport even from a task being cancelled (a
+        runtime whose cancellation hits every later await, trio, shields it)."""
+        with self._rt.shield():
+            await transport.aclose()
 
     async def _move_pubsub(self) -> bool:
         """Subscribe every channel on another node; True once one confirmed."""
@@ -692,6 +702,12 @@ class ClusterTransportCore:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._watch_group is not None:
+            self._watch_group.cancel()
+        if self._watch_done is not None:
+            # a move it was making closes what it opened before it ends
+            with self._rt.shield():
+                await self._watch_done.wait()
         pubsub, self._pubsub = self._pubsub, None
         transports = [*self._nodes.values()]
         if pubsub is not None:

@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ..storage import _ops as ops
+from ._layout import keys
 
 if TYPE_CHECKING:
-    from ._store import RedisTransport
+    from ..runtime import Runtime
+    from ._transport import RedisTransport
 
 __all__ = ["RedisPresence", "presence_keys"]
 
@@ -93,7 +95,7 @@ class RedisPresence:
     presence."""
 
     transport: RedisTransport
-    now_ms: Any
+    runtime: Runtime
 
     if TYPE_CHECKING:  # the store's
 
@@ -150,7 +152,6 @@ class RedisPresence:
         it is in and publish one leave per room it was removed from. The
         ``SREM`` reply decides, so however many instances sweep, one leave
         goes out per room (and none for a member already gone)."""
-        from ._store import keys  # the room registry's layout
 
         rooms = sorted(
             _text(r)
@@ -164,7 +165,7 @@ class RedisPresence:
         gone = [room for room, was in zip(rooms, removed, strict=True) if was]
         if not gone:
             return
-        now = int(self.now_ms())
+        now = self.runtime.wall_ms()
         commands: list[Sequence[Any]] = []
         for room in gone:
             commands += [

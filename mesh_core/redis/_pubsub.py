@@ -15,10 +15,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..storage import _ops as ops
+from ._layout import keys
 from ._resp import Arg
 
 if TYPE_CHECKING:
-    from ._store import RedisTransport
+    from ._transport import RedisTransport
 
 __all__ = ["RedisPubSub"]
 
@@ -33,7 +34,7 @@ class RedisPubSub:
     def _reserved(self, channel: str) -> bool:
         # the instance's own delivery channel is the store's, not a topic's:
         # subscribing it here would replace the store's callback
-        return channel == f"mesh:pubsub:{self.instance_id}"  # keys.pubsub(...)
+        return channel == keys.pubsub(self.instance_id)
 
     async def _subscribe(self, op: ops.Subscribe) -> None:
         if self._reserved(op.channel):

@@ -1,4 +1,4 @@
-"""Encoding Redis commands, shared by both runtimes' transports.
+"""Encoding Redis commands and routing pub/sub replies, shared by every transport.
 
 hiredis does the work; it is imported here, not in the rest of the core, so
 that only users of the Redis store need it.
@@ -7,12 +7,12 @@ that only users of the Redis store need it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import hiredis
 
-__all__ = ["PING", "Arg", "forget_channel", "on_pubsub_reply", "pack"]
+__all__ = ["PING", "Arg", "on_pubsub_reply", "pack", "scan_keys"]
 
 Arg = bytes | str | int | float
 
@@ -78,18 +78,14 @@ def on_pubsub_reply(
     return False
 
 
-def forget_channel(
-    channel: str,
-    subscribers: MutableMapping[bytes, Callable[[bytes], None]],
-    waiting: MutableMapping[bytes, Any],
-) -> bytes | None:
-    """A transport's bookkeeping for ``unsubscribe(channel)``: drop the
-    channel from what a reconnect subscribes (at once, whether or not Redis
-    can be told) and return the UNSUBSCRIBE to send on the pub/sub
-    connection, or ``None`` if the channel was not subscribed. A message
-    still in flight for it finds no callback and is dropped."""
-    key = channel.encode()
-    if subscribers.pop(key, None) is None:
-        return None
-    waiting.pop(key, None)
-    return pack(("UNSUBSCRIBE", key))
+async def scan_keys(
+    execute: Callable[..., Awaitable[Any]], pattern: str, count: int
+) -> list[bytes]:
+    """Every key of one node matching ``pattern``, by ``SCAN`` cursor."""
+    found: list[bytes] = []
+    cursor: bytes | int = 0
+    while True:
+        cursor, keys = await execute("SCAN", cursor, "MATCH", pattern, "COUNT", count)
+        found += keys
+        if int(cursor) == 0:
+            return found

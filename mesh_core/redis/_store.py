@@ -2,10 +2,13 @@
 
 Which keys hold what, the commands each storage operation becomes, the
 atomic metadata update, the cross-instance message format, heartbeats and
-the dead-instance sweep are written once, here. Talking to Redis is left to
-a :class:`RedisTransport` (``mesh_asyncio`` wraps redis-py, ``mesh_trio`` a
-trio-native client), and the clock is passed in, so this module does no I/O
-of its own.
+the dead-instance sweep are written once, here; the key names, the
+message format and the Lua scripts themselves are in
+:mod:`mesh_core.redis._layout`. Talking to Redis is left to a
+:class:`~mesh_core.redis.RedisTransport` (the project's
+:class:`~mesh_core.redis.RedisClient` on each runtime's socket shim), and
+time, events and sleeps come from the :class:`~mesh_core.runtime.Runtime`,
+so this module does no I/O of its own.
 
 Atomic updates are optimistic: compute the new value in Python from the
 stored JSON (so JSON stays exact: ``[]`` stays ``[]``, numbers keep their
@@ -28,197 +31,58 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
-from .._errors import RedisReplyError, RedisUnavailable
+from .._errors import RedisUnavailable
+from ..runtime import Runtime
 from ..storage import _ops as ops
 from ..storage._base import DeliverCallback
+from ._channels import RedisChannels
+from ._layout import (
+    CAS,
+    DELETE_IF,
+    UNLOCK,
+    Delivery,
+    Envelope,
+    Script,
+    as_bytes,
+    decode_envelope,
+    encode,
+    glob_escape,
+    keys,
+    load_json,
+    text,
+)
 from ._presence import RedisPresence
 from ._pubsub import RedisPubSub
+from ._records import RedisRecords
+from ._resp import Arg
+from ._transport import NodeClient, RedisTransport, open_transport
+from ._turns import Turns, Update
 
-__all__ = ["RedisStoreCore", "RedisTransport", "keys"]
+__all__ = ["RedisStoreCore"]
 
 log = logging.getLogger("mesh_core.redis")
-
-Arg = bytes | str | int | float
-
-
-class RedisTransport(Protocol):
-    """The I/O a runtime supplies: raw commands in, raw replies out."""
-
-    async def connect(self) -> None: ...
-
-    async def execute(self, *args: Arg) -> Any: ...
-
-    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]: ...
-
-    async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None: ...
-
-    async def unsubscribe(self, channel: str) -> None:
-        """Forget the channel at once (never renewed on reconnect) and send
-        UNSUBSCRIBE if connected; never raises for an unreachable Redis."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class _Event(Protocol):
-    """What ``asyncio.Event`` and ``trio.Event`` both are."""
-
-    def set(self) -> None: ...
-
-    async def wait(self) -> Any: ...
-
-
-class _Update:
-    """One writer's update of a metadata value, waiting its turn."""
-
-    __slots__ = ("abandoned", "done", "error", "fn", "leads", "result")
-
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
-        self.fn = fn
-        self.done: _Event | None = None
-        self.leads = False
-        self.abandoned = False  # its writer was cancelled while in a leader's batch
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def outcome(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-class keys:
-    """The shared layout; byte-compatible with reference instances."""
-
-    CONNECTIONS = "mesh:connections"
-    CONNECTION_META = "mesh:connection-meta"
-    INSTANCES = "mesh:instances"
-    CLEANUP_LOCK = "mesh:cleanup:lock"
-    ROOM_PREFIX = "mesh:room:"
-    ROOMMETA_PREFIX = "mesh:roommeta:"
-
-    @staticmethod
-    def instance_connections(instance_id: str) -> str:
-        return f"mesh:connections:{instance_id}"
-
-    @staticmethod
-    def room(room: str) -> str:
-        return f"mesh:room:{room}"
-
-    @staticmethod
-    def connection_rooms(connection_id: str) -> str:
-        return f"mesh:connection:{connection_id}:rooms"
-
-    @staticmethod
-    def roommeta(room: str) -> str:
-        return f"mesh:roommeta:{room}"
-
-    @staticmethod
-    def heartbeat(instance_id: str) -> str:
-        return f"mesh:instance:{instance_id}:heartbeat"
-
-    @staticmethod
-    def pubsub(instance_id: str) -> str:
-        return f"mesh:pubsub:{instance_id}"
-
-
-class _Delivery(msgspec.Struct):
-    command: str
-    payload: Any = None
-
-
-class _Envelope(msgspec.Struct):
-    """What one instance publishes to another (PROTOCOL.md section 8)."""
-
-    targetConnectionIds: list[str]
-    command: _Delivery
-
-
-_encode = msgspec.json.Encoder().encode
-_decode_envelope = msgspec.json.Decoder(_Envelope).decode
-
-
-def _load(raw: bytes | None) -> Any:
-    return None if raw is None else msgspec.json.decode(raw)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
-# Compare-and-set of one hash field. KEYS[1] hash, ARGV[1] field,
-# ARGV[2] "1" if the value expected is absent, ARGV[3] the value expected,
-# ARGV[4] the new value (ARGV[2] "blind": write without comparing);
-# KEYS[2] (optional, never on a cluster: another slot) a hash that must
-# contain ARGV[1] (the connection registry: metadata of a gone connection
-# is not revived).
-# Returns 1 on success, -1 when the connection is unknown, and on a
-# conflict {0, current} ({0} if the field is absent), so the retry needs
-# no read of its own.
-_CAS = """
-if KEYS[2] and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return -1 end
-if ARGV[2] ~= 'blind' then
-  local cur = redis.call('HGET', KEYS[1], ARGV[1])
-  if ARGV[2] == '1' then
-    if cur then return {0, cur} end
-  elseif cur ~= ARGV[3] then
-    if cur then return {0, cur} end
-    return {0}
-  end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
-return 1
-"""
-
-# Delete a hash field only if it still holds ARGV[2]: undoes one write
-# without touching whatever another writer put there since.
-_DELETE_IF = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  return redis.call('HDEL', KEYS[1], ARGV[1])
-end
-return 0
-"""
-
-# Release the cleanup lock only if this instance still holds it.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 _MISSING: Any = object()  # not in the cache (None there means "absent in Redis")
 
 
-class _Script:
-    def __init__(self, source: str) -> None:
-        import hashlib
-
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(
-        self, transport: RedisTransport, keys_: Sequence[str], args: Sequence[Arg]
-    ) -> Any:
-        try:
-            return await transport.execute("EVALSHA", self.sha, len(keys_), *keys_, *args)
-        except RedisReplyError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
-            return await transport.execute("EVAL", self.source, len(keys_), *keys_, *args)
-
-
-class RedisStoreCore(RedisPubSub, RedisPresence):
+class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
     """A storage driver on a shared Redis; see the module docstring.
 
-    The runtime adapters subclass it to supply the transport, a wall clock
-    (``now_ms``), and their event type and sleep (``new_event``, ``sleep``);
-    the server runs :meth:`run`, which calls :meth:`heartbeat` every
-    ``heartbeat_interval`` and :meth:`sweep` every ``sweep_interval``.
+    ``transport`` is a :class:`~mesh_core.redis.RedisTransport`, or a URL
+    (any form of :mod:`mesh_core.redis._url`) opened by
+    :func:`~mesh_core.redis.open_transport` with ``client``, the runtime's
+    Redis client class, and ``command_timeout`` (how long a request may wait
+    for Redis before it is answered with an ``EUNAVAILABLE`` error payload)
+    and ``connect_timeout``. The server runs :meth:`run`, which calls
+    :meth:`heartbeat` every ``heartbeat_interval`` and :meth:`sweep` every
+    ``sweep_interval``. Each runtime's ``RedisStore`` is this class with its
+    client and :class:`~mesh_core.runtime.Runtime` filled in.
     """
 
     answers_inline = False  # every operation is a round trip (Storage protocol)
@@ -228,11 +92,12 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
 
     def __init__(
         self,
-        transport: RedisTransport,
+        transport: RedisTransport | str,
         *,
-        now_ms: Callable[[], int],
-        new_event: Callable[[], _Event],
-        sleep: Callable[[float], Awaitable[Any]],
+        runtime: Runtime,
+        client: NodeClient | None = None,
+        command_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
         heartbeat_interval: float = 15.0,
         heartbeat_ttl: int = 120,
         sweep_interval: float = 60.0,
@@ -241,11 +106,21 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         scan_count: int = 500,
         cache_size: int = 4096,
     ) -> None:
+        self.url: str | None = None
+        if isinstance(transport, str):
+            if client is None:
+                raise TypeError("a Redis URL needs the runtime's client class (client=)")
+            self.url = transport
+            transport = open_transport(
+                transport,
+                client,
+                runtime,
+                command_timeout=command_timeout,
+                connect_timeout=connect_timeout,
+            )
         self.transport = transport
-        self.now_ms = now_ms
-        self.new_event = new_event
-        self.sleep = sleep
-        self._writers: dict[tuple[str, str], list[_Update]] = {}
+        self.runtime = runtime
+        self._turns = Turns(runtime)  # local writers of one key take turns
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl = heartbeat_ttl
         self.sweep_interval = sweep_interval
@@ -259,14 +134,16 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         self._registered: dict[str, Any] = {}
         # unregistrations that could not reach Redis, retried by heartbeat()
         self._pending_unregister: set[str] = set()
+        self._started = False  # start() completed: a failed stop is then worth a warning
         # the raw text last read or written per (hash, field): the value an
         # update is computed from before any read (see the module docstring)
         self._cache: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
         self.cache_size = cache_size
-        self._cluster = bool(getattr(transport, "cluster", False))
-        self._cas = _Script(_CAS)
-        self._delete_if = _Script(_DELETE_IF)
-        self._unlock = _Script(_UNLOCK)
+        self._cluster = transport.cluster
+        self._cas = Script(CAS)
+        self._delete_if = Script(DELETE_IF)
+        self._unlock = Script(UNLOCK)
+        self._init_records()
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------
@@ -277,6 +154,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         await self.transport.connect()
         await self.heartbeat()
         await self.transport.subscribe(keys.pubsub(instance_id), self._on_message)
+        self._started = True
 
     async def stop(self) -> None:
         """Leave the shared state as if this instance had never been: its
@@ -293,8 +171,10 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
                     ]
                 )
         except RedisUnavailable:
-            log.warning(
-                "Redis unavailable at shutdown: the sweep of another instance will clean up"
+            # after a failed start the start's error is what the operator reads
+            log.log(
+                logging.WARNING if self._started else logging.DEBUG,
+                "Redis unavailable at shutdown: the sweep of another instance will clean up",
             )
         finally:
             await self.transport.aclose()
@@ -310,7 +190,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         beats_per_sweep = max(1, round(self.sweep_interval / self.heartbeat_interval))
         beats = 0
         while True:
-            await self.sleep(self.heartbeat_interval)
+            await self.runtime.sleep(self.heartbeat_interval)
             await self._duty(self.heartbeat)
             beats += 1
             if beats % beats_per_sweep == 0:
@@ -336,7 +216,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
                 (
                     "SET",
                     keys.heartbeat(instance),
-                    str(self.now_ms()),
+                    str(self.runtime.wall_ms()),
                     "EX",
                     self.heartbeat_ttl,
                     "GET",
@@ -364,7 +244,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
             members, owners = await self.transport.pipeline(
                 [("SMEMBERS", keys.INSTANCES), ("HVALS", keys.CONNECTIONS)]
             )
-            candidates = sorted({_text(i) for i in [*members, *owners]} - {instance})
+            candidates = sorted({text(i) for i in [*members, *owners]} - {instance})
             if not candidates:
                 return []
             alive = await self.transport.pipeline(
@@ -383,10 +263,10 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         listed, everyone = await self.transport.pipeline(
             [("SMEMBERS", keys.instance_connections(instance)), ("HGETALL", keys.CONNECTIONS)]
         )
-        held = {_text(c) for c in listed}
+        held = {text(c) for c in listed}
         for cid, owner in zip(everyone[::2], everyone[1::2], strict=True):
-            if _text(owner) == instance:
-                held.add(_text(cid))
+            if text(owner) == instance:
+                held.add(text(cid))
         for cid in sorted(held):
             await self._sweep_presence(cid)  # before the rooms it reads are gone
             await self._unregister(ops.UnregisterConnection(cid, instance), owned=False)
@@ -401,7 +281,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
 
     def _on_message(self, data: bytes) -> None:
         try:
-            envelope = _decode_envelope(data)
+            envelope = decode_envelope(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("ignoring a malformed message on %s", keys.pubsub(self.instance_id))
             return
@@ -418,7 +298,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         by_owner: defaultdict[str, list[str]] = defaultdict(list)
         for cid, owner in zip(ids, owners, strict=True):
             if owner is not None:
-                by_owner[_text(owner)].append(cid)
+                by_owner[text(owner)].append(cid)
         local = by_owner.pop(self.instance_id, None)
         if local and self._deliver is not None:
             self._deliver(local, op.command, op.payload)
@@ -428,7 +308,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
                     (
                         "PUBLISH",
                         keys.pubsub(owner),
-                        _encode(_Envelope(targets, _Delivery(op.command, op.payload))),
+                        encode(Envelope(targets, Delivery(op.command, op.payload))),
                     )
                     for owner, targets in by_owner.items()
                 ]
@@ -445,7 +325,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         ]
         if metadata is not None:
             verb = "HSETNX" if only_if_missing else "HSET"
-            commands.append((verb, keys.CONNECTION_META, cid, _encode(metadata)))
+            commands.append((verb, keys.CONNECTION_META, cid, encode(metadata)))
         return commands
 
     async def _register(self, op: ops.RegisterConnection) -> None:
@@ -463,7 +343,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
             self._registered.pop(cid, None)
         try:
             rooms = [
-                _text(r)
+                text(r)
                 for r in await self.transport.execute("SMEMBERS", keys.connection_rooms(cid))
             ]
             commands: list[Sequence[Arg]] = [("SREM", keys.room(room), cid) for room in rooms]
@@ -494,7 +374,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
 
     async def _get_all_connection_ids(self, op: ops.GetAllConnectionIds) -> list[tuple[str, str]]:
         flat = await self.transport.execute("HGETALL", keys.CONNECTIONS)
-        return [(_text(c), _text(i)) for c, i in zip(flat[::2], flat[1::2], strict=True)]
+        return [(text(c), text(i)) for c, i in zip(flat[::2], flat[1::2], strict=True)]
 
     # -- metadata -------------------------------------------------------------
 
@@ -515,20 +395,20 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
             )
         for key, value in zip(op.keys, raw, strict=True):
             self._cache_put(self._location(op.scope, key), value)
-        return [_load(value) for value in raw]
+        return [load_json(value) for value in raw]
 
     async def _get_all_metadata(self, op: ops.GetAllMetadata) -> list[tuple[str, Any]]:
         if op.scope == "connection":
             registered, stored = await self.transport.pipeline(
                 [("HKEYS", keys.CONNECTIONS), ("HGETALL", keys.CONNECTION_META)]
             )
-            meta = {_text(k): v for k, v in zip(stored[::2], stored[1::2], strict=True)}
-            return [(_text(c), _load(meta.get(_text(c)))) for c in registered]
+            meta = {text(k): v for k, v in zip(stored[::2], stored[1::2], strict=True)}
+            return [(text(c), load_json(meta.get(text(c)))) for c in registered]
         names = await self._scan(keys.ROOMMETA_PREFIX)
         if not names:
             return []
         raw = await self.transport.pipeline([("HGET", keys.roommeta(n), "data") for n in names])
-        return [(n, _load(v)) for n, v in zip(names, raw, strict=True) if v is not None]
+        return [(n, load_json(v)) for n, v in zip(names, raw, strict=True) if v is not None]
 
     async def _update_metadata(self, op: ops.UpdateMetadata) -> Any:
         hash_key, field = self._location(op.scope, op.key)
@@ -546,64 +426,14 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         # applies every update queued behind it in one compare-and-set, so
         # local contention costs one round trip per batch, not a retry storm;
         # only writers on other instances can make a compare-and-set fail.
-        me = _Update(op.update)
-        location = (hash_key, field)
-        queue = self._writers.get(location)
-        if queue is None:
-            queue = self._writers[location] = []
-        else:
-            me.done = self.new_event()
-            queue.append(me)
-            try:
-                await me.done.wait()
-            except BaseException:
-                # cancelled while waiting: a turn it was given, or a place in
-                # the queue, must not stall the writers behind it for good
-                if me.leads:
-                    self._pass_turn(location, queue)
-                elif any(update is me for update in queue):
-                    queue.remove(me)
-                else:
-                    me.abandoned = True  # in a leader's batch: not retried for it
-                raise
-            if not me.leads:
-                return me.outcome()
-        batch = [me, *queue]
-        queue.clear()
-        try:
-            await self._apply_batch(op, hash_key, field, guard, batch)
-        except Exception as exc:
-            for update in batch:
-                update.error = exc
-        except BaseException:
-            # The leader was cancelled: the others' updates may not have been
-            # written, so they must not report success. They go back to the
-            # head of the queue, the first of them leads, and they are applied
-            # again to whatever Redis holds then (if the interrupted write did
-            # land, applying them again is harmless: an update is computed
-            # from the stored value, and the strategies are idempotent).
-            queue[:0] = [update for update in batch[1:] if not update.abandoned]
-            del batch[1:]
-            raise
-        finally:
-            self._pass_turn(location, queue)
-            for update in batch[1:]:
-                assert update.done is not None
-                update.done.set()
-        return me.outcome()
-
-    def _pass_turn(self, location: tuple[str, str], queue: list[_Update]) -> None:
-        """Wake the next writer queued for ``location`` as its new leader."""
-        if queue:
-            successor = queue.pop(0)
-            successor.leads = True
-            assert successor.done is not None
-            successor.done.set()
-        else:
-            del self._writers[location]
+        return await self._turns.take(
+            (hash_key, field),
+            op.update,
+            lambda batch: self._apply_batch(op, hash_key, field, guard, batch),
+        )
 
     async def _apply_batch(
-        self, op: ops.UpdateMetadata, hash_key: str, field: str, guard: str, batch: list[_Update]
+        self, op: ops.UpdateMetadata, hash_key: str, field: str, guard: str, batch: list[Update]
     ) -> None:
         location = (hash_key, field)
         raw = self._cache.get(location, _MISSING)
@@ -616,7 +446,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
             raw = await self.transport.execute("HGET", hash_key, field)
             self._cache_put(location, raw)
         for _ in range(self.max_update_attempts):
-            value = _load(raw)
+            value = load_json(raw)
             changed = False
             for update in batch:
                 update.error = None
@@ -753,7 +583,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         between the two.
         """
         location = (hash_key, field)
-        encoded = _encode(new)
+        encoded = encode(new)
         script_guard = [guard] if guard and not self._cluster else []
         late_guard = bool(guard) and self._cluster
         if (
@@ -778,7 +608,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
                 [field, absent, old if old is not None else b"", encoded],
             )
         if isinstance(result, list):
-            current = _as_bytes(result[1]) if len(result) > 1 else None
+            current = as_bytes(result[1]) if len(result) > 1 else None
             self._cache_put(location, current)
             return 0, current
         if (
@@ -825,7 +655,7 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         return bool(await self.transport.execute("SISMEMBER", keys.room(op.room), op.connection_id))
 
     async def _get_room_members(self, op: ops.GetRoomMembers) -> list[str]:
-        return [_text(m) for m in await self.transport.execute("SMEMBERS", keys.room(op.room))]
+        return [text(m) for m in await self.transport.execute("SMEMBERS", keys.room(op.room))]
 
     async def _get_room_members_metadata(
         self, op: ops.GetRoomMembersMetadata
@@ -834,11 +664,11 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
         if not members:
             return []
         raw = await self.transport.execute("HMGET", keys.CONNECTION_META, *members)
-        return [(m, _load(v)) for m, v in zip(members, raw, strict=True)]
+        return [(m, load_json(v)) for m, v in zip(members, raw, strict=True)]
 
     async def _get_connection_rooms(self, op: ops.GetConnectionRooms) -> list[str]:
         rooms = await self.transport.execute("SMEMBERS", keys.connection_rooms(op.connection_id))
-        return [_text(r) for r in rooms]
+        return [text(r) for r in rooms]
 
     async def _get_all_rooms(self, op: ops.GetAllRooms) -> list[str]:
         return await self._scan(keys.ROOM_PREFIX)
@@ -858,25 +688,6 @@ class RedisStoreCore(RedisPubSub, RedisPresence):
 
     async def _scan(self, prefix: str) -> list[str]:
         """Names after ``prefix`` of every key matching it: SCAN, never KEYS."""
-        pattern = _glob_escape(prefix) + "*"
-        scan_all = getattr(self.transport, "scan_all", None)
-        if scan_all is not None:  # a cluster: SCAN sees one node's keys only
-            found_all: list[bytes | str] = await scan_all(pattern, self.scan_count)
-            return sorted({_text(k)[len(prefix) :] for k in found_all})
-        cursor: bytes | int = 0
-        names: set[str] = set()
-        while True:
-            cursor, found = await self.transport.execute(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", self.scan_count
-            )
-            names.update(_text(k)[len(prefix) :] for k in found)
-            if int(cursor) == 0:
-                return sorted(names)
-
-
-def _as_bytes(raw: bytes | str) -> bytes:
-    return raw.encode() if isinstance(raw, str) else raw
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+        pattern = glob_escape(prefix) + "*"
+        found = await self.transport.scan_all(pattern, self.scan_count)
+        return sorted({text(k)[len(prefix) :] for k in found})

@@ -106,7 +106,8 @@ def parse_redis_url(url: str) -> RedisEndpoint | SentinelEndpoint:
     if scheme not in _PLAIN_SCHEMES:
         raise ValueError(
             f"unsupported Redis URL scheme {scheme!r} "
-            "(redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://)"
+            "(redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, "
+            "redis+cluster://, rediss+cluster://)"
         )
     parts = urlsplit(url)
     query = _query(parts.query, url)
@@ -245,7 +246,7 @@ def _sentinel_address(text: str, url: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-# -- Redis Cluster (added for the cluster transports; see mesh_core._redis_cluster)
+# -- Redis Cluster (the router: mesh_core.redis._cluster)
 
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 _CLUSTER_QUERY_KEYS = frozenset({"username", "password", "ssl_cert_reqs", "ssl_ca_certs"})

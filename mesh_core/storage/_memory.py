@@ -17,19 +17,22 @@ from typing import Any
 from ..protocol._frames import decode_json, encode_json
 from . import _ops as ops
 from ._base import DeliverCallback
+from ._memory_channels import MemoryChannels
 from ._memory_presence import MemoryPresence
+from ._memory_records import MemoryRecords
 
 __all__ = ["MemoryStore"]
 
 log = logging.getLogger("mesh_core.storage")
 
 
-class MemoryStore(MemoryPresence):
+class MemoryStore(MemoryChannels, MemoryRecords, MemoryPresence):
     #: every operation completes inside ``execute``: the server answers
     #: built-ins on this store without a task (see :class:`Storage`)
     answers_inline = True
 
     def __init__(self) -> None:
+        super().__init__()
         self._owner: dict[str, str] = {}  # connection id -> instance id
         # metadata is kept as JSON text, as Redis keeps it: a value that could
         # not be stored in Redis fails here too, and readers get fresh copies
@@ -41,6 +44,7 @@ class MemoryStore(MemoryPresence):
         self._init_presence()
         # channel -> instance id -> callback: the in-process message bus
         self._subscriptions: dict[str, dict[str, ops.MessageCallback]] = {}
+        self._init_records()
         self._handlers = ops.handlers(self)
 
     # -- the Storage contract -------------------------------------------------

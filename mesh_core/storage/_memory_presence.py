@@ -33,7 +33,7 @@ class MemoryPresence:
 
         def _add_to_room(self, op: ops.AddToRoom) -> bool: ...
 
-    def _announce(self, room: str, announce: bytes | None) -> None:
+    def _presence_announce(self, room: str, announce: bytes | None) -> None:
         if announce is not None:
             self._publish_message(ops.PublishMessage(ops.presence_channel(room), announce))
 
@@ -41,7 +41,7 @@ class MemoryPresence:
         members = self._present.setdefault(op.room, {})
         added = op.connection_id not in members
         members[op.connection_id] = None
-        self._announce(op.room, op.announce)
+        self._presence_announce(op.room, op.announce)
         return added
 
     def _join_present(self, op: ops.JoinPresent) -> bool:
@@ -55,7 +55,7 @@ class MemoryPresence:
         removed = members is not None and members.pop(op.connection_id, _GONE) is not _GONE
         if members is not None and not members:
             del self._present[op.room]
-        self._announce(op.room, op.announce)
+        self._presence_announce(op.room, op.announce)
         return removed
 
     def _get_present(self, op: ops.GetPresent) -> list[str]:
@@ -63,11 +63,11 @@ class MemoryPresence:
 
     def _store_presence_state(self, op: ops.StorePresenceState) -> None:
         self._presence_states[op.room, op.connection_id] = bytes(op.state)
-        self._announce(op.room, op.announce)
+        self._presence_announce(op.room, op.announce)
 
     def _delete_presence_state(self, op: ops.DeletePresenceState) -> bool:
         deleted = self._presence_states.pop((op.room, op.connection_id), None) is not None
-        self._announce(op.room, op.announce)
+        self._presence_announce(op.room, op.announce)
         return deleted
 
     def _get_presence_states(self, op: ops.GetPresenceStates) -> list[Any]:

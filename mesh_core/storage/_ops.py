@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 __all__ = [
     "AddToRoom",
+    "ChannelHistory",
     "ClearRoom",
     "DeleteRoom",
     "DeletePresenceState",
@@ -22,6 +23,7 @@ __all__ = [
     "GetAllConnectionIds",
     "GetAllMetadata",
     "GetAllRooms",
+    "GetChannelHistory",
     "GetConnectionRooms",
     "GetMetadata",
     "GetPresenceStates",
@@ -34,6 +36,7 @@ __all__ = [
     "MarkAbsent",
     "MarkPresent",
     "MessageCallback",
+    "OFFSETS_PREFIX",
     "Op",
     "Publish",
     "PublishMessage",
@@ -47,9 +50,13 @@ __all__ = [
     "UNCHANGED",
     "Unsubscribe",
     "UpdateMetadata",
+    "WriteChannel",
     "handlers",
     "presence_channel",
     "presence_update",
+    "offsets_channel",
+    "offsets_envelope",
+    "split_envelope",
 ]
 
 Scope = Literal["connection", "room"]
@@ -264,6 +271,86 @@ class PublishMessage(Op):
     data: bytes | str
 
 
+# -- channels with history ------------------------------------------------------
+#
+# A channel's kept messages are the reference's list (``mesh:history:<channel>``
+# on Redis, RPUSH then LTRIM -N -1). Each message written by our instances
+# with history also gets the channel's next *offset* (1, 2, ...), and the
+# channel an *epoch* (a random id, new whenever the store lost the channel's
+# state), in the same atomic step as the list write. It is then published
+# twice, back to back: ``<offset>:<epoch>:<message>`` on
+# :func:`offsets_channel` (read by our instances) and the bare message on the
+# channel itself (read by reference instances; ours drop that copy).
+
+#: where our instances announce a message with its offset (``mesh:``: never
+#: exposable, so no client can subscribe to it directly)
+OFFSETS_PREFIX = "mesh:channel:"
+
+
+def offsets_channel(channel: str) -> str:
+    return OFFSETS_PREFIX + channel
+
+
+def offsets_envelope(offset: int, epoch: str, message: bytes) -> bytes:
+    return b"%d:%s:%s" % (offset, epoch.encode(), message)
+
+
+def split_envelope(data: bytes) -> tuple[int, str, bytes]:
+    """``(offset, epoch, message)`` of an :func:`offsets_envelope`; raises
+    ``ValueError`` if it is not one."""
+    offset, epoch, message = data.split(b":", 2)
+    return int(offset), epoch.decode(), message
+
+
+@dataclass(frozen=True, slots=True)
+class WriteChannel(Op):
+    """In one atomic step: give ``message`` the channel's next offset (and
+    the channel an epoch, ``epoch`` being the one to use if it has none),
+    append it to the channel's history keeping the last ``history`` (>= 1),
+    and publish it as described above. Result: ``(offset, epoch)``."""
+
+    channel: str
+    message: str
+    history: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHistory:
+    """What :class:`GetChannelHistory` read, in one atomic step.
+
+    ``messages`` oldest first; ``offset`` is the offset of the last of them
+    (``None`` when there are none, or when a writer that assigns no offsets,
+    a reference instance, appended since our last write); ``last`` is the
+    channel's last offset and ``epoch`` its epoch (``None``: never written
+    with history). ``recovered`` (only with ``since``): ``True`` if
+    ``messages`` are exactly every message after ``since``, ``False`` if some
+    are missing (trimmed away, more than ``limit``, another epoch)."""
+
+    messages: list[str]
+    offset: int | None
+    last: int
+    epoch: str | None
+    recovered: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetChannelHistory(Op):
+    """Result: a :class:`ChannelHistory`. Without ``since``: the latest
+    ``limit`` kept messages. With ``since`` (an offset, and the ``epoch`` it
+    belongs to, if known): the kept messages after it that have an offset,
+    at most the latest ``limit`` (never one the reader had), and
+    ``recovered=False`` when that is not every message written after it
+    (trimmed away, over ``limit``, written by a reference instance); with
+    another epoch, the latest ``limit``. ``limit=0`` reads only the position.
+    The rules: :func:`mesh_core.storage._memory_channels.plan_read`."""
+
+    channel: str
+    limit: int
+    since: int | None = None
+    epoch: str | None = None
+
+
 #: The method of a storage driver that carries out each operation: every
 #: driver names its methods so, and builds its dispatch table with
 #: :func:`handlers` (a driver missing one fails when it is created).
@@ -288,6 +375,8 @@ HANDLER_NAMES: dict[type[Op], str] = {
     Subscribe: "_subscribe",
     Unsubscribe: "_unsubscribe",
     PublishMessage: "_publish_message",
+    WriteChannel: "_write_channel",
+    GetChannelHistory: "_get_channel_history",
 }
 
 
@@ -399,6 +488,110 @@ class GetPresenceStates(Op):
     connection_ids: tuple[str, ...]
 
 
+# -- records -------------------------------------------------------------------
+#
+# Records are JSON values with a version (PROTOCOL.md, records section). A
+# driver stores value and version together and changes them in one atomic
+# step; every write that changes the value bumps the version by exactly one
+# and is announced, in version order, on :data:`RECORD_UPDATES` (the full
+# value and the RFC 6902 patch from the previous value) and, as the bare id,
+# on :data:`COLLECTION_RECORD_CHANGE`. The message shapes are the reference's,
+# so instances of both kinds on one Redis hear each other.
+
+#: the channel record updates and deletions are announced on
+RECORD_UPDATES = "mesh:record-updates"
+#: the channel every changed record id is announced on (collections listen)
+COLLECTION_RECORD_CHANGE = "mesh:collection:record-change"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordWritten:
+    """The result of :class:`WriteRecord`: the stored value and its version.
+    ``changed`` is false when the write left the value as it was (then
+    nothing was stored or announced and the version did not move)."""
+
+    value: Any
+    version: int
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GetRecords(Op):
+    """Result: ``[(value, version), ...]`` per id, read atomically per id
+    (``(None, 0)`` for a record that does not exist)."""
+
+    record_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRecord(Op):
+    """Atomic read-modify-write of one record: store ``update(old)`` (``old``
+    is ``None`` for a record that does not exist) with version + 1 and
+    announce it. ``update`` may raise to refuse the write (nothing is
+    stored) and may be called again if another instance got in first.
+    Result: :class:`RecordWritten`."""
+
+    record_id: str
+    update: Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRecord(Op):
+    """Delete value and version, announce ``{recordId, deleted, version}``.
+    Result: ``(old value, last version)``, or ``None`` if there was none."""
+
+    record_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListRecords(Op):
+    """Result: ``[(record_id, value), ...]`` for every record whose id
+    matches the glob ``pattern`` (Redis ``MATCH`` syntax), sorted by id."""
+
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetCollectionIds(Op):
+    """Remember the record ids a collection subscriber last saw
+    (``mesh:collection:<collection>:<connection>``); ``ids=None`` forgets
+    them."""
+
+    collection_id: str
+    connection_id: str
+    ids: tuple[str, ...] | None
+
+
+def record_update_message(
+    record_id: str, value_json: bytes, patch_json: bytes, version: int
+) -> bytes:
+    """The :data:`RECORD_UPDATES` message for a write, assembled from JSON
+    texts (the Redis script builds the very same bytes)."""
+    return b"".join(
+        (
+            b'{"recordId":',
+            _json(record_id),
+            b',"newValue":',
+            value_json,
+            b',"patch":',
+            patch_json,
+            b',"version":',
+            str(version).encode(),
+            b"}",
+        )
+    )
+
+
+def record_deleted_message(record_id: str, version: int) -> bytes:
+    return b'{"recordId":%s,"deleted":true,"version":%d}' % (_json(record_id), version)
+
+
+def _json(value: Any) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(value)
+
+
 HANDLER_NAMES.update(
     {
         MarkPresent: "_mark_present",
@@ -408,5 +601,10 @@ HANDLER_NAMES.update(
         StorePresenceState: "_store_presence_state",
         DeletePresenceState: "_delete_presence_state",
         GetPresenceStates: "_get_presence_states",
+        GetRecords: "_get_records",
+        WriteRecord: "_write_record",
+        DeleteRecord: "_delete_record",
+        ListRecords: "_list_records",
+        SetCollectionIds: "_set_collection_ids",
     }
 )

@@ -43,9 +43,7 @@ def deep_merge(old: Any, new: Any) -> Any:
 _BY_NAME: dict[str, Callable[[Any, Any], Any]] = {
     "replace": replace,
     "merge": merge,
-    "deepMerge": deep_merge,
-    # snake_case alias for Python callers; the wire only ever says deepMerge
-    "deep_merge": deep_merge,
+    "deepMerge": deep_merge,  # no snake_case alias: one name, as on the wire
 }
 
 

@@ -73,6 +73,10 @@ def test_the_builtin_table() -> None:
         "mesh/publish-presence-state",
         "mesh/clear-presence-state",
         "mesh/get-presence-state",
+        # issue 12: channels
+        "mesh/subscribe-channel",
+        "mesh/unsubscribe-channel",
+        "mesh/get-channel-history",
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Coroutine
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any
 
 import anyio
@@ -34,7 +34,7 @@ from mesh_core.protocol import (
     ServerConnection,
     State,
 )
-from mesh_core.runtime import Event, Runtime
+from mesh_core.runtime import Event, Runtime, TLSContext
 from mesh_core.runtime import TaskGroup as CoreTaskGroup
 from mesh_trio._runtime import RUNTIME as TRIO_RUNTIME
 
@@ -71,6 +71,12 @@ class RecordingRuntime:
 
     def open_task_group(self) -> AbstractAsyncContextManager[CoreTaskGroup]:
         return self.inner.open_task_group()
+
+    def shield(self) -> AbstractContextManager[object]:
+        return self.inner.shield()
+
+    def spawn_system_task(self, fn: Any) -> None:
+        self.inner.spawn_system_task(fn)
 
 
 class FakeStream:
@@ -157,7 +163,7 @@ class FakeServer:
             "mesh/join-room": lambda payload: {"success": True, "present": []},
         }
 
-    async def open_stream(self, endpoint: Endpoint, ssl_context: ssl.SSLContext | None) -> Any:
+    async def open_stream(self, endpoint: Endpoint, ssl_context: TLSContext | None) -> Any:
         assert (endpoint.host, endpoint.port, ssl_context) == ("mesh.test", 80, None)
         self.attempts += 1
         await self.runtime.sleep(0)

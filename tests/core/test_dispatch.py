@@ -24,6 +24,7 @@ from mesh_core import (
     MeshError,
     ServerCore,
     UnknownConnection,
+    ValidationError,
 )
 from mesh_core.protocol import (
     ConnectionLost,
@@ -227,7 +228,7 @@ async def test_middleware_raising_refuses_and_skips_handler() -> None:
     assert await client.request("secret") == {
         "error": "not allowed",
         "code": "EFORBIDDEN",
-        "name": "MeshError",
+        "name": "Error",
     }
     assert ran == []
 
@@ -262,7 +263,43 @@ async def test_handler_mesh_error_payload() -> None:
         raise MeshError("x", code="EFOO")
 
     client = await connect(make(app))
-    assert await client.request("fail") == {"error": "x", "code": "EFOO", "name": "MeshError"}
+    assert await client.request("fail") == {"error": "x", "code": "EFOO", "name": "Error"}
+
+
+async def test_mesh_error_wire_name_is_error_and_subclasses_keep_theirs() -> None:
+    """A plain MeshError is named "Error" on the wire, as the reference names a
+    plain application error; a subclass is named after itself."""
+
+    class PermissionDenied(MeshError):
+        code = "EPERM"
+
+    app = MeshApp()
+
+    @app.command("plain")
+    async def plain(ctx: Context) -> Any:
+        raise MeshError("Insufficient permissions")
+
+    @app.command("sub")
+    async def sub(ctx: Context) -> Any:
+        raise PermissionDenied("no")
+
+    @app.command("invalid")
+    async def invalid(ctx: Context) -> Any:
+        raise ValidationError("bad")
+
+    client = await connect(make(app))
+    assert await client.request("plain") == {
+        "error": "Insufficient permissions",
+        "code": "ESERVER",
+        "name": "Error",
+    }
+    assert await client.request("sub") == {
+        "error": "no",
+        "code": "EPERM",
+        "name": "PermissionDenied",
+    }
+    assert (await client.request("invalid"))["name"] == "ValidationError"
+    assert MeshError("x", name="Custom").name == "Custom"
 
 
 async def test_handler_mesh_error_with_custom_name() -> None:
@@ -541,7 +578,7 @@ async def test_client_write_guard_raising_is_an_error_payload() -> None:
     assert await client.request("mesh/set-my-connection-metadata", {"metadata": {"a": 2}}) == {
         "error": "guard says no",
         "code": "EGUARD",
-        "name": "MeshError",
+        "name": "Error",
     }
     assert await client.conn.get_metadata() == {"a": 1}
 

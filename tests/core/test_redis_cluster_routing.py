@@ -1,4 +1,4 @@
-"""The runtime-neutral Redis Cluster router (mesh_core._redis_cluster), without
+"""The runtime-neutral Redis Cluster router (mesh_core.redis._cluster), without
 a server: slots, command routing, CLUSTER SLOTS and MOVED/ASK parsing, URLs,
 and the transport logic over in-memory fake nodes."""
 
@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import anyio
 import pytest
 
 from mesh_core._errors import RedisReplyError, RedisUnavailable
@@ -270,12 +271,41 @@ class FakeNode:
         self.cluster.closed.append(self.address)
 
 
-async def _sequential(thunks: list[Thunk]) -> list[Any]:
-    return [await t() for t in thunks]
+class _TestRuntime:
+    """A ``Runtime`` for the router alone: thunks run one after the other,
+    sleeps return at once, the clock stands still, no background tasks."""
+
+    name = "test"
+
+    def now(self) -> float:
+        return 0.0
+
+    def wall_ms(self) -> int:
+        return 0
+
+    async def sleep(self, seconds: float) -> None:
+        return None
+
+    def event(self) -> Any:
+        return anyio.Event()
+
+    def timeout(self, seconds: float) -> Any:
+        return anyio.fail_after(seconds)
+
+    async def gather(self, thunks: list[Thunk]) -> list[Any]:
+        return [await t() for t in thunks]
+
+    def open_task_group(self) -> Any:
+        raise NotImplementedError
+
+    def shield(self) -> Any:
+        return anyio.CancelScope(shield=True)
+
+    def spawn_system_task(self, fn: Callable[[], Any]) -> None:
+        return None  # the tests run the watchdog's rounds themselves
 
 
-async def _no_sleep(seconds: float) -> None:
-    return None
+_RUNTIME = _TestRuntime()
 
 
 def make_transport(cluster: FakeCluster, **options: Any) -> ClusterTransportCore:
@@ -283,9 +313,7 @@ def make_transport(cluster: FakeCluster, **options: Any) -> ClusterTransportCore
     return ClusterTransportCore(
         url,
         make_node=cluster.node,
-        gather=_sequential,
-        sleep=_no_sleep,
-        clock=lambda: 0.0,
+        runtime=_RUNTIME,
         refresh_interval=0.0,
         **options,
     )
@@ -442,9 +470,7 @@ async def test_refresh_asks_every_node_before_giving_up() -> None:
     t = ClusterTransportCore(
         url,
         make_node=lambda u: LoadingNode(fake, fake.node(u).address),
-        gather=_sequential,
-        sleep=_no_sleep,
-        clock=lambda: 0.0,
+        runtime=_RUNTIME,
         refresh_interval=0.0,
     )
     await t.connect()
@@ -498,9 +524,7 @@ def hanging_transport(fake: FakeCluster) -> ClusterTransportCore:
     return ClusterTransportCore(
         url,
         make_node=lambda u: HangingNode(fake, fake.node(u).address),
-        gather=_sequential,
-        sleep=_no_sleep,
-        clock=lambda: 0.0,
+        runtime=_RUNTIME,
         refresh_interval=0.0,
     )
 

@@ -354,10 +354,10 @@ async def test_typed_errors_and_raw_payloads(anyio_backend: str) -> None:
                 await client.command("fail")
             assert (info.value.code, info.value.name, str(info.value)) == (
                 "ENOPE",
-                "MeshError",
+                "Error",
                 "nope",
             )
-            assert info.value.payload == {"error": "nope", "code": "ENOPE", "name": "MeshError"}
+            assert info.value.payload == {"error": "nope", "code": "ENOPE", "name": "Error"}
             with pytest.raises(MeshCommandError) as info:
                 await client.command("no-such-command")
             assert (info.value.code, info.value.name) == ("ENOTFOUND", "CommandError")
@@ -365,7 +365,7 @@ async def test_typed_errors_and_raw_payloads(anyio_backend: str) -> None:
             assert await raw.command("fail") == {
                 "error": "nope",
                 "code": "ENOPE",
-                "name": "MeshError",
+                "name": "Error",
             }
 
 

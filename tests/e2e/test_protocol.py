@@ -100,7 +100,7 @@ async def test_error_payloads(server_cls: Any) -> None:
         assert await c.request("fail", {"kind": "mesh"}) == {
             "error": "nope",
             "code": "ENOPE",
-            "name": "MeshError",
+            "name": "Error",
         }
         assert await c.request("fail", {"kind": "value"}) == {
             "error": "bad value",
@@ -144,7 +144,7 @@ async def test_middleware_order_and_refusal(server_cls: Any) -> None:
         assert await c.request("mesh/join-room", {"roomName": "forbidden"}) == {
             "error": "Not allowed here",
             "code": "EFORBIDDEN",
-            "name": "MeshError",
+            "name": "Error",
         }
         assert await server.get_room_members("forbidden") == []
         assert calls == ["global:mesh/join-room", "join", "global:mesh/join-room", "join"]

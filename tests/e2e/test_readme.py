@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +36,30 @@ def test_every_block_compiles() -> None:
     "marker", ["# example: quick start on asyncio", "# example: quick start on trio"]
 )
 def test_quick_starts_run(marker: str) -> None:
+    """A quick start serves until Ctrl-C, then exits cleanly (status 0)."""
     (block,) = [b for b in BLOCKS if b.startswith(marker)]
-    proc = subprocess.run(
-        [sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=60
+    proc = subprocess.Popen(
+        [sys.executable, "-c", block],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"listening on port \d+", proc.stdout)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        first = proc.stdout.readline() if ready else ""
+        time.sleep(0.5)
+        assert proc.poll() is None, "the quick start exited instead of serving"
+        proc.send_signal(signal.SIGINT)
+        rest, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc_stdout = first + rest
+    assert proc.returncode == 0, stderr
+    assert re.search(r"listening on port \d+", proc_stdout)
 
 
 def test_client_example_runs() -> None:
@@ -53,7 +74,7 @@ def test_client_example_runs() -> None:
     assert "'name': 'alice'" in lines[2] and "connectedAt" in lines[2]
     assert lines[3] == "None"  # the lobby has no metadata
     assert "chat: hi" in lines
-    assert "ESERVER MeshError Insufficient permissions" in lines
+    assert "ESERVER Error Insufficient permissions" in lines
 
 
 @pytest.mark.anyio

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from .redis_server import free_port
 
-__all__ = ["ROOT", "free_port", "start_server"]
+__all__ = ["ROOT", "free_port", "run_failing", "start_server"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,3 +36,25 @@ def start_server(runtime: str, port: int, *extra: str) -> subprocess.Popen[str]:
             time.sleep(0.05)
     proc.kill()
     raise AssertionError("server did not start listening")
+
+
+def run_failing(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run ``mesh serve examples.demo:app ARGS`` expecting it to fail at
+    startup; assert the operator's contract (a non-zero exit and one line on
+    stderr, no traceback) and return the finished process."""
+    cmd = [sys.executable, "-m", "mesh_core.cli", "serve", "examples.demo:app", *args]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    return proc

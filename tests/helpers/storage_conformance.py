@@ -703,12 +703,12 @@ class StorageConformance:
 
     async def test_subscribing_again_replaces_the_callback(self, storage: Storage) -> None:
         first, second = Messages(), Messages()
-        await storage.execute(ops.Subscribe("c", self.instance_id, first))
-        await storage.execute(ops.Subscribe("c", self.instance_id, second))
-        await storage.execute(ops.PublishMessage("c", "x"))
+        await storage.execute(ops.Subscribe("replaced", self.instance_id, first))
+        await storage.execute(ops.Subscribe("replaced", self.instance_id, second))
+        await storage.execute(ops.PublishMessage("replaced", "x"))
         await second.wait(1)
         await anyio.sleep(0.05)
-        assert first.got == [] and second.got == [("c", b"x")]
+        assert first.got == [] and second.got == [("replaced", b"x")]
 
     async def test_unsubscribe_is_per_instance(self, storage: Storage) -> None:
         handle = await self.attach_instance(storage, self.other_instance_id, Deliveries())
@@ -727,9 +727,9 @@ class StorageConformance:
         handle = await self.attach_instance(storage, self.other_instance_id, Deliveries())
         await handle.execute(ops.Subscribe("left", self.other_instance_id, theirs))
         await self.detach_instance(handle, self.other_instance_id)
-        await storage.execute(ops.Subscribe("barrier", self.instance_id, barrier))
+        await storage.execute(ops.Subscribe("barrier2", self.instance_id, barrier))
         await storage.execute(ops.PublishMessage("left", "anyone?"))
-        await storage.execute(ops.PublishMessage("barrier", "done"))
+        await storage.execute(ops.PublishMessage("barrier2", "done"))
         await barrier.wait(1)
         await anyio.sleep(0.1)
         assert theirs.got == []
@@ -747,3 +747,90 @@ class StorageConformance:
         await storage.execute(ops.PublishMessage("fragile", "ok"))
         await got.wait(1)
         assert got.got == [("fragile", b"ok")]
+
+    # -- channels with history ------------------------------------------------
+
+    async def write(self, storage: Storage, channel: str, message: str, keep: int) -> int:
+        offset, epoch = await storage.execute(ops.WriteChannel(channel, message, keep, "e1"))
+        assert epoch == "e1"  # the first writer's candidate stays the epoch
+        return int(offset)
+
+    async def read(self, storage: Storage, channel: str, limit: int, **kw: Any) -> Any:
+        return await storage.execute(ops.GetChannelHistory(channel, limit, **kw))
+
+    async def test_history_of_an_unknown_channel(self, storage: Storage) -> None:
+        got = await self.read(storage, "nothing", 10)
+        assert (got.messages, got.offset, got.last, got.epoch) == ([], None, 0, None)
+        got = await self.read(storage, "nothing", 10, since=0)
+        assert got.messages == [] and got.recovered is True
+        assert (await self.read(storage, "nothing", 10, since=3)).recovered is False
+
+    async def test_offsets_count_up_and_history_is_the_latest_n(self, storage: Storage) -> None:
+        offsets = [await self.write(storage, "c", f"m{i}", 5) for i in range(1, 9)]
+        assert offsets == list(range(1, 9))
+        got = await self.read(storage, "c", 3)
+        assert got.messages == ["m6", "m7", "m8"]  # the newest, oldest first
+        assert (got.offset, got.last, got.epoch, got.recovered) == (8, 8, "e1", None)
+        assert (await self.read(storage, "c", 100)).messages == [f"m{i}" for i in range(4, 9)]
+        position = await self.read(storage, "c", 0)
+        assert (position.messages, position.last, position.epoch) == ([], 8, "e1")
+
+    async def test_since_returns_exactly_what_follows(self, storage: Storage) -> None:
+        for i in range(1, 11):
+            await self.write(storage, "c", f"m{i}", 6)
+        got = await self.read(storage, "c", 100, since=7, epoch="e1")
+        assert (got.messages, got.offset, got.recovered) == (["m8", "m9", "m10"], 10, True)
+        got = await self.read(storage, "c", 100, since=10)
+        assert (got.messages, got.recovered) == ([], True)
+        got = await self.read(storage, "c", 100, since=4)  # 5..10 kept: all there
+        assert got.messages == [f"m{i}" for i in range(5, 11)] and got.recovered is True
+        got = await self.read(storage, "c", 100, since=3)  # 4 was trimmed away
+        assert got.messages == [f"m{i}" for i in range(5, 11)] and got.recovered is False
+        got = await self.read(storage, "c", 2, since=5)  # more than the limit
+        assert got.messages == ["m9", "m10"] and got.recovered is False
+        got = await self.read(storage, "c", 100, since=12)  # ahead: another history
+        assert got.recovered is False and len(got.messages) == 6
+        got = await self.read(storage, "c", 3, since=8, epoch="other")
+        assert got.messages == ["m8", "m9", "m10"] and got.recovered is False
+
+    async def test_a_write_is_announced_then_published_bare(self, storage: Storage) -> None:
+        # a channel name no other test uses: on a Cluster a message another
+        # test published may still be on its way over the cluster bus
+        got = Messages()
+        await storage.execute(
+            ops.Subscribe(ops.offsets_channel("announced"), self.instance_id, got)
+        )
+        await storage.execute(ops.Subscribe("announced", self.instance_id, got))
+        await self.write(storage, "announced", "first", 10)
+        await self.write(storage, "announced", 'second {"x": 1}', 10)
+        await got.wait(4)
+        assert got.got == [
+            (ops.offsets_channel("announced"), ops.offsets_envelope(1, "e1", b"first")),
+            ("announced", b"first"),
+            (ops.offsets_channel("announced"), ops.offsets_envelope(2, "e1", b'second {"x": 1}')),
+            ("announced", b'second {"x": 1}'),
+        ]
+        assert ops.split_envelope(got.got[2][1]) == (2, "e1", b'second {"x": 1}')
+
+    async def test_history_is_shared_between_instances(self, storage: Storage) -> None:
+        handle = await self.attach_instance(storage, self.other_instance_id, Deliveries())
+        try:
+            await self.write(storage, "c", "a", 10)
+            offset, epoch = await handle.execute(ops.WriteChannel("c", "b", 10, "e2"))
+            assert (offset, epoch) == (2, "e1")
+            assert (await self.read(handle, "c", 10)).messages == ["a", "b"]
+        finally:
+            await self.detach_instance(handle, self.other_instance_id)
+
+    async def test_concurrent_writes_get_distinct_offsets(self, storage: Storage) -> None:
+        offsets: list[int] = []
+
+        async def one(i: int) -> None:
+            offsets.append(await self.write(storage, "busy", f"m{i}", 1000))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(one, i)
+        assert sorted(offsets) == list(range(1, 101))
+        got = await self.read(storage, "busy", 1000, since=0)
+        assert len(got.messages) == 100 and got.recovered is True

@@ -26,8 +26,19 @@
 //     the client drops the socket and reconnects (when `shouldReconnect`);
 //   * server pushes (frames whose command is not a system command) are emitted
 //     as client events: `client.on("chat", payload => ...)`, except
-//     `mesh/presence-update`, which goes to the room's presence callback only;
-//   * presence (reference 2.x): `joinRoom(room, onPresence)` joins, then
+//     `mesh/subscription-message`, which goes to the callback given to
+//     `subscribeChannel` for its channel (`payload.message` only) and is not
+//     emitted as an event;
+//   * channels (client.ts `subscribeChannel`, `unsubscribeChannel`,
+//     `getChannelHistory`, `handleChannelMessage`): the subscription is
+//     recorded *before* the command is sent, so live messages that arrive
+//     before the response already reach the callback; the history in the
+//     response is then handed to the callback too, in order; a failed
+//     subscribe keeps the recorded subscription (as the reference does);
+//     after a reconnect every channel is subscribed again with the same
+//     `historyLimit` (resubscribeAll; no `since`), after the rooms;
+//   * presence (reference 2.x): `mesh/presence-update` goes to the room's
+//     presence callback only; `joinRoom(room, onPresence)` joins, then
 //     subscribes (`mesh/subscribe-presence`) when a callback is given; the
 //     callback is first called with the whole subscribe result when someone
 //     is present, then with each update payload; `leaveRoom` also
@@ -139,6 +150,9 @@ export class MeshClient extends Emitter {
     this.isReconnecting = false;
     this.joinedRooms = new Map();
     this.presenceSubscriptions = new Map();
+    this.channelSubscriptions = new Map();
+    this.recordSubscriptions = new Map(); // recordId -> { callback, localVersion, mode }
+    this.collectionSubscriptions = new Map(); // collectionId -> { ids, version, onDiff }
   }
 
   get status() {
@@ -203,6 +217,14 @@ export class MeshClient extends Emitter {
       this._fireAndForget("pong", {});
     } else if (command === "mesh/presence-update") {
       this._onPresenceUpdate(payload);
+    } else if (command === "mesh/subscription-message") {
+      this._handleChannelMessage(payload);
+    } else if (command === "mesh/record-update") {
+      this._handleRecordUpdate(payload);
+    } else if (command === "mesh/record-deleted") {
+      this._handleRecordDeleted(payload);
+    } else if (command === "mesh/collection-diff") {
+      this._handleCollectionDiff(payload);
     } else if (typeof command === "string" && !SYSTEM_COMMANDS.has(command)) {
       this.emit(command, payload);
     }
@@ -331,6 +353,12 @@ export class MeshClient extends Emitter {
               await this.forcePresenceUpdate(roomName);
             } catch {}
           }
+          for (const [channel, { callback, historyLimit }] of this.channelSubscriptions) {
+            try {
+              await this.subscribeChannel(channel, callback, { historyLimit });
+            } catch {}
+          }
+          await this._resubscribeRecordsAndCollections();
           this.emit("connect");
           this.emit("reconnect");
         },
@@ -461,6 +489,49 @@ export class MeshClient extends Emitter {
     return true;
   }
 
+  async _handleChannelMessage(payload) {
+    const { channel, message } = payload || {};
+    const subscription = this.channelSubscriptions.get(channel);
+    if (subscription) {
+      try {
+        await subscription.callback(message);
+      } catch (e) {
+        this.emit("error", e);
+      }
+    }
+  }
+
+  async subscribeChannel(channel, callback, options) {
+    this.channelSubscriptions.set(channel, { callback, historyLimit: options?.historyLimit });
+    const result = await this.command("mesh/subscribe-channel", {
+      channel,
+      historyLimit: options?.historyLimit,
+      since: options?.since,
+    });
+    if (result.success && result.history && result.history.length > 0) {
+      result.history.forEach((message) => callback(message));
+    }
+    return { success: result.success, history: result.history || [] };
+  }
+
+  unsubscribeChannel(channel) {
+    this.channelSubscriptions.delete(channel);
+    return this.command("mesh/unsubscribe-channel", { channel });
+  }
+
+  async getChannelHistory(channel, options) {
+    try {
+      const result = await this.command("mesh/get-channel-history", {
+        channel,
+        limit: options?.limit,
+        since: options?.since,
+      });
+      return { success: result.success, history: result.history || [] };
+    } catch {
+      return { success: false, history: [] };
+    }
+  }
+
   async getRoomMetadata(roomName) {
     try {
       const result = await this.command("mesh/get-room-metadata", { roomName });
@@ -488,6 +559,155 @@ export class MeshClient extends Emitter {
     } catch {
       return false;
     }
+  }
+
+  // ---- records and collections ------------------------------------------
+
+  async _handleRecordUpdate(payload) {
+    const { recordId, full, patch, version } = payload || {};
+    for (const [collectionId, sub] of this.collectionSubscriptions) {
+      if (sub.ids.has(recordId) && sub.onDiff) {
+        try {
+          await sub.onDiff({ added: [], removed: [], changed: [{ id: recordId, record: full }], version });
+        } catch (e) {
+          console.error(`collection ${collectionId} callback failed`, e);
+        }
+      }
+    }
+    const sub = this.recordSubscriptions.get(recordId);
+    if (!sub) return;
+    if (patch) {
+      if (version !== sub.localVersion + 1) {
+        await this.unsubscribeRecord(recordId);
+        await this.subscribeRecord(recordId, sub.callback, { mode: sub.mode });
+        return;
+      }
+      sub.localVersion = version;
+      if (sub.callback) await sub.callback({ recordId, patch, version });
+    } else if (full !== undefined) {
+      sub.localVersion = version;
+      if (sub.callback) await sub.callback({ recordId, full, version });
+    }
+  }
+
+  async _handleRecordDeleted(payload) {
+    const { recordId, version } = payload || {};
+    const sub = this.recordSubscriptions.get(recordId);
+    if (sub && sub.callback) {
+      try {
+        await sub.callback({ recordId, deleted: true, version });
+      } catch (e) {
+        console.error(`record ${recordId} callback failed`, e);
+      }
+    }
+    this.recordSubscriptions.delete(recordId);
+  }
+
+  async _handleCollectionDiff(payload) {
+    const { collectionId, added, removed, version } = payload || {};
+    const sub = this.collectionSubscriptions.get(collectionId);
+    if (!sub) return;
+    if (version !== sub.version + 1) {
+      await this.unsubscribeCollection(collectionId);
+      await this.subscribeCollection(collectionId, { onDiff: sub.onDiff });
+      return;
+    }
+    sub.version = version;
+    for (const r of added) sub.ids.add(r.id);
+    for (const r of removed) sub.ids.delete(r.id);
+    if (sub.onDiff) {
+      try {
+        await sub.onDiff({
+          added: added.map((record) => ({ id: record.id, record })),
+          removed: removed.map((record) => ({ id: record.id, record })),
+          changed: [],
+          version,
+        });
+      } catch (e) {
+        console.error(`collection ${collectionId} callback failed`, e);
+      }
+    }
+  }
+
+  async subscribeRecord(recordId, callback, options) {
+    const mode = options?.mode ?? "full";
+    try {
+      const result = await this.command("mesh/subscribe-record", { recordId, mode });
+      if (result.success) {
+        this.recordSubscriptions.set(recordId, { callback, localVersion: result.version, mode });
+        if (callback) await callback({ recordId, full: result.record, version: result.version });
+      }
+      return { success: result.success, record: result.record ?? null, version: result.version ?? 0 };
+    } catch {
+      return { success: false, record: null, version: 0 };
+    }
+  }
+
+  async unsubscribeRecord(recordId) {
+    try {
+      const success = await this.command("mesh/unsubscribe-record", { recordId });
+      if (success) this.recordSubscriptions.delete(recordId);
+      return success;
+    } catch {
+      return false;
+    }
+  }
+
+  async writeRecord(recordId, newValue, options) {
+    try {
+      const result = await this.command("mesh/publish-record-update", { recordId, newValue, options });
+      return result.success === true;
+    } catch {
+      return false;
+    }
+  }
+
+  async subscribeCollection(collectionId, options = {}) {
+    try {
+      const result = await this.command("mesh/subscribe-collection", { collectionId });
+      if (result.success) {
+        this.collectionSubscriptions.set(collectionId, {
+          ids: new Set(result.ids),
+          version: result.version,
+          onDiff: options.onDiff,
+        });
+        if (options.onDiff) {
+          try {
+            await options.onDiff({ added: result.records, removed: [], changed: [], version: result.version });
+          } catch (e) {
+            console.error(`collection ${collectionId} callback failed`, e);
+          }
+        }
+      }
+      return {
+        success: result.success,
+        ids: result.ids || [],
+        records: result.records || [],
+        version: result.version || 0,
+      };
+    } catch {
+      return { success: false, ids: [], records: [], version: 0 };
+    }
+  }
+
+  async unsubscribeCollection(collectionId) {
+    try {
+      const success = await this.command("mesh/unsubscribe-collection", { collectionId });
+      if (success) this.collectionSubscriptions.delete(collectionId);
+      return success;
+    } catch {
+      return false;
+    }
+  }
+
+  async _resubscribeRecordsAndCollections() {
+    const records = [...this.recordSubscriptions].map(([recordId, { callback, mode }]) =>
+      this.subscribeRecord(recordId, callback, { mode }),
+    );
+    const collections = [...this.collectionSubscriptions].map(([collectionId, { onDiff }]) =>
+      this.subscribeCollection(collectionId, { onDiff }),
+    );
+    await Promise.allSettled([...records, ...collections]);
   }
 
   close() {

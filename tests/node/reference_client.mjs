@@ -7,7 +7,8 @@
 // Usage:
 //   node reference_client.mjs ws://127.0.0.1:PORT                 # scenario
 //   node reference_client.mjs ws://127.0.0.1:PORT idle SECONDS [PING_TIMEOUT_MS] [MAX_MISSED_PINGS]
-//   node reference_client.mjs ws://127.0.0.1:PORT presence [ROOM]          # presence scenario
+//   node reference_client.mjs ws://127.0.0.1:PORT channels        # channels scenario
+//   node reference_client.mjs ws://127.0.0.1:PORT presence [ROOM] # presence scenario
 //
 // Which client runs:
 //   * MESH_CLIENT_MODULE=<package name or path to the client's entry file>
@@ -128,8 +129,8 @@ function emit(obj, code) {
 
 const STEP_TIMEOUT = Number(process.env.MESH_STEP_TIMEOUT_MS || 10_000);
 
-// One named step of a scenario: its value (or its error) goes into `steps`,
-// an error also into `failures`; a step never throws.
+// A step runs under the step timeout; its value (or its error) lands in
+// `steps[name]`, and a failure is also listed in `failures`.
 function stepper(steps, failures) {
   return async function step(name, fn) {
     try {
@@ -150,7 +151,6 @@ async function scenario(url, MeshClient, out) {
   const steps = (out.steps = {});
   const failures = (out.failures = []);
   const checks = (out.checks = {});
-
   const step = stepper(steps, failures);
 
   const opts = { shouldReconnect: false };
@@ -267,6 +267,266 @@ async function scenario(url, MeshClient, out) {
     const first = wire.find((w) => w.sock === sock && w.dir === "in");
     return !first || first.frame.command === "mesh/assign-id";
   });
+}
+
+// ---- channels ----------------------------------------------------------------
+
+async function channels(url, MeshClient, out) {
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
+  const checks = (out.checks = {});
+  const step = stepper(steps, failures);
+  const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
+  const opts = { shouldReconnect: false };
+  const a = new MeshClient(url, opts);
+  const b = new MeshClient(url, opts);
+  await step("connect_a", () => a.connect());
+  await step("connect_b", () => b.connect());
+  const post = (channel, message, history) => a.command("post", { channel, message, history });
+  for (let i = 1; i <= 5; i++) await step(`post_old${i}`, () => post("chat:general", `old${i}`, 3));
+
+  const got = (out.got = []);
+  let waiter = null;
+  const arrived = (n) =>
+    new Promise((resolve) => {
+      if (got.length >= n) return resolve(got.length);
+      waiter = { n, resolve };
+    });
+  const onMessage = (message) => {
+    got.push(message);
+    if (waiter && got.length >= waiter.n) {
+      waiter.resolve(got.length);
+      waiter = null;
+    }
+  };
+  await step("subscribe_with_history", () =>
+    b.subscribeChannel("chat:general", onMessage, { historyLimit: 2 }),
+  );
+  steps.got_after_subscribe = [...got];
+  const plain = [];
+  await step("subscribe_without_history", () => a.subscribeChannel("chat:general", (m) => plain.push(m)));
+  for (let i = 0; i < 10; i++) await step(`post_live${i}`, () => post("chat:general", `live${i}`));
+  await step("live_arrived", () => withTimeout(arrived(12), 5_000, "12 messages"));
+  steps.got_live = [...got];
+  steps.plain_live = [...plain];
+  await step("history_3", () => b.getChannelHistory("chat:general", { limit: 3 }));
+  await step("subscribe_admin_denied", () => b.subscribeChannel("chat:admin", () => {}));
+  await step("subscribe_not_exposed", () => b.subscribeChannel("news", () => {}));
+  await step("subscribe_internal", () => b.subscribeChannel("mesh:channel:chat:general", () => {}));
+  await step("history_not_exposed", () => b.getChannelHistory("news"));
+  await step("become_admin", () => b.setConnectionMetadata({ role: "admin" }, { strategy: "merge" }));
+  const admin = [];
+  await step("subscribe_admin", () => b.subscribeChannel("chat:admin", (m) => admin.push(m)));
+  await step("post_admin", () => post("chat:admin", "for admins"));
+  await step("admin_arrived", async () => {
+    for (let i = 0; i < 100 && admin.length === 0; i++) await sleep(20);
+    return [...admin];
+  });
+  await step("unsubscribe", () => b.unsubscribeChannel("chat:general"));
+  await step("post_after_unsubscribe", () => post("chat:general", "after"));
+  await step("after_unsubscribe", async () => {
+    await sleep(300);
+    return [...got];
+  });
+  await step("unsubscribe_again", () => b.unsubscribeChannel("chat:general"));
+  await step("negative_history_limit", () =>
+    b.command("mesh/subscribe-channel", { channel: "chat:x", historyLimit: -1 }),
+  );
+  await step("huge_history_limit", () =>
+    b.command("mesh/subscribe-channel", { channel: "chat:x", historyLimit: 1e9 }),
+  );
+  await step("missing_channel", () => b.command("mesh/subscribe-channel", {}));
+  await step("non_string_message", () => a.command("post", { channel: "chat:x", message: { x: 1 } }));
+  for (let i = 0; i < 6; i++) await step(`post_short${i}`, () => post("chat:short", `s${i}`, 4));
+  await step("history_trimmed", () => b.getChannelHistory("chat:short", { limit: 10 }));
+  await step("close_a", () => a.close());
+  await step("close_b", () => b.close());
+
+  const s = steps;
+  const isErr = (v, code) => v && typeof v === "object" && v.code === code && typeof v.error === "string";
+  checks.history_is_latest_n = same(s.subscribe_with_history, { success: true, history: ["old4", "old5"] });
+  checks.history_handed_to_callback = same(s.got_after_subscribe, ["old4", "old5"]);
+  checks.no_history_when_not_asked = same(s.subscribe_without_history, { success: true, history: [] });
+  const live = Array.from({ length: 10 }, (_, i) => `live${i}`);
+  checks.live_in_order = same(s.got_live, ["old4", "old5", ...live]);
+  checks.live_in_order_plain = same(s.plain_live, live);
+  checks.get_history = same(s.history_3, { success: true, history: ["live7", "live8", "live9"] });
+  const refused = { success: false, history: [] };
+  checks.guard_refuses = same(s.subscribe_admin_denied, refused);
+  checks.not_exposed_refused = same(s.subscribe_not_exposed, refused);
+  checks.internal_refused = same(s.subscribe_internal, refused);
+  checks.history_not_exposed_refused = same(s.history_not_exposed, refused);
+  checks.guard_admits_admin = same(s.subscribe_admin, { success: true, history: [] });
+  checks.admin_message = same(s.admin_arrived, ["for admins"]);
+  checks.unsubscribe_true = s.unsubscribe === true;
+  checks.unsubscribe_stops_delivery = same(s.after_unsubscribe, ["old4", "old5", ...live]);
+  checks.unsubscribe_again_false = s.unsubscribe_again === false;
+  checks.negative_limit_error = isErr(s.negative_history_limit, "EINVAL");
+  checks.huge_limit_error = isErr(s.huge_history_limit, "EINVAL");
+  checks.missing_channel_error = isErr(s.missing_channel, "EINVAL");
+  checks.non_string_message_error = isErr(s.non_string_message, "EINVAL");
+  checks.history_trimmed_to_n = same(s.history_trimmed, { success: true, history: ["s2", "s3", "s4", "s5"] });
+  const pushes = wire.filter((w) => w.dir === "in" && w.frame.command === "mesh/subscription-message");
+  checks.push_shape = pushes.length > 0 && pushes.every((w) => typeof w.frame.payload.channel === "string" &&
+    typeof w.frame.payload.message === "string" && !("id" in w.frame));
+}
+
+// ---- records ---------------------------------------------------------------
+//
+// Records and collections as a reference-client application uses them: a
+// patch-mode subscriber keeps its copy with fast-json-patch's applyPatch (the
+// library the reference server makes its patches with), a full-mode one takes
+// each value; every kind of JSON value and all three strategies; guards,
+// writable and read-only patterns, deletion, and the "docs" collection.
+
+async function records(url, MeshClient, out) {
+  const { applyPatch, deepClone } = (await import("fast-json-patch")).default;
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
+  const checks = (out.checks = {});
+  const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
+  const step = stepper(steps, failures);
+  const opts = { shouldReconnect: false };
+  const a = new MeshClient(url, opts);
+  const b = new MeshClient(url, opts);
+  await step("connect", () => Promise.all([a.connect(), b.connect()]));
+
+  // a: patch mode, applying patches; b: full mode
+  const local = { value: undefined, version: 0, updates: [] };
+  const fulls = [];
+  let wake = () => {};
+  const settled = (version) =>
+    new Promise((resolve) => {
+      const check = () => (local.version >= version && fulls.some((f) => f.version >= version) ? resolve() : null);
+      wake = check;
+      check();
+    });
+  await step("write_initial", () => a.command("write-record", { recordId: "doc:1", value: { title: "t", n: 0 } }));
+  steps.subscribe_patch = await step("subscribe_patch", () =>
+    a.subscribeRecord(
+      "doc:1",
+      (u) => {
+        local.updates.push(u);
+        if (u.patch) local.value = applyPatch(deepClone(local.value), u.patch, true, false).newDocument;
+        else if (u.full !== undefined) local.value = u.full;
+        local.version = u.version;
+        wake();
+      },
+      { mode: "patch" },
+    ),
+  );
+  await step("subscribe_full", () =>
+    b.subscribeRecord("doc:1", (u) => {
+      fulls.push(u);
+      wake();
+    }),
+  );
+  const writes = [
+    [{ title: "t", n: 1 }, "replace"],
+    [{ extra: { deep: [1, 2] } }, "merge"],
+    [{ extra: { more: true } }, "deepMerge"],
+    [[1, 2, 3], "replace"],
+    [[1, 3], "replace"],
+    [42, "replace"],
+    [true, "replace"],
+    ["text", "replace"],
+    [null, "replace"],
+    [{ back: "to an object" }, "replace"],
+  ];
+  let version = steps.subscribe_patch?.version ?? 0;
+  const mismatches = [];
+  for (const [value, strategy] of writes) {
+    await a.command("write-record", { recordId: "doc:1", value, strategy });
+    version += 1;
+    await withTimeout(settled(version), 5_000, `version ${version}`);
+    const stored = (await a.command("get-record", { recordId: "doc:1" })).record;
+    if (!same(local.value, stored) || !same(fulls.at(-1).full, stored)) mismatches.push({ version, local: local.value, stored });
+  }
+  steps.final_version = local.version;
+  steps.patch_updates = local.updates.filter((u) => u.patch).length;
+  steps.mismatches = mismatches;
+
+  // writable and read-only patterns
+  steps.write_note = await step("write_note", () => b.writeRecord("note:1", { text: "hi" }));
+  steps.write_note_merge = await step("write_note_merge", () =>
+    b.writeRecord("note:1", { more: 1 }, { strategy: "merge" }),
+  );
+  await step("note_value", () => a.command("get-record", { recordId: "note:1" }));
+  await step("write_doc_refused", () => b.writeRecord("doc:1", { hacked: true }));
+  await step("write_doc_refused_raw", () =>
+    b.command("mesh/publish-record-update", { recordId: "doc:1", newValue: { hacked: true } }),
+  );
+  await step("write_secret_refused", () => b.writeRecord("secret:1", { x: 1 }));
+  await step("secret_setup", () => a.command("write-record", { recordId: "secret:1", value: { pin: 1234 } }));
+  await step("secret_denied", () => b.subscribeRecord("secret:1", () => {}));
+  await step("become_admin", () => b.setConnectionMetadata({ role: "admin" }, { strategy: "merge" }));
+  await step("secret_allowed", () => b.subscribeRecord("secret:1", () => {}));
+  await step("bad_strategy", () =>
+    b.command("mesh/publish-record-update", { recordId: "note:1", newValue: 1, options: { strategy: "upsert" } }),
+  );
+
+  // the docs collection: initial members, added, changed, removed
+  const diffs = [];
+  let diffWake = () => {};
+  const untilDiffs = (n) =>
+    new Promise((resolve) => {
+      diffWake = () => (diffs.length >= n ? resolve() : null);
+      diffWake();
+    });
+  await step("write_doc2", () => a.command("write-record", { recordId: "doc:2", value: { title: "two" } }));
+  await step("subscribe_docs", () =>
+    b.subscribeCollection("docs", {
+      onDiff: (d) => {
+        diffs.push(d);
+        diffWake();
+      },
+    }),
+  );
+  await step("add_doc3", () => a.command("write-record", { recordId: "doc:3", value: { title: "three" } }));
+  await step("diff_added", () => withTimeout(untilDiffs(2), 5_000, "added diff"));
+  await step("update_doc2", () =>
+    a.command("write-record", { recordId: "doc:2", value: { title: "TWO" }, strategy: "merge" }),
+  );
+  await step("diff_changed", () => withTimeout(untilDiffs(3), 5_000, "changed diff"));
+  await step("delete_doc3", () => a.command("delete-record", { recordId: "doc:3" }));
+  await step("diff_removed", () => withTimeout(untilDiffs(4), 5_000, "removed diff"));
+  steps.diffs = diffs;
+
+  // deletion reaches the record subscribers
+  const deletedPromise = new Promise((resolve) => {
+    const prev = a.recordSubscriptions.get("doc:1").callback;
+    a.recordSubscriptions.get("doc:1").callback = (u) => (u.deleted ? resolve(u) : prev(u));
+  });
+  await step("delete_doc1", () => a.command("delete-record", { recordId: "doc:1" }));
+  await step("deleted_push", () => withTimeout(deletedPromise, 5_000, "record-deleted"));
+  await step("unsubscribe_collection", () => b.unsubscribeCollection("docs"));
+  await step("unsubscribe_record", () => b.unsubscribeRecord("secret:1"));
+  await step("close", () => Promise.all([a.close(), b.close()]));
+
+  const s = steps;
+  checks.patch_copy_tracks_every_write = mismatches.length === 0 && s.final_version === version;
+  checks.patches_were_used = s.patch_updates === writes.length;
+  checks.subscribe_full_value = same(s.subscribe_patch?.record, { title: "t", n: 0 });
+  checks.note_writable = s.write_note === true && s.write_note_merge === true;
+  checks.note_merged = same(s.note_value?.record, { text: "hi", more: 1 });
+  checks.doc_not_writable = s.write_doc_refused === false && s.write_secret_refused === false;
+  checks.not_writable_error = same(s.write_doc_refused_raw, {
+    error: 'Record "doc:1" is not writable by this connection.',
+    code: "ESERVER",
+    name: "Error",
+  });
+  checks.secret_guarded = s.secret_denied?.success === false && s.secret_allowed?.success === true;
+  checks.secret_value = same(s.secret_allowed?.record, { pin: 1234 });
+  checks.bad_strategy_error = s.bad_strategy?.code === "EINVAL";
+  checks.collection_initial = same(
+    diffs[0]?.added.map((r) => r.id),
+    ["doc:1", "doc:2"],
+  );
+  checks.collection_added = same(diffs[1]?.added.map((r) => r.id), ["doc:3"]) && diffs[1]?.version === 2;
+  checks.collection_changed = diffs[2]?.changed?.[0]?.id === "doc:2" && diffs[2]?.changed?.[0]?.record?.title === "TWO";
+  checks.collection_removed = same(diffs[3]?.removed.map((r) => r.id), ["doc:3"]) && diffs[3]?.version === 3;
+  checks.deleted = s.deleted_push?.deleted === true;
+  checks.unsubscribed = s.unsubscribe_collection === true && s.unsubscribe_record === true;
 }
 
 // ---- presence --------------------------------------------------------------
@@ -398,7 +658,7 @@ async function idle(url, MeshClient, out, seconds, pingTimeout, maxMissedPings) 
 async function main() {
   const url = process.argv[2];
   const mode = process.argv[3] || "scenario";
-  if (!url || !/^wss?:\/\//.test(url) || !["scenario", "idle", "presence"].includes(mode)) {
+  if (!url || !/^wss?:\/\//.test(url) || !["scenario", "idle", "channels", "records", "presence"].includes(mode)) {
     emit({ ok: false, error: "usage: reference_client.mjs ws://host:port [idle SECONDS [PING_TIMEOUT_MS [MAX_MISSED_PINGS]]]" }, 2);
     return;
   }
@@ -427,6 +687,10 @@ async function main() {
       const pingTimeout = process.argv[5] ? Number(process.argv[5]) : undefined;
       const maxMissed = process.argv[6] !== undefined ? Number(process.argv[6]) : undefined;
       await idle(url, MeshClient, out, seconds, pingTimeout, maxMissed);
+    } else if (mode === "channels") {
+      await channels(url, MeshClient, out);
+    } else if (mode === "records") {
+      await records(url, MeshClient, out);
     } else if (mode === "presence") {
       await presence(url, MeshClient, out, process.argv[4] || "p:lobby");
     } else {

@@ -14,8 +14,10 @@ import anyio
 import pytest
 
 from mesh_core import Storage
+from mesh_core.redis import open_transport
 from mesh_core.redis._cluster import SlotTable, key_slot
-from mesh_core.redis._store import _CAS, keys
+from mesh_core.redis._layout import CAS as _CAS
+from mesh_core.redis._layout import keys
 from mesh_core.storage import _ops as ops
 from tests.helpers.redis_cluster import RedisCluster
 from tests.helpers.redis_server import RedisServer
@@ -362,11 +364,17 @@ async def test_a_seed_that_answers_with_an_error_is_skipped(
     """The first seed answers CLUSTER SLOTS with an error (here: a Redis not in
     cluster mode; LOADING is the same): the next seeds are asked."""
     if anyio_backend == "trio":
-        from mesh_trio._redis_cluster import TrioRedisClusterTransport as Transport
+        from mesh_trio._redis_transport import TrioRedisTransport as client
+        from mesh_trio._runtime import RUNTIME as runtime
     else:
-        from mesh_asyncio._redis_cluster import (  # type: ignore[assignment]
-            AsyncioRedisClusterTransport as Transport,
+        from mesh_asyncio._redis_transport import (  # type: ignore[assignment]
+            AsyncioRedisTransport as client,
         )
+        from mesh_asyncio._runtime import RUNTIME as runtime  # type: ignore[assignment]
+
+    def Transport(url: str) -> Any:  # the router over one client per node
+        return open_transport(url, client, runtime)
+
     cluster.flushall()
     seeds = [f"127.0.0.1:{single_node.port}", *(f"127.0.0.1:{p}" for p in cluster.ports)]
     transport = Transport("redis+cluster://" + ",".join(seeds))

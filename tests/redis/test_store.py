@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mesh_core import Storage
-from mesh_core.redis._store import keys
+from mesh_core.redis import keys
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.storage_conformance import Deliveries, StorageConformance
 
@@ -160,7 +160,7 @@ async def test_a_cancelled_batch_leader_does_not_fake_its_followers_writes(
                 results[name] = await store.execute(merge(value))
 
         def queue() -> list[Any]:
-            return list(store._writers.get((keys.roommeta("r"), "data"), []))
+            return list(store._turns.writers.get((keys.roommeta("r"), "data"), []))
 
         cancel_t2 = anyio.CancelScope()
         with anyio.fail_after(10):
@@ -178,7 +178,7 @@ async def test_a_cancelled_batch_leader_does_not_fake_its_followers_writes(
         assert "t2" not in results
         assert results["t3"] == {"a": 1, "c": 3}
         assert await store.execute(ops.GetMetadata("room", ("r",))) == [{"a": 1, "c": 3}]
-        assert not store._writers
+        assert not store._turns.writers
     finally:
         await store.stop()
 
@@ -204,7 +204,7 @@ async def test_a_writer_cancelled_in_the_queue_does_not_stall_the_key(
             return ops.UpdateMetadata("room", "r", updater("merge", value), "merge", value)
 
         def queue() -> list[Any]:
-            return list(store._writers.get((keys.roommeta("r"), "data"), []))
+            return list(store._turns.writers.get((keys.roommeta("r"), "data"), []))
 
         cancel_t2 = anyio.CancelScope()
 
@@ -222,7 +222,7 @@ async def test_a_writer_cancelled_in_the_queue_does_not_stall_the_key(
                 await anyio.sleep(0.05)  # t2 is gone
                 gates[0].set()
             assert await store.execute(merge({"c": 3})) == {"a": 1, "c": 3}
-        assert not store._writers
+        assert not store._turns.writers
     finally:
         await store.stop()
 

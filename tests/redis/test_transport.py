@@ -12,8 +12,8 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -21,6 +21,7 @@ import sniffio
 import trio
 
 from mesh_asyncio._redis_transport import AsyncioRedisTransport
+from mesh_asyncio._redis_transport import _Link as _asyncio_link
 from mesh_core._errors import RedisReplyError, RedisUnavailable
 from mesh_trio._redis_transport import TrioRedisTransport
 from tests.helpers.redis_server import RedisServer, free_port
@@ -30,15 +31,9 @@ pytestmark = pytest.mark.anyio
 Arg = bytes | str | int | float
 
 if TYPE_CHECKING:
-    # Local stub of the protocol the lead puts in mesh_core/_redis_transport.py;
-    # the assignments below make mypy check that both transports implement it.
-    class RedisTransport(Protocol):
-        async def connect(self) -> None: ...
-        async def execute(self, *args: Arg) -> Any: ...
-        async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]: ...
-        async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None: ...
-        async def aclose(self) -> None: ...
+    from mesh_core.redis import RedisTransport
 
+    # the assignments make mypy check that both transports implement it
     _a: RedisTransport = AsyncioRedisTransport("redis://127.0.0.1:1")
     _t: RedisTransport = TrioRedisTransport("redis://127.0.0.1:1")
 
@@ -141,7 +136,7 @@ async def test_error_replies(transport_cls: Any, redis_server: RedisServer) -> N
 
 
 async def test_concurrent_commands_and_pipelines_each_get_their_replies(
-    transport_cls: Any, redis_server: RedisServer
+    transport_cls: Any, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Commands and pipelines issued at once share round trips (auto-pipelining)
     but every caller gets exactly its own replies, errors included."""
@@ -149,14 +144,15 @@ async def test_concurrent_commands_and_pipelines_each_get_their_replies(
         results: dict[int, Any] = {}
         roundtrips = 0
         if transport_cls is AsyncioRedisTransport:
-            real = r._roundtrip
+            # a round trip is one write of a batch on the command connection
+            real = _asyncio_link._flush
 
-            async def counting(data: bytes, count: int) -> list[Any]:
+            def counting(link: Any) -> None:
                 nonlocal roundtrips
-                roundtrips += 1
-                return list(await real(data, count))
+                roundtrips += bool(link.state.out)
+                real(link)
 
-            r._roundtrip = counting
+            monkeypatch.setattr(_asyncio_link, "_flush", counting)
 
         async def one(i: int) -> None:
             if i % 3 == 0:
