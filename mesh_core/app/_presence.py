@@ -412,8 +412,11 @@ class PresenceHub:
         if not self._rules:
             return
         rooms = dict.fromkeys(self._members.get(connection_id, {}))
-        for room in await self._store(ops.GetConnectionRooms(connection_id)):
-            rooms[room] = None
+        try:
+            for room in await self._store(ops.GetConnectionRooms(connection_id)):
+                rooms[room] = None
+        except Exception as exc:  # the store is away: what this instance knows
+            log.warning("presence cleanup of %s: rooms unknown (%s)", connection_id, exc)
         for room in rooms:
             try:
                 await self.leave(room, connection_id)

@@ -556,7 +556,10 @@ class ServerCore:
                     await hook(connection)
                 except Exception:
                     log.exception("on_disconnection hook failed for %s", connection.id)
-            await self._presence.connection_gone(connection.id)
+            try:
+                await self._presence.connection_gone(connection.id)
+            except Exception:  # never in the way of the store's own cleanup
+                log.exception("presence cleanup of %s failed", connection.id)
             await self.channels.connection_closed(connection)
             await self.records.connection_gone(connection.id)
             await self.collections.connection_gone(connection.id)
