@@ -17,6 +17,13 @@ from mesh_core import UNCHANGED, Connection, Context, MeshApp, MeshError
 
 app = MeshApp()
 
+# -- presence -------------------------------------------------------------------
+# Who is in a room, and what each member is doing: rooms named "p:..." are
+# tracked for as long as a member stays; in rooms named "pt:..." a member that
+# answers no ping for 3 s leaves (and comes back at its next pong).
+app.track_presence(re.compile(r"^p:"))
+app.track_presence(re.compile(r"^pt:"), ttl=3000)
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)

@@ -31,6 +31,7 @@ from ._app import (
 from ._builtins import BUILTINS, Builtin, BuiltinCommand, CheckClientWrite, Steps
 from ._channels import SUBSCRIPTION_MESSAGE, ChannelsAPI
 from ._collections import CollectionsAPI
+from ._presence import PresenceAPI, PresenceGuard, PresenceRules, PresenceTrack
 from ._pubsub import Listener, PubSub
 from ._records import RecordsAPI
 from ._run import ListeningServer, serve_until
@@ -38,6 +39,10 @@ from ._server import ServerCore, ServerSockets
 from .exports import lazy_attributes
 
 __all__ = [
+    "PresenceAPI",
+    "PresenceGuard",
+    "PresenceRules",
+    "PresenceTrack",
     "CollectionsAPI",
     "RecordsAPI",
     "Authenticator",

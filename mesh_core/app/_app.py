@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from ..protocol._handshake import UpgradeRequest
 from ._channels import RESERVED_CHANNEL_PREFIX
 from ._collections import CollectionsAppMixin
+from ._presence import PresenceGuard, PresenceRules
 from ._records import RecordsAppMixin
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ class MeshApp(RecordsAppMixin, CollectionsAppMixin):
         self.authenticator: Authenticator | None = None
         self.client_metadata_writes: WritePolicy = client_metadata_writes
         self.client_metadata_reads: ReadPolicy = client_metadata_reads
+        #: the rooms whose presence is tracked (see :meth:`track_presence`)
+        self.presence = PresenceRules()
         self.exposed_channels: list[tuple[ChannelPattern, ChannelGuard | None]] = []
 
     # -- commands -------------------------------------------------------------
@@ -171,6 +174,27 @@ class MeshApp(RecordsAppMixin, CollectionsAppMixin):
             return fn
 
         return register
+
+    # -- presence -------------------------------------------------------------
+
+    def track_presence(
+        self,
+        pattern: str | re.Pattern[str],
+        *,
+        ttl: float | None = None,
+        guard: PresenceGuard | None = None,
+    ) -> None:
+        """Track who is present in the rooms matching ``pattern`` (a room
+        name, or a compiled ``re.Pattern`` matched with ``search``): joining
+        such a room marks a connection present, leaving or going marks it
+        gone, and clients subscribed to the room's presence are told.
+
+        ``ttl`` (milliseconds, as the reference's ``ttl``): a member that
+        answers no ping for that long leaves, and comes back at its next pong.
+        ``guard(connection, room) -> bool`` (sync or async) decides who may
+        subscribe to, read, and publish states in the room's presence. The
+        first matching call wins."""
+        self.presence.track(pattern, ttl=ttl, guard=guard)
 
     # -- hooks ----------------------------------------------------------------
 

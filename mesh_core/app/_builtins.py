@@ -24,6 +24,7 @@ from .._errors import ValidationError
 from ..storage import _ops as ops
 from ..storage._strategies import check_strategy, updater
 from ._channels import get_channel_history, subscribe_channel, unsubscribe_channel
+from ._presence import PRESENCE_BUILTINS, PRESENCE_GUARDED
 
 __all__ = ["BUILTINS", "Builtin", "BuiltinCommand", "CheckClientWrite", "Steps"]
 
@@ -140,3 +141,17 @@ BUILTINS: dict[str, BuiltinCommand] = {
     "mesh/unsubscribe-channel": BuiltinCommand(unsubscribe_channel, waits=True),
     "mesh/get-channel-history": BuiltinCommand(get_channel_history, waits=True),
 }
+
+
+BUILTINS.update(
+    {
+        name: BuiltinCommand(
+            steps,
+            # the subscribe snapshot shows other connections' metadata
+            reads_policed=name == "mesh/subscribe-presence",
+            # a presence guard is application code that may wait
+            waits=name in PRESENCE_GUARDED,
+        )
+        for name, steps in PRESENCE_BUILTINS.items()
+    }
+)

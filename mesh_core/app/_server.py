@@ -54,6 +54,7 @@ from ..protocol import (
     ConnectionLost,
     Event,
     HandshakeReceived,
+    PongReceived,
     Reject,
     RequestReceived,
     ServerConnection,
@@ -73,6 +74,7 @@ from ._builtins import BUILTINS, CheckClientWrite, Steps
 from ._channels import ChannelsAPI, ChannelServerOp
 from ._collections import COLLECTION_BUILTINS, CollectionsAPI
 from ._logging import OutageLog, listening_line, peer_label
+from ._presence import PresenceAPI, PresenceHub, PresenceStep
 from ._pubsub import PubSub
 from ._records import RECORD_BUILTINS, RecordsAPI
 
@@ -181,6 +183,8 @@ class ServerCore:
         self.write_channel = self.channels.write
         self.records = RecordsAPI(self)
         self.collections = CollectionsAPI(self)
+        self.presence = PresenceAPI(self)
+        self._presence = PresenceHub(self)
         # the reference's names, on the server itself
         self.add_to_room = self.rooms.add_to_room
         self.remove_from_room = self.rooms.remove_from_room
@@ -198,9 +202,11 @@ class ServerCore:
         """The state machine for a socket the adapter just accepted
         (``framed=False``: for a server that frames messages itself, as an
         ASGI server does; see ``ServerConnection``'s message level)."""
-        return ServerConnection(
+        proto = ServerConnection(
             self.options, peer=peer, now=now, metrics=self._metrics, framed=framed
         )
+        proto.report_pongs = bool(self.app.presence.tracks)  # pongs refresh presence
+        return proto
 
     def handle_events(self, proto: ServerConnection, events: list[Event]) -> None:
         """Act on the events ``proto`` produced: start a handshake, answer a
@@ -215,6 +221,10 @@ class ServerCore:
                     run_inline(self._handle_request(connection, event))
                 else:
                     self._group.start_soon(self._handle_request, connection, event)
+            elif isinstance(event, PongReceived):
+                connection = self._local.get(proto.id or "")
+                if connection is not None and self._presence.holds(connection.id):
+                    self._group.start_soon(self._presence.pong, connection.id)
             elif isinstance(event, ConnectionLost):
                 connection = self._local.get(proto.id or "")
                 if connection is not None:
@@ -348,10 +358,16 @@ class ServerCore:
         policy): what every server-side API object calls."""
         if isinstance(op, CheckClientWrite):
             return await self._check_client_write(op)
+        if isinstance(op, PresenceStep):
+            return await self._presence.execute(op)
         if isinstance(op, ChannelServerOp):
             return await self.channels.execute(op)
         if isinstance(op, ops.UpdateMetadata) and self.options.max_metadata_size:
             op = self._bounded(op)
+        if self.app.presence.tracks and isinstance(op, _MEMBERSHIP):
+            # every change of membership passes here (built-ins and the
+            # rooms API alike): presence follows it
+            return await self._presence.follow(op, self.storage.execute)
         return await self.storage.execute(op)
 
     async def _drive(self, steps: Steps, reader: Connection | None = None) -> Any:
@@ -546,6 +562,10 @@ class ServerCore:
                     await hook(connection)
                 except Exception:
                     log.exception("on_disconnection hook failed for %s", connection.id)
+            try:
+                await self._presence.connection_gone(connection.id)
+            except Exception:  # never in the way of the store's own cleanup
+                log.exception("presence cleanup of %s failed", connection.id)
             await self.channels.connection_closed(connection)
             await self.records.connection_gone(connection.id)
             await self.collections.connection_gone(connection.id)
@@ -668,6 +688,10 @@ class ServerCore:
         skip = id_set(exclude)
         members = await self.execute(ops.GetRoomMembers(room))
         await self._deliver((cid for cid in members if cid not in skip), command, payload)
+
+
+#: the operations that change who is in a room
+_MEMBERSHIP = (ops.AddToRoom, ops.RemoveFromRoom, ops.ClearRoom, ops.DeleteRoom)
 
 
 def _check_size(scope: str, key: str, value: Any, limit: int) -> None:

@@ -19,6 +19,7 @@ from .._errors import CommandTimeout
 from ..protocol import DEFAULT_MAX_MESSAGE_SIZE, ClientEvent, LatencyUpdated, Push
 from ._channels import ClientChannels
 from ._options import LIFECYCLE_EVENTS, ClientOptions, ClientStatus, check_response, parse_url
+from ._presence import PresenceCallback, PresenceClient
 from ._records import RecordsClientMixin
 from ._supervisor import ClientBinding, Supervisor
 
@@ -112,7 +113,7 @@ class PushIterator:
         self._buffer.close()
 
 
-class ClientCore(ClientChannels, RecordsClientMixin):
+class ClientCore(ClientChannels, RecordsClientMixin, PresenceClient):
     """The Mesh client, for every runtime: ``mesh_asyncio.MeshClient`` and
     ``mesh_trio.MeshClient`` are this class with a :attr:`binding` (the
     runtime, how to open a TCP/TLS stream, how to start a background task).
@@ -175,6 +176,7 @@ class ClientCore(ClientChannels, RecordsClientMixin):
         self._rooms: dict[str, None] = {}  # insertion-ordered set
         self._listeners: dict[str, list[Callback]] = {}
         self._buffers: set[PushBuffer] = set()
+        self._init_presence()
         self._init_channels()
         self._supervisor = Supervisor(self)
 
@@ -299,13 +301,19 @@ class ClientCore(ClientChannels, RecordsClientMixin):
 
     # -- helpers (the reference client's names, in snake_case) ---------------
 
-    async def join_room(self, room: str) -> list[dict[str, Any]]:
+    async def join_room(
+        self, room: str, on_presence: PresenceCallback | None = None
+    ) -> list[dict[str, Any]]:
         """Join ``room`` and return its members after the join (``present``).
-        A joined room is re-joined after every reconnect."""
+        A joined room is re-joined after every reconnect. With
+        ``on_presence``, also follow the room's presence (see
+        :meth:`subscribe_presence`)."""
         result = await self.command("mesh/join-room", {"roomName": room})
         if not (isinstance(result, dict) and result.get("success")):
             return []
         self._rooms[room] = None
+        if on_presence is not None:
+            await self.subscribe_presence(room, on_presence)
         present = result.get("present")
         return list(present) if isinstance(present, list) else []
 
@@ -314,6 +322,8 @@ class ClientCore(ClientChannels, RecordsClientMixin):
         ok = isinstance(result, dict) and result.get("success") is True
         if ok:
             self._rooms.pop(room, None)
+            if room in self._presence:
+                await self.unsubscribe_presence(room)
         return ok
 
     async def get_connection_metadata(self, connection_id: str | None = None) -> Any:

@@ -70,6 +70,7 @@ __all__ = [
     "CloseCode",
     "ConnectionLost",
     "Event",
+    "PongReceived",
     "HandshakeReceived",
     "RequestReceived",
     "ServerConnection",
@@ -97,6 +98,14 @@ class RequestReceived(Event):
     id: int
     command: str
     payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived(Event):
+    """The client answered a ping: it is alive (presence refreshes on it)."""
+
+
+_PONG_RECEIVED = PongReceived()
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +198,8 @@ class ServerConnection:
         self._next_ping: float | None = None
         self._awaiting_pong = False
         self._missed_pongs = 0
+        #: emit :class:`PongReceived` for each pong (presence refreshes on it)
+        self.report_pongs = False
         self._next_latency: float | None = None
         self._latency_sent_at: float | None = None
         self._latency_fresh = False
@@ -398,6 +409,8 @@ class ServerConnection:
         if command == "pong":
             self._awaiting_pong = False
             self._missed_pongs = 0
+            if self.report_pongs:
+                self._events.append(_PONG_RECEIVED)
             return
         if command == "latency:response":
             if self._latency_sent_at is not None:

@@ -56,6 +56,7 @@ from ._layout import (
     load_json,
     text,
 )
+from ._presence import RedisPresence
 from ._pubsub import RedisPubSub
 from ._records import RedisRecords
 from ._resp import Arg
@@ -70,7 +71,7 @@ log = logging.getLogger("mesh_core.redis")
 _MISSING: Any = object()  # not in the cache (None there means "absent in Redis")
 
 
-class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords):
+class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
     """A storage driver on a shared Redis; see the module docstring.
 
     ``transport`` is a :class:`~mesh_core.redis.RedisTransport`, or a URL
@@ -267,6 +268,7 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords):
             if text(owner) == instance:
                 held.add(text(cid))
         for cid in sorted(held):
+            await self._sweep_presence(cid)  # before the rooms it reads are gone
             await self._unregister(ops.UnregisterConnection(cid, instance), owned=False)
         await self.transport.pipeline(
             [
@@ -630,13 +632,14 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords):
 
     # -- rooms ----------------------------------------------------------------
 
+    def _add_to_room_commands(self, op: ops.AddToRoom) -> list[Sequence[Arg]]:
+        return [
+            ("SADD", keys.room(op.room), op.connection_id),
+            ("SADD", keys.connection_rooms(op.connection_id), op.room),
+        ]
+
     async def _add_to_room(self, op: ops.AddToRoom) -> bool:
-        added, _ = await self.transport.pipeline(
-            [
-                ("SADD", keys.room(op.room), op.connection_id),
-                ("SADD", keys.connection_rooms(op.connection_id), op.room),
-            ]
-        )
+        added, _ = await self.transport.pipeline(self._add_to_room_commands(op))
         return bool(added)
 
     async def _remove_from_room(self, op: ops.RemoveFromRoom) -> bool:

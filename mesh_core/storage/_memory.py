@@ -18,6 +18,7 @@ from ..protocol._frames import decode_json, encode_json
 from . import _ops as ops
 from ._base import DeliverCallback
 from ._memory_channels import MemoryChannels
+from ._memory_presence import MemoryPresence
 from ._memory_records import MemoryRecords
 
 __all__ = ["MemoryStore"]
@@ -25,7 +26,7 @@ __all__ = ["MemoryStore"]
 log = logging.getLogger("mesh_core.storage")
 
 
-class MemoryStore(MemoryChannels, MemoryRecords):
+class MemoryStore(MemoryChannels, MemoryRecords, MemoryPresence):
     #: every operation completes inside ``execute``: the server answers
     #: built-ins on this store without a task (see :class:`Storage`)
     answers_inline = True
@@ -40,6 +41,7 @@ class MemoryStore(MemoryChannels, MemoryRecords):
         self._conn_rooms: dict[str, dict[str, None]] = {}
         self._room_meta: dict[str, bytes] = {}
         self._instances: dict[str, DeliverCallback] = {}
+        self._init_presence()
         # channel -> instance id -> callback: the in-process message bus
         self._subscriptions: dict[str, dict[str, ops.MessageCallback]] = {}
         self._init_records()

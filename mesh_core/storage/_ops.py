@@ -18,6 +18,7 @@ __all__ = [
     "ChannelHistory",
     "ClearRoom",
     "DeleteRoom",
+    "DeletePresenceState",
     "DeleteRoomMetadata",
     "GetAllConnectionIds",
     "GetAllMetadata",
@@ -25,10 +26,15 @@ __all__ = [
     "GetChannelHistory",
     "GetConnectionRooms",
     "GetMetadata",
+    "GetPresenceStates",
+    "GetPresent",
     "GetRoomMembers",
     "GetRoomMembersMetadata",
     "HANDLER_NAMES",
     "IsInRoom",
+    "JoinPresent",
+    "MarkAbsent",
+    "MarkPresent",
     "MessageCallback",
     "OFFSETS_PREFIX",
     "Op",
@@ -37,6 +43,7 @@ __all__ = [
     "RegisterConnection",
     "RemoveFromRoom",
     "Scope",
+    "StorePresenceState",
     "Subscribe",
     "UnknownConnection",
     "UnregisterConnection",
@@ -45,6 +52,8 @@ __all__ = [
     "UpdateMetadata",
     "WriteChannel",
     "handlers",
+    "presence_channel",
+    "presence_update",
     "offsets_channel",
     "offsets_envelope",
     "split_envelope",
@@ -376,6 +385,109 @@ def handlers(driver: object) -> dict[type[Op], Callable[[Any], Any]]:
     return {op: getattr(driver, name) for op, name in HANDLER_NAMES.items()}
 
 
+# -- presence --------------------------------------------------------------------
+#
+# Who is present in a tracked room, and each member's small state. On Redis the
+# layout is the reference's (PROTOCOL.md, presence): a set of present ids per
+# room, an empty-string key per member (with the room's TTL, when it has one),
+# a JSON key per member state. Which rooms are tracked, who publishes what
+# event, and every timer are the core's (mesh_core.app._presence); a driver
+# only stores. A write may carry ``announce``: an update the core decided to
+# publish on :func:`presence_channel` of the room, sent in the same round trip
+# as the write (a ``PUBLISH`` in its pipeline), after it.
+
+
+def presence_channel(room: str) -> str:
+    """The bus channel a room's presence updates are published on (on Redis
+    the channel of that name, shared with reference instances)."""
+    return f"mesh:presence:updates:{room}"
+
+
+def presence_update(
+    kind: Literal["join", "leave", "state"],
+    connection_id: str,
+    room: str,
+    timestamp: int,
+    state: Any = None,
+) -> dict[str, Any]:
+    """The payload of a ``mesh/presence-update`` push (and of the message on
+    :func:`presence_channel`), keys in the reference's order."""
+    if kind == "state":
+        return {
+            "type": kind,
+            "connectionId": connection_id,
+            "roomName": room,
+            "state": state,
+            "timestamp": timestamp,
+        }
+    return {"type": kind, "connectionId": connection_id, "roomName": room, "timestamp": timestamp}
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPresent(Op):
+    """Record ``connection_id`` as present in ``room`` (its member key gets an
+    expiry of ``ttl_ms`` when given, as the reference writes it). Also the
+    refresh a member's pong makes. Result: ``True`` if the id was not in the
+    room's present set (a first join, or a member whose entry vanished)."""
+
+    room: str
+    connection_id: str
+    ttl_ms: int | None = None
+    announce: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinPresent(MarkPresent):
+    """:class:`AddToRoom` and :class:`MarkPresent` at once (a join of a
+    tracked room: one round trip). Result: :class:`AddToRoom`'s."""
+
+
+@dataclass(frozen=True, slots=True)
+class MarkAbsent(Op):
+    """Remove ``connection_id`` from the room's present set, with its member
+    key and its state. Result: ``True`` if it was in the set."""
+
+    room: str
+    connection_id: str
+    announce: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetPresent(Op):
+    """Result: the ids in the room's present set."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class StorePresenceState(Op):
+    """Store a member's state (``state`` is its JSON text), expiring after
+    ``expire_after_ms`` when given. Result: ``None``."""
+
+    room: str
+    connection_id: str
+    state: bytes
+    expire_after_ms: int | None = None
+    announce: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeletePresenceState(Op):
+    """Result: ``True`` if the member had a stored state."""
+
+    room: str
+    connection_id: str
+    announce: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetPresenceStates(Op):
+    """Result: one decoded state per id, ``None`` where there is none."""
+
+    room: str
+    connection_ids: tuple[str, ...]
+
+
 # -- records -------------------------------------------------------------------
 #
 # Records are JSON values with a version (PROTOCOL.md, records section). A
@@ -482,6 +594,13 @@ def _json(value: Any) -> bytes:
 
 HANDLER_NAMES.update(
     {
+        MarkPresent: "_mark_present",
+        JoinPresent: "_join_present",
+        MarkAbsent: "_mark_absent",
+        GetPresent: "_get_present",
+        StorePresenceState: "_store_presence_state",
+        DeletePresenceState: "_delete_presence_state",
+        GetPresenceStates: "_get_presence_states",
         GetRecords: "_get_records",
         WriteRecord: "_write_record",
         DeleteRecord: "_delete_record",

@@ -68,6 +68,11 @@ def test_the_builtin_table() -> None:
         "mesh/get-my-connection-metadata",
         "mesh/set-my-connection-metadata",
         "mesh/get-room-metadata",
+        "mesh/subscribe-presence",
+        "mesh/unsubscribe-presence",
+        "mesh/publish-presence-state",
+        "mesh/clear-presence-state",
+        "mesh/get-presence-state",
         # issue 12: channels
         "mesh/subscribe-channel",
         "mesh/unsubscribe-channel",

@@ -36,7 +36,17 @@
 //     response is then handed to the callback too, in order; a failed
 //     subscribe keeps the recorded subscription (as the reference does);
 //     after a reconnect every channel is subscribed again with the same
-//     `historyLimit` (resubscribeAll; no `since`), after the rooms.
+//     `historyLimit` (resubscribeAll; no `since`), after the rooms;
+//   * presence (reference 2.x): `mesh/presence-update` goes to the room's
+//     presence callback only; `joinRoom(room, onPresence)` joins, then
+//     subscribes (`mesh/subscribe-presence`) when a callback is given; the
+//     callback is first called with the whole subscribe result when someone
+//     is present, then with each update payload; `leaveRoom` also
+//     unsubscribes; `publishPresenceState(room, {state, expireAfter, silent})`
+//     and `clearPresenceState(room)` resolve the server's boolean (false on an
+//     error); after a reconnect every joined room is joined again with its
+//     callback, then `forcePresenceUpdate(room)` asks `mesh/get-presence-state`
+//     and hands `(present, states)` to the callback's `init` when it has one.
 
 const Status = Object.freeze({
   ONLINE: "online",
@@ -139,6 +149,7 @@ export class MeshClient extends Emitter {
     this.missedPings = 0;
     this.isReconnecting = false;
     this.joinedRooms = new Map();
+    this.presenceSubscriptions = new Map();
     this.channelSubscriptions = new Map();
     this.recordSubscriptions = new Map(); // recordId -> { callback, localVersion, mode }
     this.collectionSubscriptions = new Map(); // collectionId -> { ids, version, onDiff }
@@ -204,6 +215,8 @@ export class MeshClient extends Emitter {
       this._heartbeat();
       this.emit("ping");
       this._fireAndForget("pong", {});
+    } else if (command === "mesh/presence-update") {
+      this._onPresenceUpdate(payload);
     } else if (command === "mesh/subscription-message") {
       this._handleChannelMessage(payload);
     } else if (command === "mesh/record-update") {
@@ -328,9 +341,16 @@ export class MeshClient extends Emitter {
       this._openSocket(true).then(
         async () => {
           this.isReconnecting = false;
-          for (const roomName of this.joinedRooms.keys()) {
+          const rejoined = [];
+          for (const [roomName, onPresence] of [...this.joinedRooms.entries()]) {
             try {
-              await this.joinRoom(roomName);
+              const r = await this.joinRoom(roomName, onPresence);
+              if (r.success) rejoined.push(roomName);
+            } catch {}
+          }
+          for (const roomName of rejoined) {
+            try {
+              await this.forcePresenceUpdate(roomName);
             } catch {}
           }
           for (const [channel, { callback, historyLimit }] of this.channelSubscriptions) {
@@ -378,17 +398,95 @@ export class MeshClient extends Emitter {
     });
   }
 
-  async joinRoom(roomName) {
+  async joinRoom(roomName, onPresence) {
     const result = await this.command("mesh/join-room", { roomName });
     if (!result || !result.success) return { success: false, present: [] };
-    this.joinedRooms.set(roomName, undefined);
-    return { success: true, present: result.present || [] };
+    this.joinedRooms.set(roomName, onPresence);
+    if (!onPresence) return { success: true, present: result.present || [] };
+    const sub = await this.subscribePresence(roomName, onPresence);
+    return { success: sub.success, present: result.present || [] };
   }
 
   async leaveRoom(roomName) {
     const result = await this.command("mesh/leave-room", { roomName });
-    if (result && result.success) this.joinedRooms.delete(roomName);
+    if (result && result.success) {
+      this.joinedRooms.delete(roomName);
+      if (this.presenceSubscriptions.has(roomName)) await this.unsubscribePresence(roomName);
+    }
     return { success: result ? result.success : undefined };
+  }
+
+  // ---- presence ----------------------------------------------------------
+
+  async _onPresenceUpdate(payload) {
+    const callback = payload && this.presenceSubscriptions.get(payload.roomName);
+    if (callback) {
+      try {
+        await callback(payload);
+      } catch {}
+    }
+  }
+
+  async subscribePresence(roomName, callback) {
+    try {
+      const result = await this.command("mesh/subscribe-presence", { roomName });
+      if (result && result.success) {
+        this.presenceSubscriptions.set(roomName, callback);
+        if (result.present && result.present.length > 0) await callback(result);
+      }
+      return {
+        success: !!(result && result.success),
+        present: (result && result.present) || [],
+        states: (result && result.states) || {},
+      };
+    } catch {
+      return { success: false, present: [] };
+    }
+  }
+
+  async unsubscribePresence(roomName) {
+    try {
+      const ok = await this.command("mesh/unsubscribe-presence", { roomName });
+      if (ok) this.presenceSubscriptions.delete(roomName);
+      return ok;
+    } catch {
+      return false;
+    }
+  }
+
+  async publishPresenceState(roomName, options) {
+    try {
+      return await this.command("mesh/publish-presence-state", {
+        roomName,
+        state: options.state,
+        expireAfter: options.expireAfter,
+        silent: options.silent,
+      });
+    } catch {
+      return false;
+    }
+  }
+
+  async clearPresenceState(roomName) {
+    try {
+      return await this.command("mesh/clear-presence-state", { roomName });
+    } catch {
+      return false;
+    }
+  }
+
+  async forcePresenceUpdate(roomName) {
+    const handler = this.presenceSubscriptions.get(roomName);
+    if (!handler) return false;
+    let result;
+    try {
+      result = await this.command("mesh/get-presence-state", { roomName }, 5000);
+    } catch {
+      return false;
+    }
+    if (!result || !result.success) return false;
+    if (typeof handler.init === "function") handler.init(result.present, result.states || {});
+    return true;
   }
 
   async _handleChannelMessage(payload) {

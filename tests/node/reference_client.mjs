@@ -8,6 +8,7 @@
 //   node reference_client.mjs ws://127.0.0.1:PORT                 # scenario
 //   node reference_client.mjs ws://127.0.0.1:PORT idle SECONDS [PING_TIMEOUT_MS] [MAX_MISSED_PINGS]
 //   node reference_client.mjs ws://127.0.0.1:PORT channels        # channels scenario
+//   node reference_client.mjs ws://127.0.0.1:PORT presence [ROOM] # presence scenario
 //
 // Which client runs:
 //   * MESH_CLIENT_MODULE=<package name or path to the client's entry file>
@@ -528,6 +529,66 @@ async function records(url, MeshClient, out) {
   checks.unsubscribed = s.unsubscribe_collection === true && s.unsubscribe_record === true;
 }
 
+// ---- presence --------------------------------------------------------------
+
+async function presence(url, MeshClient, out, room) {
+  const steps = (out.steps = {});
+  const failures = (out.failures = []);
+  const checks = (out.checks = {});
+  const step = stepper(steps, failures);
+  const until = async (pred, what, ms = 5_000) => {
+    const deadline = Date.now() + ms;
+    while (!pred()) {
+      if (Date.now() > deadline) throw new Error(`timeout: ${what}`);
+      await sleep(20);
+    }
+  };
+  const opts = { shouldReconnect: false };
+  const a = new MeshClient(url, opts); // socket 1: the member
+  const b = new MeshClient(url, opts); // socket 2: joins with a presence callback
+  const c = new MeshClient(url, opts); // socket 3: subscribes without joining
+  await step("connect", async () => {
+    await a.connect();
+    await b.connect();
+    await c.connect();
+  });
+  out.ids = { a: a.connectionId, b: b.connectionId, c: c.connectionId };
+  const bUpdates = (out.b_updates = []);
+  const cUpdates = (out.c_updates = []);
+  await step("b_join", () => b.joinRoom(room, (u) => bUpdates.push(u)));
+  await step("a_join", () => a.joinRoom(room));
+  await step("b_sees_join", () => until(() => bUpdates.some((u) => u.type === "join"), "join"));
+  await step("a_publish", () => a.publishPresenceState(room, { state: { typing: true } }));
+  await step("b_sees_state", () => until(() => bUpdates.some((u) => u.type === "state"), "state"));
+  await step("a_publish_silent", () => a.publishPresenceState(room, { state: { quiet: 1 }, silent: true }));
+  await step("a_get_state", () => a.command("mesh/get-presence-state", { roomName: room }));
+  await step("c_subscribe", () => c.subscribePresence(room, (u) => cUpdates.push(u)));
+  await step("a_publish_expiring", () =>
+    a.publishPresenceState(room, { state: { typing: false }, expireAfter: 500 }),
+  );
+  await step("b_sees_expiry", () =>
+    until(() => bUpdates.some((u) => u.type === "state" && u.state === null), "expiry", 3_000),
+  );
+  await step("a_clear_after_expiry", () => a.clearPresenceState(room));
+  await step("publish_untracked", () => a.publishPresenceState("not-tracked", { state: { x: 1 } }));
+  await step("subscribe_untracked", () => a.subscribePresence("not-tracked", () => {}));
+  await step("publish_without_state", () => a.command("mesh/publish-presence-state", { roomName: room }));
+  await step("a_leave", () => a.leaveRoom(room));
+  await step("b_sees_leave", () => until(() => bUpdates.some((u) => u.type === "leave"), "leave"));
+  await step("c_unsubscribe", () => c.unsubscribePresence(room));
+  await step("c_unsubscribe_again", () => c.unsubscribePresence(room));
+  await sleep(400); // duplicates, if any, arrive by now
+  await step("close", async () => {
+    await a.close();
+    await b.close();
+    await c.close();
+  });
+  const onSocket = (sock) =>
+    wire.filter((w) => w.sock === sock && w.dir === "in" && w.frame.command === "mesh/presence-update");
+  out.presence_frames = { b: onSocket(2).map((w) => w.frame.payload), c: onSocket(3).map((w) => w.frame.payload) };
+  checks.no_failures = failures.length === 0;
+}
+
 // ---- idle ------------------------------------------------------------------
 
 async function idle(url, MeshClient, out, seconds, pingTimeout, maxMissedPings) {
@@ -597,7 +658,7 @@ async function idle(url, MeshClient, out, seconds, pingTimeout, maxMissedPings) 
 async function main() {
   const url = process.argv[2];
   const mode = process.argv[3] || "scenario";
-  if (!url || !/^wss?:\/\//.test(url) || !["scenario", "idle", "channels", "records"].includes(mode)) {
+  if (!url || !/^wss?:\/\//.test(url) || !["scenario", "idle", "channels", "records", "presence"].includes(mode)) {
     emit({ ok: false, error: "usage: reference_client.mjs ws://host:port [idle SECONDS [PING_TIMEOUT_MS [MAX_MISSED_PINGS]]]" }, 2);
     return;
   }
@@ -630,6 +691,8 @@ async function main() {
       await channels(url, MeshClient, out);
     } else if (mode === "records") {
       await records(url, MeshClient, out);
+    } else if (mode === "presence") {
+      await presence(url, MeshClient, out, process.argv[4] || "p:lobby");
     } else {
       await scenario(url, MeshClient, out);
     }
