@@ -16,14 +16,20 @@ the server's dispatch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ValidationError
 from ..storage import _ops as ops
 from ..storage._strategies import check_strategy, updater
 from ._channels import get_channel_history, subscribe_channel, unsubscribe_channel
+from ._collections import COLLECTION_BUILTINS
+from ._payload import field
+from ._records import RECORD_BUILTINS
+
+if TYPE_CHECKING:
+    from ._app import Context
 from ._presence import PRESENCE_BUILTINS, PRESENCE_GUARDED
 
 __all__ = ["BUILTINS", "Builtin", "BuiltinCommand", "CheckClientWrite", "Steps"]
@@ -49,7 +55,10 @@ class BuiltinCommand:
     """A built-in and what the server needs to know about it: whether it can
     be answered inline (no task) depends on these flags and on the store."""
 
-    steps: Builtin
+    #: the generator (every built-in but those of records and collections)
+    steps: Builtin | None = None
+    #: or an ``async def handler(ctx)``, as an application command is
+    handler: Callable[[Context], Awaitable[Any]] | None = None
     #: yields no storage operation: answered inline on any store
     storeless: bool = False
     #: the application's ``client_metadata_writes`` policy runs on its path
@@ -60,15 +69,16 @@ class BuiltinCommand:
     #: being made): never answered inline
     waits: bool = False
 
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.handler is None):
+            raise TypeError("a built-in has either steps or a handler")
+
     def __call__(self, connection_id: str, payload: Any) -> Steps:
+        assert self.steps is not None, "a handler built-in runs with a Context"
         return self.steps(connection_id, payload)
 
 
-def _field(payload: Any, name: str) -> str:
-    value = payload.get(name) if isinstance(payload, dict) else None
-    if not isinstance(value, str) or not value:
-        raise ValidationError(f"payload.{name} must be a non-empty string")
-    return value
+_field = field
 
 
 def noop(connection_id: str, payload: Any) -> Steps:
@@ -153,5 +163,14 @@ BUILTINS.update(
             waits=name in PRESENCE_GUARDED,
         )
         for name, steps in PRESENCE_BUILTINS.items()
+    }
+)
+
+# records and collections (mesh_core/app/_records.py, _collections.py):
+# handlers of a Context, which may wait on application guards and resolvers
+BUILTINS.update(
+    {
+        name: BuiltinCommand(handler=handler, waits=True)
+        for name, handler in {**RECORD_BUILTINS, **COLLECTION_BUILTINS}.items()
     }
 )

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..storage import _ops as ops
-from ._builtins import _field
+from ._payload import field as _field
 from ._records import ChannelListener, Pattern, _check_pattern, ask, matches
 
 if TYPE_CHECKING:

@@ -37,7 +37,7 @@ from .._errors import MeshError, ValidationError
 from ..protocol._frames import encode_json, encode_push
 from ..storage import _ops as ops
 from ..storage._strategies import check_strategy
-from ._builtins import _field
+from ._payload import field as _field
 
 if TYPE_CHECKING:
     from ._api import Connection

@@ -72,11 +72,11 @@ from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, id_set
 from ._app import Context, MeshApp
 from ._builtins import BUILTINS, CheckClientWrite, Steps
 from ._channels import ChannelsAPI, ChannelServerOp
-from ._collections import COLLECTION_BUILTINS, CollectionsAPI
+from ._collections import CollectionsAPI
 from ._logging import OutageLog, listening_line, peer_label
 from ._presence import PresenceAPI, PresenceHub, PresenceStep
 from ._pubsub import PubSub
-from ._records import RECORD_BUILTINS, RecordsAPI
+from ._records import RecordsAPI
 
 __all__ = ["ServerCore", "ServerSockets"]
 
@@ -616,7 +616,7 @@ class ServerCore:
 
     async def _run_command(self, ctx: Context) -> Any:
         name = ctx.command
-        handler = self.app.commands.get(name) or _CAPABILITY_COMMANDS.get(name)
+        handler = self.app.commands.get(name)
         builtin = BUILTINS.get(name) if handler is None else None
         if handler is None and builtin is None:
             bump(self._metrics.requests, UNKNOWN_COMMAND)
@@ -632,7 +632,9 @@ class ServerCore:
         for middleware in self.app.command_middleware.get(name, ()):
             await middleware(ctx)
         if builtin is not None:
-            return await self._drive(builtin.steps(ctx.connection.id, ctx.payload), ctx.connection)
+            if builtin.handler is not None:
+                return await builtin.handler(ctx)
+            return await self._drive(builtin(ctx.connection.id, ctx.payload), ctx.connection)
         assert handler is not None
         return await handler(ctx)
 
@@ -702,7 +704,3 @@ def _check_size(scope: str, key: str, value: Any, limit: int) -> None:
             code="ETOOLARGE",
             name="MetadataTooLarge",
         )
-
-
-#: built-ins of the record and collection capabilities, run as handlers
-_CAPABILITY_COMMANDS = {**RECORD_BUILTINS, **COLLECTION_BUILTINS}

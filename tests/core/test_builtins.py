@@ -77,6 +77,12 @@ def test_the_builtin_table() -> None:
         "mesh/subscribe-channel",
         "mesh/unsubscribe-channel",
         "mesh/get-channel-history",
+        # issue 13: records and collections
+        "mesh/subscribe-record",
+        "mesh/unsubscribe-record",
+        "mesh/publish-record-update",
+        "mesh/subscribe-collection",
+        "mesh/unsubscribe-collection",
     }
 
 
