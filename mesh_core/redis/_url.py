@@ -224,25 +224,34 @@ def _parse_sentinel(url: str, scheme: str) -> SentinelEndpoint:
 
 
 def _sentinel_address(text: str, url: str) -> tuple[str, int]:
+    return _address(text, url, "sentinel", DEFAULT_SENTINEL_PORT, "26379", "in")
+
+
+def _address(
+    text: str, url: str, what: str, default_port: int, example_port: str, empty_in: str
+) -> tuple[str, int]:
+    """``host[:port]`` or ``[IPv6][:port]`` of one sentinel or cluster node."""
     text = text.strip()
     if not text:
-        raise ValueError(f"empty sentinel address in {url!r}")
+        raise ValueError(f"empty {what} address {empty_in} {url!r}")
     port_text = ""
     if text.startswith("["):  # [IPv6]:port
         host, bracket, after = text[1:].partition("]")
         if not bracket or not host or (after and not after.startswith(":")):
-            raise ValueError(f"invalid sentinel address {text!r} in {url!r}")
+            raise ValueError(f"invalid {what} address {text!r} in {url!r}")
         port_text = after[1:]
     elif text.count(":") > 1:
-        raise ValueError(f"IPv6 sentinel address {text!r} needs brackets ([::1]:26379) in {url!r}")
+        raise ValueError(
+            f"IPv6 {what} address {text!r} needs brackets ([::1]:{example_port}) in {url!r}"
+        )
     else:
         host, _, port_text = text.partition(":")
         if not host:
-            raise ValueError(f"sentinel address without a host {text!r} in {url!r}")
+            raise ValueError(f"{what} address without a host {text!r} in {url!r}")
     if not port_text:
-        return host, DEFAULT_SENTINEL_PORT
+        return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"invalid sentinel port {port_text!r} in {url!r}")
+        raise ValueError(f"invalid {what} port {port_text!r} in {url!r}")
     return host, int(port_text)
 
 
@@ -332,22 +341,4 @@ def parse_cluster_url(url: str) -> ClusterEndpoint:
 
 
 def _cluster_address(text: str, url: str) -> tuple[str, int]:
-    text = text.strip()
-    if not text:
-        raise ValueError(f"empty node address in Redis Cluster URL {url!r}")
-    if text.startswith("["):  # [IPv6]:port
-        host, bracket, after = text[1:].partition("]")
-        if not bracket or not host or (after and not after.startswith(":")):
-            raise ValueError(f"invalid node address {text!r} in {url!r}")
-        port_text = after[1:]
-    elif text.count(":") > 1:
-        raise ValueError(f"IPv6 node address {text!r} needs brackets ([::1]:7000) in {url!r}")
-    else:
-        host, _, port_text = text.partition(":")
-        if not host:
-            raise ValueError(f"node address without a host {text!r} in {url!r}")
-    if not port_text:
-        return host, 6379
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"invalid node port {port_text!r} in {url!r}")
-    return host, int(port_text)
+    return _address(text, url, "node", 6379, "7000", "in Redis Cluster URL")
