@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "ServerOptions"]
+
+_Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 #: 4 MiB: big enough for the 1 MiB payloads ordinary apps send, small enough
@@ -63,6 +67,12 @@ class ServerOptions:
     close_timeout: float = 5.0
     #: how long graceful shutdown waits for requests in flight
     shutdown_timeout: float = 10.0
+    #: proxies whose ``X-Forwarded-For`` is believed: addresses or networks
+    #: (``"10.0.0.0/8"``), or ``"*"`` for any peer; the connection's peer is
+    #: then the nearest address in that header that is not a trusted proxy.
+    #: Empty (the default): the header is ignored, so no client can choose
+    #: the address it is logged and authenticated under.
+    forwarded_allow_ips: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.ping_interval < 0 or self.latency_interval < 0:
@@ -84,6 +94,29 @@ class ServerOptions:
             raise ValueError("max_channel_history must be >= 1")
         if self.allowed_origins is not None:
             object.__setattr__(self, "allowed_origins", _origins(self.allowed_origins))
+        object.__setattr__(self, "forwarded_allow_ips", _trusted(self.forwarded_allow_ips))
+
+    def client_peer(
+        self, peer: tuple[str, int] | None, forwarded_for: str | None
+    ) -> tuple[str, int] | None:
+        """The address a connection is from: ``peer``, the socket's, unless
+        that is a trusted proxy that says (in ``X-Forwarded-For``) for whom.
+        The header is read right to left, proxies appending as they go, and
+        the first address no trusted proxy put there wins (port 0: unknown),
+        which is how uvicorn's ``--forwarded-allow-ips`` reads it."""
+        trusted = self.forwarded_allow_ips
+        if (
+            not trusted
+            or forwarded_for is None
+            or peer is None
+            or not _is_trusted(peer[0], trusted)
+        ):
+            return peer
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not _is_trusted(hop, trusted):
+                return (hop, 0)
+        return (hops[0], 0) if hops else peer
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Is an upgrade with this ``Origin`` header (``None``: absent) allowed?"""
@@ -103,3 +136,35 @@ def _origins(value: Iterable[str | None] | str) -> tuple[str | None, ...]:
     if isinstance(value, str):
         value = (value,)
     return tuple(None if origin is None else _normal(origin) for origin in value)
+
+
+def _trusted(value: Iterable[str] | str) -> tuple[str, ...]:
+    """Validated ``forwarded_allow_ips``: a bad address fails here, when the
+    options are made, not on the first proxied connection."""
+    if isinstance(value, str):
+        value = value.split(",")
+    items = tuple(item.strip() for item in value if item.strip())
+    for item in items:
+        if item != "*":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"forwarded_allow_ips: {item!r} is not an IP address or network"
+                ) from None
+    return items
+
+
+def _is_trusted(address: str, trusted: Sequence[str]) -> bool:
+    if "*" in trusted:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False  # a name or garbage: never a trusted proxy
+    return any(ip in _network(item) for item in trusted)
+
+
+@functools.lru_cache(maxsize=256)
+def _network(item: str) -> _Network:
+    return ipaddress.ip_network(item, strict=False)

@@ -239,6 +239,14 @@ def _parser() -> argparse.ArgumentParser:
         help="repeat for each Origin allowed to connect, e.g. https://app.example.com; "
         "'none' admits clients that send no Origin (non-browser) (default: any)",
     )
+    proxy = serve.add_argument_group("behind a reverse proxy (see docs/OPERATIONS.md)")
+    proxy.add_argument(
+        "--forwarded-allow-ips",
+        default=os.environ.get("FORWARDED_ALLOW_IPS", ""),
+        metavar="IPS",
+        help="comma-separated proxy addresses or networks (or '*') whose X-Forwarded-For "
+        "names the client's address; also $FORWARDED_ALLOW_IPS (default: trust none)",
+    )
     shared = serve.add_argument_group("many instances (Redis)")
     shared.add_argument(
         "--redis",
@@ -334,6 +342,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
                 if args.allowed_origins
                 else None
             ),
+            forwarded_allow_ips=args.forwarded_allow_ips,
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None

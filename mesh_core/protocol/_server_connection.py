@@ -39,7 +39,7 @@ import contextlib
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from wsproto import ConnectionType, WSConnection
@@ -369,7 +369,13 @@ class ServerConnection:
         return self.state is State.CLOSED
 
     def _on_request(self, event: Request) -> None:
-        self._events.append(HandshakeReceived(upgrade_request(event, self.peer)))
+        request = upgrade_request(event, self.peer)
+        if self.options.forwarded_allow_ips:
+            peer = self.options.client_peer(self.peer, request.header("x-forwarded-for"))
+            if peer != self.peer:
+                self.peer = peer
+                request = replace(request, peer=peer)
+        self._events.append(HandshakeReceived(request))
 
     def _reject_bad_request(self, exc: WSRemoteProtocolError) -> None:
         hint = exc.event_hint
