@@ -3,11 +3,22 @@ when the socket's peer is a proxy the operator said to trust."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from mesh_core import Context, MeshApp, ServerOptions, UpgradeRequest
+from tests.helpers.server_process import ROOT, free_port
 from tests.helpers.wsclient import WSClient
 
 FAST = {"ping_interval": 0, "latency_interval": 0}
@@ -79,3 +90,102 @@ def test_cli_flag_reaches_the_options_and_a_bad_value_is_one_line() -> None:
     with pytest.raises(SystemExit) as exit_:
         options_from_args(bad)
     assert str(exit_.value.code).startswith("error: forwarded_allow_ips: 'proxy'")
+
+
+# -- a real nginx in front (deploy/nginx.conf): TLS terminated there ----------
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@contextlib.contextmanager
+def nginx(tmp_path: Path, upstream: int, cert: Path, key: Path) -> Iterator[int]:
+    """deploy/nginx.conf as written, with this test's ports and certificate,
+    in an nginx of its own (its own prefix, pid file and logs)."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        pytest.skip("nginx is not installed (scripts/test installs it)")
+    port = free_port()
+    site = (ROOT / "deploy" / "nginx.conf").read_text()
+    for old, new in [
+        ("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
+        ("server 127.0.0.1:8765;", f"server 127.0.0.1:{upstream};"),
+        ("/etc/ssl/mesh/fullchain.pem", str(cert)),
+        ("/etc/ssl/mesh/privkey.pem", str(key)),
+    ]:
+        assert old in site, old
+        site = site.replace(old, new)
+    (tmp_path / "mesh.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(
+        f"""
+        {"user root;" if os.geteuid() == 0 else ""}
+        worker_processes 1;
+        pid {tmp_path}/nginx.pid;
+        error_log {tmp_path}/error.log;
+        events {{}}
+        http {{
+            access_log off;
+            client_body_temp_path {tmp_path}/body;
+            proxy_temp_path {tmp_path}/proxy;
+            fastcgi_temp_path {tmp_path}/fastcgi;
+            uwsgi_temp_path {tmp_path}/uwsgi;
+            scgi_temp_path {tmp_path}/scgi;
+            include {tmp_path}/mesh.conf;
+        }}
+        """
+    )
+    proc = subprocess.Popen(
+        [binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    output = proc.stdout.read() if proc.stdout else b""
+                    log = (tmp_path / "error.log").read_text(errors="replace")
+                    raise AssertionError(f"nginx did not start: {output!r} {log}") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_behind_nginx_the_client_address_is_the_real_one(
+    server_cls: Any, tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    seen: list[UpgradeRequest] = []
+    server = server_cls(peer_app(seen), forwarded_allow_ips=("127.0.0.1",), **FAST)
+    async with server.listen():
+        with nginx(tmp_path, server.port, cert, key) as port:
+            context = ssl.create_default_context(cafile=str(cert))
+            # from 127.0.0.2, so the client is not the proxy; it also claims
+            # an address of its own, which must not be believed
+            stream = await anyio.connect_tcp(
+                "127.0.0.1", port, local_host="127.0.0.2", ssl_context=context,
+                tls_standard_compatible=False,
+            )  # fmt: skip
+            client = await WSClient.connect(
+                port, "/ws", headers=[(b"X-Forwarded-For", b"198.51.100.66")], stream=stream
+            )
+            assert (await client.request("whoami"))[0] == "127.0.0.2"
+            request = seen[-1]
+            assert request.path == "/ws"
+            assert request.header("x-forwarded-proto") == "https"
+            assert request.header("x-forwarded-for") == "198.51.100.66, 127.0.0.2"
+            await client.close()

@@ -57,8 +57,12 @@ class WSClient:
         target: str = "/",
         headers: list[tuple[bytes, bytes]] | None = None,
         wait_id: bool = True,
+        stream: Any = None,
     ) -> WSClient:
-        stream = await anyio.connect_tcp("127.0.0.1", port)
+        """``stream``: an anyio byte stream already connected (TLS, another
+        source address...) instead of a plain TCP connection to ``port``."""
+        if stream is None:
+            stream = await anyio.connect_tcp("127.0.0.1", port)
         ws = WSConnection(ConnectionType.CLIENT)
         await stream.send(
             ws.send(Request(host="localhost", target=target, extra_headers=headers or []))
