@@ -347,7 +347,8 @@ class MeshServer(ServerCore):
                 conn = await self._tls_handshake(sock, address)
                 if conn is sock:
                     return
-            await self._serve_socket(conn, address)
+            early = conn.received_early() if isinstance(conn, TLSSocket) else b""
+            await self._serve_socket(conn, address, early)
         finally:
             conn.close()
 
@@ -368,9 +369,13 @@ class MeshServer(ServerCore):
         log.debug("TLS handshake with %s timed out", address)
         return sock
 
-    async def _serve_socket(self, sock: socket.socket | TLSSocket, address: Any) -> None:
+    async def _serve_socket(
+        self, sock: socket.socket | TLSSocket, address: Any, early: bytes = b""
+    ) -> None:
         link = _Link(self, sock, self.new_protocol(address, trio.current_time()))
         proto = link.proto
+        if early:
+            proto.receive_data(early, trio.current_time())
         sockets = self._sockets
         assert sockets is not None
         sockets.links.add(link)

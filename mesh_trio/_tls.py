@@ -94,8 +94,23 @@ class TLSSocket:
             self._in.write(data)
         else:
             self._in.write_eof()
+        plain, ended = self._decrypt()
+        if plain:
+            return plain
+        if ended or not data:
+            return b""
+        raise BlockingIOError
+
+    def received_early(self) -> bytes:
+        """What came with the handshake's last flight (a client may send its
+        request right behind its Finished): the caller's first input, read
+        before it waits for the socket, which will not signal it again."""
+        return self._decrypt()[0]
+
+    def _decrypt(self) -> tuple[bytes, bool]:
+        """All the plain bytes TLS holds now, and whether the peer has ended."""
         chunks = []
-        ended = not data
+        ended = False
         while True:
             try:
                 chunk = self._tls.read(_READ_SIZE)
@@ -109,11 +124,7 @@ class TLSSocket:
                 break
             chunks.append(chunk)
         self._flush()  # what reading produced (a key update's answer)
-        if chunks:
-            return b"".join(chunks)
-        if ended:
-            return b""
-        raise BlockingIOError
+        return b"".join(chunks), ended
 
     def send(self, data: bytes | memoryview) -> int:
         if self._pending:

@@ -61,7 +61,9 @@ def _ca(directory: Path, name: str) -> None:
 
 def _leaf(directory: Path, name: str, ca: str, usage: str, san: str = "") -> None:
     ext = directory / f"{name}.ext"
-    ext.write_text(_LEAF_EXT + f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" * bool(san)))
+    ext.write_text(
+        _LEAF_EXT + f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" * bool(san))
+    )
     _run("req", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
          cwd=directory)  # fmt: skip
     _run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
