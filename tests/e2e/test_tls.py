@@ -6,6 +6,7 @@ are required with ``--ssl-ca-certs``, a bad file fails the start in one line,
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -19,6 +20,8 @@ from typing import Any
 
 import anyio
 import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import Request, TextMessage
 
 import mesh_asyncio
 import mesh_trio
@@ -288,3 +291,61 @@ def test_port_in_use_with_tls_is_still_one_line(certs: Certs) -> None:
         port = busy.getsockname()[1]
         proc = run_failing("--port", str(port), *_tls_flags(certs))
     assert "address already in use" in proc.stderr
+
+
+# -- back-pressure through TLS -----------------------------------------------------------------
+
+
+def _read_pushes(port: int, context: ssl.SSLContext, count: int) -> list[int]:
+    """A TLS client with a small receive buffer that reads slowly, so the
+    server's socket is full again and again: the ``n`` of every push."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    raw.settimeout(30)
+    raw.connect(("127.0.0.1", port))
+    with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        ws = WSConnection(ConnectionType.CLIENT)
+        sock.sendall(ws.send(Request(host="localhost", target="/")))
+        seen: list[int] = []
+        text: list[str] = []
+        while len(seen) < count:
+            data = sock.recv(4096)
+            assert data, f"closed after {len(seen)} pushes"
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, TextMessage):
+                    text.append(event.data)
+                    if event.message_finished:
+                        message = json.loads("".join(text))
+                        text.clear()
+                        if message.get("command") == "flood":
+                            seen.append(message["payload"]["n"])
+            time.sleep(0.0005)
+    return seen
+
+
+@pytest.mark.anyio
+async def test_a_slow_tls_reader_gets_every_byte_in_order(server_cls: Any, certs: Certs) -> None:
+    """The trio binding's TLS layer holds back what the socket did not take
+    (a short send), and sends it once the socket drains: nothing lost,
+    nothing twice. Under max_send_buffer, so the reader is not dropped."""
+    server = server_cls(demo_app, ssl=server_context(server_cls, certs), **QUIET)
+    count = 300
+    async with server.listen(), anyio.create_task_group() as tg:
+        result: list[list[int]] = []
+
+        async def read() -> None:
+            pushes = _read_pushes, server.port, certs.client_context(), count
+            result.append(await anyio.to_thread.run_sync(*pushes))
+
+        tg.start_soon(read)
+        with anyio.fail_after(30):
+            while not server.connections.local_connections():
+                await anyio.sleep(0.01)
+        (conn,) = server.connections.local_connections()
+        await server.add_to_room("flood", conn)
+        filler = "y" * 20_000  # 6 MB in all, past any socket buffer
+        for n in range(count):
+            await server.broadcast_room("flood", "flood", {"n": n, "data": filler})
+    assert result == [list(range(count))]
+    assert server.metrics()["slow_consumer_closes"] == 0
