@@ -332,11 +332,12 @@ async def test_a_slow_tls_reader_gets_every_byte_in_order(server_cls: Any, certs
     server = server_cls(demo_app, ssl=server_context(server_cls, certs), **QUIET)
     count = 300
     async with server.listen(), anyio.create_task_group() as tg:
+        port = server.port
         result: list[list[int]] = []
 
         async def read() -> None:
-            pushes = _read_pushes, server.port, certs.client_context(), count
-            result.append(await anyio.to_thread.run_sync(*pushes))
+            context = certs.client_context()
+            result.append(await anyio.to_thread.run_sync(_read_pushes, port, context, count))
 
         tg.start_soon(read)
         with anyio.fail_after(30):
