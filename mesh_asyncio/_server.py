@@ -12,10 +12,14 @@ waiting (``reading_paused``), the transport stops reading from it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import ssl
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, cast
 
 from mesh_core import ServerCore
@@ -121,7 +125,7 @@ class _WebSocketProtocol(asyncio.Protocol):
                 transport.resume_reading()
         if proto.state is State.CLOSED:
             if proto.aborted:
-                transport.abort()
+                _reset(transport)
             else:
                 # flush what is buffered, then close; a peer that never reads
                 # does not keep the socket open past close_timeout
@@ -147,6 +151,23 @@ class _WebSocketProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+#: SO_LINGER on, with a zero timeout: ``close()`` sends a reset and frees the
+#: socket's buffers at once, instead of trickling them out to the peer
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Drop a slow consumer: reset the connection rather than close it, so
+    the megabytes the kernel still holds for a client that does not read are
+    freed now and the client learns of the drop at its next read (ECONNRESET),
+    not minutes later. With TLS the socket is the one under the TLS layer."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # gone already
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    transport.abort()
 
 
 class _Sockets:
@@ -177,8 +198,12 @@ class MeshServer(ServerCore):
     that ``start`` can return while the server runs, as asyncio servers do.
     """
 
+    new_tls_context = staticmethod(partial(ssl.create_default_context, ssl.Purpose.CLIENT_AUTH))
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, runtime=RUNTIME, **kwargs)
+        if self.ssl is not None and not isinstance(self.ssl, ssl.SSLContext):
+            raise TypeError(f"ssl= takes an ssl.SSLContext, got {type(self.ssl).__name__}")
         self._listener: asyncio.Server | None = None
         self._main: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
@@ -255,11 +280,16 @@ class MeshServer(ServerCore):
             assert sockets is not None
             return _WebSocketProtocol(self, sockets, loop)
 
+        # with TLS, asyncio runs each handshake on its own (accepts go on),
+        # bounded by the same timeout as the WebSocket upgrade after it
+        tls: dict[str, Any] = {}
+        if self.ssl is not None:
+            tls = {"ssl": self.ssl, "ssl_handshake_timeout": self.options.handshake_timeout}
         if sock is not None:
-            listener = await loop.create_server(factory, sock=sock, backlog=1024)
+            listener = await loop.create_server(factory, sock=sock, backlog=1024, **tls)
         else:
             listener = await loop.create_server(
-                factory, host, port, reuse_port=reuse_port or None, backlog=1024
+                factory, host, port, reuse_port=reuse_port or None, backlog=1024, **tls
             )
         sockets = _Sockets(listener)
         self._listener = listener

@@ -292,6 +292,28 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between sweeps for dead instances (default %(default)s)",
     )
+    tls = serve.add_argument_group("TLS: serve wss:// (see docs/OPERATIONS.md)")
+    tls.add_argument(
+        "--ssl-certfile",
+        metavar="PEM",
+        help="the server's certificate (chain), PEM; turns TLS on (default: off, ws://)",
+    )
+    tls.add_argument(
+        "--ssl-keyfile",
+        metavar="PEM",
+        help="its private key, PEM (default: the key in --ssl-certfile)",
+    )
+    tls.add_argument(
+        "--ssl-keyfile-password",
+        metavar="PASSWORD",
+        help="the password of an encrypted --ssl-keyfile (default: none)",
+    )
+    tls.add_argument(
+        "--ssl-ca-certs",
+        metavar="PEM",
+        help="require client certificates signed by these CAs; others fail the "
+        "TLS handshake (default: no client certificates)",
+    )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--uvloop",
@@ -369,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "process, so workers would not see each other's connections and rooms"
             )
         load_app(args.app)  # fail here, once, rather than in every worker
+        _tls_context(args)  # the workers get the --ssl-* flags with the rest
         raise SystemExit(_supervise(argv, args.workers))
     app = load_app(args.app)
     try:
@@ -381,9 +404,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: {_missing_extra(exc)}") from None
 
 
+def _tls_context(args: argparse.Namespace) -> Any:
+    """The ``ssl.SSLContext`` the ``--ssl-*`` flags ask for (``None``:
+    none given); a file that does not load ends the start in one line."""
+    others = (args.ssl_keyfile, args.ssl_keyfile_password, args.ssl_ca_certs)
+    if args.ssl_certfile is None:
+        if any(flag is not None for flag in others):
+            raise SystemExit(
+                "error: the --ssl-* flags need --ssl-certfile (the server's certificate)"
+            )
+        return None
+    server_class = importlib.import_module(f"mesh_{args.runtime}").MeshServer
+    try:
+        return server_class.tls_context(
+            args.ssl_certfile,
+            args.ssl_keyfile,
+            password=args.ssl_keyfile_password,
+            ca_certs=args.ssl_ca_certs,
+        )
+    except ServerStartupError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def _serve(app: MeshApp, args: argparse.Namespace, options: ServerOptions) -> None:
     runtime = importlib.import_module(f"mesh_{args.runtime}")
     kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "options": options}
+    tls = _tls_context(args)
+    if tls is not None:
+        kwargs["ssl"] = tls
     if args.redis:
         store_class = runtime.RedisStore
         url = args.redis

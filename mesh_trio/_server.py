@@ -21,8 +21,10 @@ import errno
 import logging
 import math
 import socket
+import ssl
+import struct
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import Any
 
@@ -32,12 +34,16 @@ from mesh_core import ServerCore
 from mesh_core.protocol import ServerConnection, State
 
 from ._runtime import RUNTIME
+from ._tls import TLSSocket
 
 __all__ = ["MeshServer"]
 
 log = logging.getLogger("mesh_trio")
 
 _READ_SIZE = 65536
+#: SO_LINGER on, with a zero timeout: ``close()`` sends a reset and frees the
+#: socket's buffers at once, instead of trickling them out to the peer
+_LINGER_RESET = struct.pack("ii", 1, 0)
 # what a connection's task waits for (besides its next timer and a wake-up)
 _RUN, _READABLE, _WRITABLE, _TIMER = range(4)
 # accept() errors that mean "out of resources right now": wait and retry
@@ -87,7 +93,9 @@ class _Link:
         "woken",
     )
 
-    def __init__(self, server: MeshServer, sock: socket.socket, proto: ServerConnection) -> None:
+    def __init__(
+        self, server: MeshServer, sock: socket.socket | TLSSocket, proto: ServerConnection
+    ) -> None:
         self.server = server
         self.sock = sock
         self.proto = proto
@@ -147,8 +155,12 @@ class MeshServer(ServerCore):
     """A Mesh server on trio. Same constructor and API as
     ``mesh_asyncio.MeshServer``; see :class:`mesh_core.ServerCore`."""
 
+    new_tls_context = staticmethod(partial(ssl.create_default_context, ssl.Purpose.CLIENT_AUTH))
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, runtime=RUNTIME, **kwargs)
+        if self.ssl is not None and not isinstance(self.ssl, ssl.SSLContext):
+            raise TypeError(f"ssl= takes an ssl.SSLContext, got {type(self.ssl).__name__}")
         self._nursery: trio.Nursery | None = None
         self._listeners: list[socket.socket] = []
         self._sockets: _Sockets | None = None
@@ -329,8 +341,41 @@ class MeshServer(ServerCore):
 
     async def _serve_link(self, sock: socket.socket, peer: Any) -> None:
         address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        conn: socket.socket | TLSSocket = sock
+        try:
+            if self.ssl is not None:
+                conn = await self._tls_handshake(sock, address)
+                if conn is sock:
+                    return
+            early = conn.received_early() if isinstance(conn, TLSSocket) else b""
+            await self._serve_socket(conn, address, early)
+        finally:
+            conn.close()
+
+    async def _tls_handshake(
+        self, sock: socket.socket, address: tuple[str, int] | None
+    ) -> socket.socket | TLSSocket:
+        """TLS first, in the connection's own task (accepts go on), bounded
+        by the upgrade's timeout; ``sock`` itself if the handshake failed."""
+        assert isinstance(self.ssl, ssl.SSLContext)
+        tls = TLSSocket(sock, self.ssl)
+        with trio.move_on_after(self.options.handshake_timeout):
+            try:
+                await tls.handshake()
+            except OSError as exc:
+                log.debug("TLS handshake with %s failed: %s", address, exc)
+                return sock
+            return tls
+        log.debug("TLS handshake with %s timed out", address)
+        return sock
+
+    async def _serve_socket(
+        self, sock: socket.socket | TLSSocket, address: Any, early: bytes = b""
+    ) -> None:
         link = _Link(self, sock, self.new_protocol(address, trio.current_time()))
         proto = link.proto
+        if early:
+            proto.receive_data(early, trio.current_time())
         sockets = self._sockets
         assert sockets is not None
         sockets.links.add(link)
@@ -342,7 +387,12 @@ class MeshServer(ServerCore):
             proto.receive_data(None, trio.current_time())
             link.done = True
             self._pump(link)
-            sock.close()
+            if proto.aborted:
+                # a dropped slow consumer: reset, so the kernel frees what it
+                # still holds for it and the client learns of it at once
+                raw = sock.raw if isinstance(sock, TLSSocket) else sock
+                with suppress(OSError):
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
     async def _run_link(self, link: _Link) -> None:
         proto, sock = link.proto, link.sock

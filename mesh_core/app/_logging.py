@@ -72,10 +72,14 @@ def describe_store(storage: Any) -> str:
 
 
 def listening_line(
-    addresses: Iterable[Sequence[Any]], runtime: str, storage: Any, instance_id: str
+    addresses: Iterable[Sequence[Any]],
+    runtime: str,
+    storage: Any,
+    instance_id: str,
+    scheme: str = "ws",
 ) -> str:
     """The one startup line: where, on what, with which store, which process."""
-    urls = ", ".join(ws_url(a) for a in addresses)
+    urls = ", ".join(ws_url(a, scheme) for a in addresses)
     worker = os.environ.get(WORKER_ENV)
     parts = [runtime, f"store {describe_store(storage)}", f"instance {instance_id}"]
     parts.append(f"pid {os.getpid()}")

@@ -64,7 +64,7 @@ from ..protocol import (
     encode_push,
     text_frame,
 )
-from ..runtime import Runtime, TaskGroup, run_inline
+from ..runtime import Runtime, TaskGroup, TLSContext, run_inline
 from ..storage import _ops as ops
 from ..storage._base import Storage
 from ..storage._memory import MemoryStore
@@ -77,6 +77,7 @@ from ._logging import OutageLog, listening_line, peer_label
 from ._presence import PresenceAPI, PresenceHub, PresenceStep
 from ._pubsub import PubSub
 from ._records import RecordsAPI
+from ._tls import load_server_tls
 
 __all__ = ["ServerCore", "ServerSockets"]
 
@@ -149,6 +150,7 @@ class ServerCore:
         storage: Storage | None = None,
         options: ServerOptions | None = None,
         instance_id: str | None = None,
+        ssl: TLSContext | None = None,
         **option_overrides: Any,
     ) -> None:
         if not isinstance(app, MeshApp):
@@ -162,6 +164,8 @@ class ServerCore:
             base = ServerOptions(**{**fields, **option_overrides})
         self.app = app
         self.options = base
+        #: an ``ssl.SSLContext``: the adapter serves ``wss://`` with it
+        self.ssl = ssl
         self.runtime = runtime
         self.storage: Storage = storage if storage is not None else MemoryStore()
         self._store_inline = self.storage.answers_inline  # read once: per request below
@@ -237,8 +241,32 @@ class ServerCore:
     def listening_line(self, addresses: Iterable[Sequence[Any]], runtime: str) -> str:
         """The startup line an adapter logs once it listens (``runtime``:
         ``asyncio``, ``uvloop`` or ``trio``): the addresses as clients type
-        them (``ws://[::1]:8765``), the store, the instance id, pid, worker."""
-        return listening_line(addresses, runtime, self.storage, self.instance_id)
+        them (``ws://[::1]:8765``, ``wss://`` with TLS), the store, the
+        instance id, pid, worker."""
+        scheme = "ws" if self.ssl is None else "wss"
+        return listening_line(addresses, runtime, self.storage, self.instance_id, scheme)
+
+    #: an empty server-side TLS context: the adapter's
+    #: ``ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)`` (the core imports no ssl)
+    new_tls_context: Callable[[], TLSContext] | None = None
+
+    @classmethod
+    def tls_context(
+        cls,
+        certfile: str,
+        keyfile: str | None = None,
+        *,
+        password: str | None = None,
+        ca_certs: str | None = None,
+    ) -> TLSContext:
+        """The ``ssl=`` context for certificate files, as ``mesh serve
+        --ssl-certfile/--ssl-keyfile/--ssl-keyfile-password/--ssl-ca-certs``
+        builds it; ``ca_certs`` makes a client certificate signed by one of
+        those CAs required. Raises :class:`ServerStartupError` (one line,
+        naming the file) when a file is missing, unreadable or does not fit."""
+        if cls.new_tls_context is None:
+            raise TypeError(f"{cls.__name__} cannot make TLS contexts: pass ssl= yourself")
+        return load_server_tls(cls.new_tls_context, certfile, keyfile, password, ca_certs)
 
     def _log_closed(self, connection: Connection, event: ConnectionLost) -> None:
         log.debug(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ pytestmark = pytest.mark.skipif(
 SERVERS = ["asyncio", "trio", "embedded", "uvicorn", "hypercorn-trio"]
 
 
-def run_harness(*args: str, timeout: float = 60) -> dict[str, Any]:
+def run_harness(
+    *args: str, timeout: float = 60, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     assert NODE is not None
     proc = subprocess.run(
         [NODE, "reference_client.mjs", *args],
@@ -40,6 +43,7 @@ def run_harness(*args: str, timeout: float = 60) -> dict[str, Any]:
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no JSON from harness (exit {proc.returncode}): {proc.stdout}\n{proc.stderr}"
