@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 
 from mesh_core import Context, MeshApp, ServerOptions, UpgradeRequest
 from tests.helpers.server_process import ROOT, free_port
+from tests.helpers.tls import make_certs
 from tests.helpers.wsclient import WSClient
 
 FAST = {"ping_interval": 0, "latency_interval": 0}
@@ -95,18 +95,6 @@ def test_cli_flag_reaches_the_options_and_a_bad_value_is_one_line() -> None:
 # -- a real nginx in front (deploy/nginx.conf): TLS terminated there ----------
 
 
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 @contextlib.contextmanager
 def nginx(tmp_path: Path, upstream: int, cert: Path, key: Path) -> Iterator[int]:
     """deploy/nginx.conf as written, with this test's ports and certificate,
@@ -166,14 +154,14 @@ def nginx(tmp_path: Path, upstream: int, cert: Path, key: Path) -> Iterator[int]
 
 
 async def test_behind_nginx_the_client_address_is_the_real_one(
-    server_cls: Any, tmp_path: Path, certificate: tuple[Path, Path]
+    server_cls: Any, tmp_path: Path
 ) -> None:
-    cert, key = certificate
+    certs = make_certs(tmp_path / "certs")
     seen: list[UpgradeRequest] = []
     server = server_cls(peer_app(seen), forwarded_allow_ips=("127.0.0.1",), **FAST)
     async with server.listen():
-        with nginx(tmp_path, server.port, cert, key) as port:
-            context = ssl.create_default_context(cafile=str(cert))
+        with nginx(tmp_path, server.port, certs.server_cert, certs.server_key) as port:
+            context = certs.client_context()
             # from 127.0.0.2, so the client is not the proxy; it also claims
             # an address of its own, which must not be believed
             stream = await anyio.connect_tcp(
