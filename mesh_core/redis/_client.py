@@ -58,6 +58,14 @@ Design:
   connection reconnects and re-subscribes on the new master); a connect that
   raced with the announcement is redone. Switches announced while it was not
   subscribed are caught by asking the sentinels once it is again.
+* A reconnect replays the owner's state first (:meth:`RedisClient.on_reconnect`):
+  when a connection opens while none is left and one was lost since the last
+  replay (Redis restarted, possibly empty; Sentinel switched to a replica
+  that may lack the latest writes), the hook's commands are sent on it, right
+  after the handshake and before the connection takes any caller's command,
+  and answered; callers waiting for a connection wait for them too. So no
+  command reaches the new Redis before the state it relies on, and the steady
+  state pays nothing.
 * Cluster (``redis+cluster://``) is :class:`~mesh_core.redis.ClusterTransportCore`
   over one such client per node.
 
@@ -82,6 +90,7 @@ from ._connection import (
     Link,
     Multiplexed,
     Network,
+    ReconnectHook,
     Stream,
     addr_label,
     check_replies,
@@ -193,6 +202,21 @@ class RedisClient:
         self._pubsub_running = False
         self._pubsub_stream: Stream | None = None
         self._pubsub_address: tuple[str, int] | None = None
+        # the reconnect replay: connections lost so far, and that count when
+        # the last replay was answered (behind: the next connection replays)
+        self._on_reconnect: ReconnectHook | None = None
+        self._losses = 0
+        self._replayed = 0
+
+    def on_reconnect(self, hook: ReconnectHook | None, *, first: bool = False) -> None:
+        """Have ``hook()`` 's commands sent first on the connection that
+        replaces lost ones (see the module docstring); with ``first``, on the
+        very first connection too (a node that may be a promoted replica).
+        Error replies to them are logged and otherwise ignored: the replay is
+        a best effort that the owner's periodic duties back up."""
+        self._on_reconnect = hook
+        if first and self._losses == self._replayed:
+            self._replayed = self._losses - 1
 
     # -- lifecycle
 
@@ -312,6 +336,7 @@ class RedisClient:
         try:
             async with self._rt.timeout(self._attempt_timeout):
                 stream, reader, label, address = await self._open_stream()
+            await self._replay(stream, reader, label)
         except RedisUnavailable as exc:
             attempt.error = exc
         except TimeoutError:
@@ -332,6 +357,55 @@ class RedisClient:
             self._attempt = None
             attempt.done.set()
 
+    async def _replay(self, stream: Stream, reader: hiredis.Reader, label: str) -> None:
+        """Send the reconnect hook's commands on a new connection and read
+        their replies, if a connection was lost since the last replay and no
+        other is left: a surviving connection means Redis did not restart,
+        and commands on it could overtake the replay."""
+        hook = self._on_reconnect
+        losses = self._losses
+        if (
+            hook is None
+            or losses == self._replayed
+            or any(link.state.error is None for link in self._links)
+        ):
+            return
+        try:
+            commands = hook()
+        except Exception:  # the owner's bug must not keep every reconnect failing
+            self._log.exception("the reconnect hook failed; nothing replayed")
+            commands = ()
+        try:
+            if commands:
+                async with self._rt.timeout(self._command_timeout):
+                    replies = await exchange(stream, reader, commands)
+                self._log.log(
+                    logging.INFO if self._replayed >= 0 else logging.DEBUG,
+                    "reconnected to Redis at %s: replayed %d command(s) before serving",
+                    label,
+                    len(commands),
+                )
+                failed = [r for r in replies if isinstance(r, RedisReplyError)]
+                if failed:
+                    self._log.warning(
+                        "%d of %d command(s) replayed on reconnecting to %s failed, first: %s",
+                        len(failed),
+                        len(commands),
+                        label,
+                        failed[0],
+                    )
+        except BaseException as exc:
+            stream.close()
+            if isinstance(exc, TimeoutError):
+                raise RedisUnavailable(
+                    f"Redis at {label} did not answer the reconnect replay "
+                    f"within {self._command_timeout}s"
+                ) from None
+            if isinstance(exc, _LOST):
+                raise RedisUnavailable(f"Redis connection to {label} lost: {exc!r}") from exc
+            raise
+        self._replayed = losses
+
     async def _run_link(self, link: Link) -> None:
         try:
             await link.run()
@@ -339,6 +413,8 @@ class RedisClient:
             link.state.fail(RedisUnavailable(f"Redis connection to {link.state.label} closed"))
             if link in self._links:
                 self._links.remove(link)
+            if not self._closed:
+                self._losses += 1
 
     def _ready_link(self) -> Link | None:
         """The connection for the next command, when one is ready (the usual

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from .._errors import RedisReplyError, RedisUnavailable
 from ..runtime import Event, Runtime, TaskGroup
+from ._connection import ReconnectHook
 from ._resp import scan_keys
 from ._url import ClusterEndpoint, is_cluster_url, parse_cluster_url
 
@@ -213,6 +214,8 @@ class NodeTransport(Protocol):
 
     async def unsubscribe(self, channel: str) -> None: ...
 
+    def on_reconnect(self, hook: ReconnectHook | None, *, first: bool = False) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -291,6 +294,7 @@ class ClusterTransportCore:
         self._closed = False
         # redirects followed so far, by kind: a resharding shows up here
         self.redirects = {"MOVED": 0, "ASK": 0}
+        self._on_reconnect: ReconnectHook | None = None
 
     # -- nodes and the slot table
 
@@ -300,7 +304,31 @@ class ClusterTransportCore:
             if self._closed:
                 raise RedisUnavailable("Redis transport is closed")
             transport = self._nodes[address] = self._make_node(self.url.node_url(address))
+            if self._on_reconnect is not None:
+                # a node met later may be a replica promoted by a failover,
+                # without the latest writes: its first connection replays too
+                transport.on_reconnect(self._node_replay(address), first=True)
         return transport
+
+    def on_reconnect(self, hook: ReconnectHook | None, *, first: bool = False) -> None:
+        """Each node replays, when it reconnects, the hook's commands whose
+        slot it serves (by the slot table then); a command that lands on
+        the wrong node gets ``MOVED``, logged and left to the owner's
+        periodic duties."""
+        self._on_reconnect = hook
+        for address, transport in self._nodes.items():
+            replay = None if hook is None else self._node_replay(address)
+            transport.on_reconnect(replay, first=first)
+
+    def _node_replay(self, address: Address) -> ReconnectHook:
+        def replay() -> list[Sequence[Arg]]:
+            hook = self._on_reconnect
+            if hook is None:
+                return []
+            owner = self.table.owner
+            return [c for c in hook() if owner(command_slot(c) or 0) == address]
+
+        return replay
 
     def _known(self) -> list[Address]:
         """Every node we know of; the last one that answered first."""

@@ -35,6 +35,7 @@ __all__ = [
     "Link",
     "Multiplexed",
     "Network",
+    "ReconnectHook",
     "Stream",
     "Waiter",
     "addr_label",
@@ -48,6 +49,11 @@ __all__ = [
     "serve_subscription",
     "ssl_context",
 ]
+
+
+#: what a transport sends first on the connection that replaces lost ones,
+#: before any caller's command (``RedisTransport.on_reconnect``)
+ReconnectHook = Callable[[], Sequence[Sequence[Arg]]]
 
 
 class Waiter(Protocol):

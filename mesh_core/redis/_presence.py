@@ -101,6 +101,8 @@ class RedisPresence:
 
         def _add_to_room_commands(self, op: ops.AddToRoom) -> list[Sequence[Any]]: ...
 
+        def _joined(self, room: str, cid: str) -> None: ...
+
     async def _mark_present(self, op: ops.MarkPresent) -> bool:
         added, *_ = await self.transport.pipeline(_present_commands(op))
         return bool(added)
@@ -108,6 +110,7 @@ class RedisPresence:
     async def _join_present(self, op: ops.JoinPresent) -> bool:
         commands = self._add_to_room_commands(ops.AddToRoom(op.room, op.connection_id))
         joined, *_ = await self.transport.pipeline([*commands, *_present_commands(op)])
+        self._joined(op.room, op.connection_id)
         return bool(joined)
 
     async def _mark_absent(self, op: ops.MarkAbsent) -> bool:

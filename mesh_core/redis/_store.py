@@ -132,6 +132,9 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
         # connections this instance registered: re-registered if Redis lost
         # them (a restart without persistence), dropped on unregister
         self._registered: dict[str, Any] = {}
+        # the rooms each of those is in, put back with them
+        self._rooms: dict[str, set[str]] = {}
+        self._stopping = False  # stop() began: a reconnect registers nothing again
         # unregistrations that could not reach Redis, retried by heartbeat()
         self._pending_unregister: set[str] = set()
         self._started = False  # start() completed: a failed stop is then worth a warning
@@ -151,6 +154,7 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
     async def start(self, instance_id: str, deliver: DeliverCallback) -> None:
         self.instance_id = instance_id
         self._deliver = deliver
+        self.transport.on_reconnect(self._reconnect_commands)
         await self.transport.connect()
         await self.heartbeat()
         await self.transport.subscribe(keys.pubsub(instance_id), self._on_message)
@@ -159,6 +163,7 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
     async def stop(self) -> None:
         """Leave the shared state as if this instance had never been: its
         remaining connections are unregistered, then the instance itself."""
+        self._stopping = True
         try:
             if self.instance_id:
                 for cid in list(self._registered):
@@ -230,6 +235,44 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
         for cid in list(self._pending_unregister):
             await self._unregister(ops.UnregisterConnection(cid, instance))
             self._pending_unregister.discard(cid)
+
+    def _reconnect_commands(self) -> list[Sequence[Arg]]:
+        """What the transport sends first when it reconnects, before any
+        command waiting for Redis (so before any read): this instance, its
+        connections with their metadata, and their rooms, in case Redis lost
+        them (a restart without persistence, a failover to a replica that
+        had not received them), instead of at the next heartbeat.
+
+        This instance's own records are the source of truth for its
+        connections' registry entries and rooms; metadata is put back only
+        if missing (``HSETNX``, as :meth:`_reregister`): a value another
+        instance wrote, and that the promoted replica has, is newer than the
+        last value this instance wrote or read. A write that raced the
+        restart either was answered before it (then ``_remember`` holds its
+        value) or was answered with an error (its client retries); either way
+        nothing written while Redis was away was acknowledged."""
+        if self._stopping or not self.instance_id:
+            return []
+        instance = self.instance_id
+        self._cache.clear()  # texts of a Redis that may be gone
+        commands: list[Sequence[Arg]] = [
+            (
+                "SET",
+                keys.heartbeat(instance),
+                str(self.runtime.wall_ms()),
+                "EX",
+                self.heartbeat_ttl,
+            ),
+            ("SADD", keys.INSTANCES, instance),
+        ]
+        rooms = self._rooms
+        for cid, metadata in self._registered.items():
+            commands += self._register_commands(cid, instance, metadata, only_if_missing=True)
+            for room in rooms.get(cid, ()):
+                commands.append(("SADD", keys.room(room), cid))
+                commands.append(("SADD", keys.connection_rooms(cid), room))
+        log.debug("reconnect: putting back %d connection(s)", len(self._registered))
+        return commands
 
     async def sweep(self) -> list[str]:
         """Under the cleanup lock, remove instances whose heartbeat expired
@@ -339,8 +382,10 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
     async def _unregister(self, op: ops.UnregisterConnection, *, owned: bool = True) -> list[str]:
         cid = op.connection_id
         if owned:
-            # before the first await: a concurrent write must not _revive() it
+            # before the first await: a concurrent write must not _revive() it,
+            # nor a reconnect register it again
             self._registered.pop(cid, None)
+            self._rooms.pop(cid, None)
         try:
             rooms = [
                 text(r)
@@ -638,11 +683,25 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
             ("SADD", keys.connection_rooms(op.connection_id), op.room),
         ]
 
+    def _joined(self, room: str, cid: str) -> None:
+        """A join Redis acknowledged: remembered for a reconnect to put back
+        (for this instance's own connections: the source of truth)."""
+        if cid in self._registered:
+            self._rooms.setdefault(cid, set()).add(room)
+
+    def _left(self, room: str, cid: str) -> None:
+        # before the leave is sent: a reconnect meanwhile must not re-add it
+        joined = self._rooms.get(cid)
+        if joined is not None:
+            joined.discard(room)
+
     async def _add_to_room(self, op: ops.AddToRoom) -> bool:
         added, _ = await self.transport.pipeline(self._add_to_room_commands(op))
+        self._joined(op.room, op.connection_id)
         return bool(added)
 
     async def _remove_from_room(self, op: ops.RemoveFromRoom) -> bool:
+        self._left(op.room, op.connection_id)
         removed, _ = await self.transport.pipeline(
             [
                 ("SREM", keys.room(op.room), op.connection_id),
@@ -675,6 +734,8 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
 
     async def _clear_room(self, op: ops.ClearRoom) -> list[str]:
         members = await self._get_room_members(ops.GetRoomMembers(op.room))
+        for member in members:
+            self._left(op.room, member)
         commands: list[Sequence[Arg]] = [("DEL", keys.room(op.room))]
         commands += [("SREM", keys.connection_rooms(m), op.room) for m in members]
         await self.transport.pipeline(commands)

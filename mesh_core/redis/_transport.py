@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from ..runtime import Runtime
 from ._cluster import ClusterTransportCore, is_cluster_url
+from ._connection import ReconnectHook
 from ._resp import Arg
 
 __all__ = ["DEFAULT_URL", "NodeClient", "RedisTransport", "open_transport"]
@@ -48,6 +49,13 @@ class RedisTransport(Protocol):
     async def scan_all(self, pattern: str, count: int) -> list[bytes]:
         """Every key matching ``pattern`` (``SCAN``, never ``KEYS``; on a
         Cluster, on every primary: ``SCAN`` sees one node's keys only)."""
+        ...
+
+    def on_reconnect(self, hook: ReconnectHook | None, *, first: bool = False) -> None:
+        """Send ``hook()`` 's commands first, before any other, on a
+        connection that replaces lost ones (Redis restarted, or Sentinel
+        switched masters): what the store must have put back before it
+        serves anything (with ``first``, on the first connection too)."""
         ...
 
     async def aclose(self) -> None: ...

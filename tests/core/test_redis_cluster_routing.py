@@ -267,6 +267,10 @@ class FakeNode:
         if channel in subscribed:
             subscribed.remove(channel)
 
+    def on_reconnect(self, hook: Any, *, first: bool = False) -> None:
+        self.replay = hook
+        self.replay_first = first
+
     async def aclose(self) -> None:
         self.cluster.closed.append(self.address)
 
@@ -333,6 +337,29 @@ async def test_pipeline_is_split_per_node_and_reassembled_in_order() -> None:
     for address, store in fake.data.items():
         assert all(fake.owner[key_slot(k)] == address for k in store)
     assert sorted(await t.scan_all("k*", 10)) == sorted(f"k{i}".encode() for i in range(30))
+
+
+@pytest.mark.anyio
+async def test_each_node_replays_on_reconnect_only_the_commands_of_its_slots() -> None:
+    """The store's state goes back after a node restart (or failover) on the
+    node that lost it: each node's hook keeps the commands whose slot it
+    serves; nodes met after the hook was set replay on their first
+    connection too (a promoted replica is a node never met before)."""
+    fake = FakeCluster()
+    t = make_transport(fake)
+    await t.connect()
+    early = t.node(fake.addresses[0])
+    commands = [("SADD", f"k{i}", "x") for i in range(40)]
+    t.on_reconnect(lambda: commands)
+    later = [t.node(a) for a in fake.addresses[1:]]
+    nodes = [early, *later]
+    assert [n.replay_first for n in nodes] == [False, True, True]  # type: ignore[attr-defined]
+    replayed = [n.replay() for n in nodes]  # type: ignore[attr-defined]
+    assert sorted(c for part in replayed for c in part) == sorted(commands)
+    for address, part in zip(fake.addresses, replayed, strict=True):
+        assert part and all(fake.owner[key_slot(c[1])] == address for c in part)
+    t.on_reconnect(None)
+    assert [n.replay for n in nodes] == [None] * 3  # type: ignore[attr-defined]
 
 
 @pytest.mark.anyio
