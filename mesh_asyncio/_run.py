@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -36,7 +37,7 @@ def run(
     be a factory, called inside the event loop (the Redis store's client
     belongs to the loop that runs it)."""
     new_server = partial(MeshServer, app, options=options, **option_overrides)
-    main = serve_until(new_server, storage, _stop_signal, host, port, reuse_port, log)
+    main = serve_until(new_server, storage, _stop_signals, host, port, reuse_port, log)
     if use_uvloop:
         import uvloop
 
@@ -45,10 +46,16 @@ def run(
         asyncio.run(main)
 
 
-async def _stop_signal() -> None:
-    """Return at the first SIGINT or SIGTERM."""
+@asynccontextmanager
+async def _stop_signals() -> AsyncIterator[Callable[[], Awaitable[object]]]:
+    """SIGINT and SIGTERM caught from here on; yields the wait for the first."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    try:
+        yield stop.wait
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -478,18 +478,28 @@ def _supervise(argv: list[str], workers: int) -> int:
         )
         for i in range(workers)
     ]
-    for child in children:
-        child.start()
+    stopping = False
 
     def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
 
+    # before any worker can say it listens: a signal that follows the line
+    # at once must reach the workers, not kill the supervisor
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     for child in children:
-        child.join()
+        if stopping:  # not started: no worker would be told to stop
+            break
+        child.start()
+    if stopping:  # (again: one may have been starting when the signal came)
+        forward(signal.SIGTERM, None)
+    for child in children:
+        if child.pid is not None:
+            child.join()
     messages: list[str] = []
     while not errors.empty():
         message = errors.get()

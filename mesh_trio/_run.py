@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -36,11 +37,17 @@ def run(
     be a factory, called inside the event loop (the Redis store's client
     belongs to the loop that runs it)."""
     new_server = partial(MeshServer, app, options=options, **option_overrides)
-    trio.run(serve_until, new_server, storage, _stop_signal, host, port, reuse_port, log)
+    trio.run(serve_until, new_server, storage, _stop_signals, host, port, reuse_port, log)
 
 
-async def _stop_signal() -> None:
-    """Return at the first SIGINT or SIGTERM."""
+@asynccontextmanager
+async def _stop_signals() -> AsyncIterator[Callable[[], Awaitable[object]]]:
+    """SIGINT and SIGTERM caught from here on (trio queues them); yields the
+    wait for the first."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
+
+        async def stopped() -> None:
+            async for _ in signals:
+                return
+
+        yield stopped

@@ -34,7 +34,7 @@ from ._collections import CollectionsAPI
 from ._presence import PresenceAPI, PresenceGuard, PresenceRules, PresenceTrack
 from ._pubsub import Listener, PubSub
 from ._records import RecordsAPI
-from ._run import ListeningServer, serve_until
+from ._run import ListeningServer, StopSignals, serve_until
 from ._server import ServerCore, ServerSockets
 from .exports import lazy_attributes
 
@@ -74,5 +74,6 @@ __all__ = [
     "WriteGuard",
     "WritePolicy",
     "lazy_attributes",
+    "StopSignals",
     "serve_until",
 ]

@@ -1,9 +1,15 @@
 """The runtime-neutral half of ``mesh_asyncio.run`` / ``mesh_trio.run``:
 build the server, serve until a stop signal, shut down cleanly, log it.
 
-What stays in each adapter is runtime idiom only: how to wait for SIGINT or
+What stays in each adapter is runtime idiom only: how to catch SIGINT and
 SIGTERM (``loop.add_signal_handler`` / ``trio.open_signal_receiver``) and how
 to enter the event loop (``asyncio.run``, ``uvloop.run``, ``trio.run``).
+
+The handlers are installed before the server starts, so before it logs
+that it listens: a supervisor (or a test) that sends SIGTERM the moment it
+reads that line gets a clean shutdown, not a process killed by the
+signal's default action. A signal during the start is kept, and the server
+stops as soon as it has started.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ from ..storage import Storage
 from ._api import ConnectionsAPI
 from ._logging import ensure_logging
 
-__all__ = ["ListeningServer", "describe_startup_failure", "serve_until"]
+__all__ = ["ListeningServer", "StopSignals", "describe_startup_failure", "serve_until"]
+
+#: an adapter's catcher of SIGINT and SIGTERM: entering it installs the
+#: handlers, it yields the wait for the first signal (which returns at once
+#: if one came already), leaving it restores the previous handlers
+StopSignals = Callable[[], AbstractAsyncContextManager[Callable[[], Awaitable[object]]]]
 
 
 class ListeningServer(Protocol):
@@ -36,19 +47,22 @@ class ListeningServer(Protocol):
 async def serve_until(
     new_server: Callable[..., ListeningServer],
     storage: Storage | Callable[[], Storage] | None,
-    stop_signal: Callable[[], Awaitable[None]],
+    stop_signals: StopSignals,
     host: str,
     port: int,
     reuse_port: bool,
     log: logging.Logger,
 ) -> None:
-    """Serve until ``stop_signal()`` returns (the adapter's wait for SIGINT or
-    SIGTERM); every client then gets a close frame and every connection is
-    cleaned out of the store. ``new_server(storage=...)`` makes the adapter's
-    server; ``storage`` may be a factory, called here, inside the event loop
-    (the Redis store's client belongs to the loop that runs it)."""
+    """Serve until SIGINT or SIGTERM (caught by the adapter's
+    ``stop_signals`` from before the start); every client then gets a close
+    frame and every connection is cleaned out of the store.
+    ``new_server(storage=...)`` makes the adapter's server; ``storage`` may
+    be a factory, called here, inside the event loop (the Redis store's
+    client belongs to the loop that runs it)."""
     ensure_logging()
     async with AsyncExitStack() as stack:
+        # first in, last out: a second signal during the shutdown is caught too
+        stopped = await stack.enter_async_context(stop_signals())
         try:
             store = storage() if callable(storage) and not isinstance(storage, Storage) else storage
             server = new_server(storage=store)
@@ -56,7 +70,7 @@ async def serve_until(
         except Exception as exc:
             raise ServerStartupError(describe_startup_failure(exc, host, port)) from exc
         try:
-            await stop_signal()
+            await stopped()
         finally:
             log.info(
                 "Shutting down: closing %d connection(s)",

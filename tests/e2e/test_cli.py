@@ -46,6 +46,37 @@ def test_serve_logs_serves_and_shuts_down_cleanly(runtime: str, sig: int) -> Non
     assert "Traceback" not in out
 
 
+@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+def test_sigterm_right_after_the_listening_line_is_a_clean_stop(runtime: str) -> None:
+    """A supervisor (or a test) that stops the server the moment it says it
+    listens gets a clean shutdown: the signal handlers are in place before
+    the line is written, not an instant after. Repeated: the window was
+    short, and a signal that lands in it kills the process outright."""
+    for _ in range(8):
+        port = free_port()
+        cmd = [sys.executable, "-m", "mesh_core.cli", "serve", "examples.demo:app",
+               "--runtime", runtime, "--port", str(port)]  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            assert proc.stdout is not None
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "listening on" in line:
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            out, _ = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out = "".join(lines) + out
+        assert proc.returncode == 0, out
+        assert "Stopped" in out, out
+
+
 def test_serve_rejects_a_bad_app_spec() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "mesh_core.cli", "serve", "examples.demo:nothing"],
