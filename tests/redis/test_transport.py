@@ -430,6 +430,42 @@ async def test_outage_and_recovery(transport_cls: Any, redis_server: RedisServer
                 await anyio.sleep(0.02)
 
 
+async def test_a_reconnect_replays_the_hook_before_any_waiting_command(
+    transport_cls: Any, redis_server: RedisServer
+) -> None:
+    """After Redis restarted empty, the hook's commands run on the new
+    connection before anything else: commands that were waiting for it,
+    however many and from however many tasks, all see what it wrote. The
+    first connection and the steady state never call it."""
+    calls: list[int] = []
+
+    def hook() -> list[tuple[Arg, ...]]:
+        calls.append(1)
+        return [("SET", "owner", "me"), ("SADD", "members", "a", "b")]
+
+    async with transport_cls(redis_server.url, **FAST) as r:
+        r.on_reconnect(hook)
+        await r.pipeline([("PING",)] * 50)
+        assert calls == []
+        redis_server.stop(kill=True)
+        with pytest.raises(RedisUnavailable):
+            await r.execute("GET", "owner")
+        redis_server.start()  # empty, same port
+        seen: list[Any] = []
+
+        async def read() -> None:
+            seen.append(await r.pipeline([("GET", "owner"), ("SCARD", "members")]))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(300):
+                tg.start_soon(read)
+        assert seen == [[b"me", 2]] * 300
+        assert len(calls) == 1
+        for _ in range(20):
+            await r.execute("PING")
+        assert len(calls) == 1
+
+
 async def test_concurrent_executes_during_outage(
     transport_cls: Any, redis_server: RedisServer
 ) -> None:
