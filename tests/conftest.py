@@ -3,8 +3,10 @@
 ``anyio_backend`` is parametrized over both runtimes; ``server_cls`` is the
 ``MeshServer`` of the runtime the test body runs on, so the same test drives
 ``mesh_asyncio`` on asyncio and ``mesh_trio`` on trio. In the modules of
-``ALL_SERVERS_MODULES`` it is also each other server of ``tests.helpers.servers``
-(the embedded selectors loop, the ASGI app under uvicorn and hypercorn-trio).
+``ALL_SERVERS_MODULES`` it is also each other server (the embedded selectors
+loop, the ASGI app under uvicorn and hypercorn-trio), each a real server process
+(``tests.helpers.remote``); for the tests of ``ALL_SERVERS_TESTS``, the same
+servers in the test's process (``tests.helpers.servers``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ ASGI_SERVERS = {"uvicorn", "hypercorn-trio"}
 #: own process (``tests.helpers.servers``): the slow consumer's test bounds the
 #: memory of the process that serves it
 ALL_SERVERS_TESTS = {
-    "test_slow_consumer_is_dropped_and_the_room_gets_everything": {"embedded", "uvicorn"},
+    "test_slow_consumer_is_dropped_and_the_room_gets_everything": {"embedded", *ASGI_SERVERS},
 }
 
 
