@@ -253,51 +253,76 @@ class MeshASGI:
 
     @asynccontextmanager
     async def lifespan(self, _app: object = None) -> AsyncIterator[None]:
-        """Serve inside the block: Starlette's and FastAPI's ``lifespan=``."""
+        """Serve inside the block: Starlette's and FastAPI's ``lifespan=``.
+
+        The server runs in a task of its own, not around the block: the
+        shutdown of :meth:`close` ends ``serving()`` by cancelling it, which
+        must not cancel the caller's block (Starlette's lifespan would end
+        before the ASGI server asked it to)."""
         runtime = _runtime()
-        self._ready = self._ready or runtime.event()
+        ready = self._ready = self._ready or runtime.event()
         server = ServerCore(
             self.app, runtime=runtime, storage=self._storage, options=self._options,
             **self._overrides,
         )  # fmt: skip
-        self._sockets = _Sockets()
-        await server.start_storage()
-        try:
-            async with server.serving():
-                self.server = server
-                self._ready.set()
-                try:
-                    yield
-                finally:
-                    if not self._sockets.closing:
-                        await server.shutdown(self._sockets)
-        finally:
-            await server.stop_storage()
+        sockets = self._sockets = _Sockets()
+        started, stop = runtime.event(), runtime.event()
+        failure: list[Exception] = []
+
+        async def run() -> None:
+            try:
+                await server.start_storage()
+            except Exception as exc:
+                failure.append(exc)
+                started.set()
+                return
+            try:
+                async with server.serving():
+                    self.server = server
+                    ready.set()
+                    started.set()
+                    try:
+                        await stop.wait()  # or close() ends serving() here
+                    finally:
+                        if not sockets.closing:
+                            await server.shutdown(sockets)
+                await stop.wait()  # closed early: the store lives until the lifespan ends
+            finally:
+                await server.stop_storage()
+
+        async with runtime.open_task_group() as group:
+            group.start_soon(run)
+            await started.wait()
+            if failure:
+                raise failure[0]
+            try:
+                yield
+            finally:
+                stop.set()
 
     async def close(self) -> None:
         """Mesh's graceful shutdown now (``ServerCore.shutdown``: stop taking
         connections, finish requests, close every client 1001, clean the
         store), before the ASGI server stops: it would close the sockets
-        itself (uvicorn with 1012) before the lifespan's shutdown comes."""
+        itself (uvicorn with 1012, hypercorn's trio worker by cancelling
+        them) before the lifespan's shutdown comes. The store stays up until
+        the lifespan ends."""
         if self.server is not None and not self._sockets.closing:
             await self.server.shutdown(self._sockets)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
-        started = stopping = False
+        started = False
         try:
             async with self.lifespan():
                 started = True
                 await send({"type": "lifespan.startup.complete"})
-                await receive()  # lifespan.shutdown (unless close() ended serving first)
-                stopping = True
+                await receive()  # lifespan.shutdown
         except Exception as exc:
             if started:
                 raise
             await send({"type": "lifespan.startup.failed", "message": repr(exc)})
             return
-        if not stopping:  # close() shut Mesh down: the server's own shutdown comes later
-            await receive()
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _serving(self) -> ServerCore:

@@ -78,15 +78,30 @@ EXAMPLE_SERVERS: dict[str, tuple[Callable[[int, float, float], list[str]], str]]
             "--worker-class", "trio", "--bind", f"127.0.0.1:{port}"],
         "/ws",
     ),
+    # started from code, with Mesh's graceful shutdown first (examples/asgi_app.py)
+    "asgi_app-uvicorn": (
+        lambda port, ping, latency: [sys.executable, "-m", "examples.asgi_app",
+            "--server", "uvicorn", "--port", str(port)],
+        "/ws",
+    ),
+    "asgi_app-hypercorn-trio": (
+        lambda port, ping, latency: [sys.executable, "-m", "examples.asgi_app",
+            "--server", "hypercorn-trio", "--port", str(port)],
+        "/ws",
+    ),
 }  # fmt: skip
 
 
 class DemoServer:
     """Where a demo server listens: ``port``, and ``url`` for WebSocket clients."""
 
-    def __init__(self, port: int, path: str = "") -> None:
+    def __init__(
+        self, port: int, path: str = "", proc: subprocess.Popen[str] | None = None
+    ) -> None:
         self.port = port
+        self.path = path or "/"
         self.url = f"ws://127.0.0.1:{port}{path}"
+        self.proc = proc  # the server process (None: a thread of this one)
 
 
 @contextlib.contextmanager
@@ -117,7 +132,7 @@ def serve_demo(
         )  # fmt: skip
         try:
             _wait_listening(proc, port, output)
-            yield DemoServer(port, path)
+            yield DemoServer(port, path, proc)
         except BaseException:
             _stop(proc)
             output.seek(0)
