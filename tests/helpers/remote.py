@@ -548,7 +548,7 @@ def _commands(port: int) -> dict[str, list[str]]:
                     "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         "hypercorn-trio": [py, "-m", "hypercorn", "tests.helpers.remote:asgi_app()",
                            "--worker-class", "trio", "--bind", f"127.0.0.1:{port}",
-                           "--graceful-timeout", "2"],
+                           "--workers", "0", "--graceful-timeout", "2"],
     }  # fmt: skip
 
 
