@@ -1,5 +1,6 @@
 """The servers under test: Mesh on each runtime, the other drivers of its
-core (the embedded selectors loop, the ASGI app under uvicorn), and the bare
+core (the embedded selectors loop, the ASGI app under uvicorn and hypercorn's
+trio worker), and the bare
 floors.
 
 Every server runs in its own process, started here and measured from the
@@ -31,6 +32,7 @@ KINDS: dict[str, tuple[str, bool, bool]] = {
     # mesh_asgi under uvicorn (plain asyncio loop, wsproto, as mesh-asyncio)
     "mesh-embedded": ("selectors", False, False),
     "mesh-uvicorn": ("asyncio", False, False),
+    "mesh-hypercorn-trio": ("trio", False, False),
 }
 
 #: the servers that are not ``mesh serve``: their command for a port
@@ -40,6 +42,8 @@ OTHER_ARGV = {
     "mesh-uvicorn": lambda port: [python(), "-m", "uvicorn", "benchmarks.asgi_app:app",
         "--port", str(port), "--loop", "asyncio", "--ws", "wsproto", "--http", "h11",
         "--log-level", "warning", "--no-access-log"],
+    "mesh-hypercorn-trio": lambda port: [python(), "-m", "hypercorn", "benchmarks.asgi_app:app",
+        "--worker-class", "trio", "--workers", "0", "--bind", f"127.0.0.1:{port}"],
 }  # fmt: skip
 
 #: the bare server answering the same frames on the same runtime

@@ -3,6 +3,13 @@ app, ``examples.demo:app``) at ``/ws``, on one port.
 
     uvicorn examples.asgi_app:app
     hypercorn examples.asgi_app:app --worker-class trio
+    python -m examples.asgi_app [--server uvicorn|hypercorn-trio] [--port 8000]
+
+The servers' own shutdown closes WebSockets before the lifespan's shutdown
+reaches Mesh (uvicorn with 1012, hypercorn's trio worker by cancelling them:
+1006). Run as ``python -m examples.asgi_app``, the same servers are started
+from code with Mesh's graceful shutdown first on SIGINT/SIGTERM (requests in
+flight answered, every client closed 1001, the store cleaned), as ``mesh serve``.
 
 ``MESH_PING_INTERVAL`` (seconds) sets the ping interval when set
 (``MESH_LATENCY_INTERVAL`` the latency probes'). The page
@@ -13,7 +20,9 @@ room (``mesh/join-room``), send with the demo's ``broadcast-room``, show the
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
 from typing import Any
 
 from starlette.applications import Starlette
@@ -109,3 +118,47 @@ _options: dict[str, Any] = {
 mesh = MeshASGI(demo_app, **_options)
 # Starlette does not pass lifespan events to the routes' apps: hand Mesh's over
 app = Starlette(routes=[Route("/", page), WebSocketRoute("/ws", mesh)], lifespan=mesh.lifespan)
+
+
+def serve_uvicorn(host: str, port: int) -> None:
+    """uvicorn, with ``mesh.close()`` before its own shutdown sends 1012."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            await mesh.close()
+            await super().shutdown(sockets)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+
+
+def serve_hypercorn_trio(host: str, port: int) -> None:
+    """hypercorn's trio worker; its shutdown trigger is a signal, then ``mesh.close()``."""
+    import trio
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    async def signalled_then_mesh_closed() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        await mesh.close()
+
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    asgi: Any = app  # an ASGI app; hypercorn's types name its own
+    trio.run(lambda: serve(asgi, config, shutdown_trigger=signalled_then_mesh_closed))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Mesh in Starlette, with a graceful shutdown")
+    parser.add_argument("--server", choices=("uvicorn", "hypercorn-trio"), default="uvicorn")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    serve = serve_uvicorn if args.server == "uvicorn" else serve_hypercorn_trio
+    serve(args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

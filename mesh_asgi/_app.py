@@ -6,8 +6,8 @@ message-level ``ServerConnection`` (``framed=False``): whole messages in,
 text messages out, the core's rules unchanged. The running library is found
 with ``sniffio`` and the core gets ``mesh_asyncio``'s or ``mesh_trio``'s
 runtime, so one object works under uvicorn, hypercorn and hypercorn's trio
-worker. Per connection, two tasks: one reads ASGI messages into the core,
-one drains the core (events, messages, timers) into ``send``.
+worker. Per connection, three tasks: one reads ASGI messages into the core, one
+runs the core (events, timers), one awaits ``send`` (see ``_Session``).
 """
 
 from __future__ import annotations
@@ -77,23 +77,32 @@ class _Sockets:
 
 
 class _Session:
-    """One WebSocket: the core's machine between ASGI ``receive`` and ``send``."""
+    """One WebSocket: the core's machine between ASGI ``receive`` and ``send``.
+
+    Three tasks: the reader feeds ``receive`` into the core; the pump runs
+    the core (events, timers, the end) and never waits on the client; the
+    sender awaits ``send`` for one batch at a time. The pump takes the next
+    batch from the core only once the sender has flushed the last, so what a
+    client does not read stays in the core, where ``max_send_buffer`` bounds
+    it, whether the server's ``send`` waits for the socket (uvicorn) or not.
+    A slow consumer is dropped by the pump even while the sender is stuck:
+    hypercorn's trio worker shields its socket writes from cancellation, so a
+    ``send`` to a client that reads nothing never returns; it is left to end
+    with the socket."""
 
     def __init__(self, server: ServerCore, proto: ServerConnection, scope: Scope, send: Send):
         self.server, self.proto, self.scope, self._send = server, proto, scope, send
         self.runtime = server.runtime
         self.wakeup = self.runtime.event()
         self.resume = self.runtime.event()
+        self.flush = self.runtime.event()
+        self.outbox: list[Message] = []  # taken from the core, not flushed yet
         self.accepted = False
         self.gone = False  # the peer disconnected: nothing more to send
-        self.group: TaskGroup | None = None  # this connection's reader and writer
         proto.wake = self.poke
 
     def poke(self) -> None:
         self.wakeup.set()
-        if self.proto.aborted and self.group is not None:
-            # a slow consumer: the writer may be blocked in send() for good
-            self.group.cancel()
 
     async def send(self, message: Message) -> None:
         if self.gone:
@@ -127,20 +136,43 @@ class _Session:
                 return
             self.poke()
 
-    async def write(self) -> None:
+    async def sender(self) -> None:
+        while True:
+            await self.flush.wait()
+            self.flush = self.runtime.event()
+            while self.outbox:
+                await self.send(self.outbox[0])
+                del self.outbox[0]
+            self.poke()  # flushed: the pump may take the next batch
+
+    def _post(self, messages: list[Message]) -> None:
+        if messages:
+            self.outbox.extend(messages)
+            self.flush.set()
+
+    def _take(self) -> None:
+        """The core's next batch for the sender, once it flushed the last."""
+        proto = self.proto
+        if self.outbox:
+            return
+        batch: list[Message] = []
+        if not self.accepted and proto.id is not None:
+            self.accepted = True
+            batch.append({"type": "websocket.accept"})
+        batch += [{"type": "websocket.send", "text": text} for text in proto.messages_to_send()]
+        self._post(batch)
+
+    async def pump(self) -> None:
+        """Run the core until the connection is closed and cleaned; then
+        flush what is left and the close (not for a slow consumer)."""
         proto, server, runtime = self.proto, self.server, self.runtime
         while True:
             self.wakeup = runtime.event()  # before draining: a wake from now on is seen
             server.handle_events(proto, proto.events())
-            if not self.accepted and proto.id is not None:
-                self.accepted = True
-                await self.send({"type": "websocket.accept"})
-            for text in proto.messages_to_send():
-                await self.send({"type": "websocket.send", "text": text})
             if proto.state is State.CLOSED:
                 server.handle_events(proto, proto.events())  # ConnectionLost: the cleanup
-                await self.finish()
-                return
+                break
+            self._take()
             if not proto.reading_paused:
                 self.resume.set()
             deadline = proto.next_deadline()
@@ -155,20 +187,30 @@ class _Session:
             now = runtime.now()
             if now >= deadline:
                 proto.tick(now)
+        if proto.aborted or self.gone:
+            return  # nothing more for this client: it does not read, or it is gone
+        while self.outbox:  # the last batch, then what the core queued since
+            self.wakeup = runtime.event()
+            await self.wakeup.wait()
+        self._take()
+        self._post(self._finish())
+        while self.outbox and not self.gone:
+            self.wakeup = runtime.event()
+            await self.wakeup.wait()
 
-    async def finish(self) -> None:
+    def _finish(self) -> list[Message]:
         proto = self.proto
         if proto.rejection is not None and not self.accepted:
             status, reason = proto.rejection
             if "websocket.http.response" in self.scope.get("extensions", {}):
-                await self.send({"type": "websocket.http.response.start", "status": status,
-                                 "headers": _TEXT_PLAIN})  # fmt: skip
-                await self.send({"type": "websocket.http.response.body", "body": reason.encode()})
-            else:
-                await self.send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
-            return
+                return [
+                    {"type": "websocket.http.response.start", "status": status,
+                     "headers": _TEXT_PLAIN},
+                    {"type": "websocket.http.response.body", "body": reason.encode()},
+                ]  # fmt: skip
+            return [{"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION}]
         code, reason = proto.close_to_send or (proto.close_code or CloseCode.NORMAL, "")
-        await self.send({"type": "websocket.close", "code": code, "reason": reason})
+        return [{"type": "websocket.close", "code": code, "reason": reason}]
 
 
 class MeshASGI:
@@ -211,51 +253,76 @@ class MeshASGI:
 
     @asynccontextmanager
     async def lifespan(self, _app: object = None) -> AsyncIterator[None]:
-        """Serve inside the block: Starlette's and FastAPI's ``lifespan=``."""
+        """Serve inside the block: Starlette's and FastAPI's ``lifespan=``.
+
+        The server runs in a task of its own, not around the block: the
+        shutdown of :meth:`close` ends ``serving()`` by cancelling it, which
+        must not cancel the caller's block (Starlette's lifespan would end
+        before the ASGI server asked it to)."""
         runtime = _runtime()
-        self._ready = self._ready or runtime.event()
+        ready = self._ready = self._ready or runtime.event()
         server = ServerCore(
             self.app, runtime=runtime, storage=self._storage, options=self._options,
             **self._overrides,
         )  # fmt: skip
-        self._sockets = _Sockets()
-        await server.start_storage()
-        try:
-            async with server.serving():
-                self.server = server
-                self._ready.set()
-                try:
-                    yield
-                finally:
-                    if not self._sockets.closing:
-                        await server.shutdown(self._sockets)
-        finally:
-            await server.stop_storage()
+        sockets = self._sockets = _Sockets()
+        started, stop = runtime.event(), runtime.event()
+        failure: list[Exception] = []
+
+        async def run() -> None:
+            try:
+                await server.start_storage()
+            except Exception as exc:
+                failure.append(exc)
+                started.set()
+                return
+            try:
+                async with server.serving():
+                    self.server = server
+                    ready.set()
+                    started.set()
+                    try:
+                        await stop.wait()  # or close() ends serving() here
+                    finally:
+                        if not sockets.closing:
+                            await server.shutdown(sockets)
+                await stop.wait()  # closed early: the store lives until the lifespan ends
+            finally:
+                await server.stop_storage()
+
+        async with runtime.open_task_group() as group:
+            group.start_soon(run)
+            await started.wait()
+            if failure:
+                raise failure[0]
+            try:
+                yield
+            finally:
+                stop.set()
 
     async def close(self) -> None:
         """Mesh's graceful shutdown now (``ServerCore.shutdown``: stop taking
         connections, finish requests, close every client 1001, clean the
         store), before the ASGI server stops: it would close the sockets
-        itself (uvicorn with 1012) before the lifespan's shutdown comes."""
+        itself (uvicorn with 1012, hypercorn's trio worker by cancelling
+        them) before the lifespan's shutdown comes. The store stays up until
+        the lifespan ends."""
         if self.server is not None and not self._sockets.closing:
             await self.server.shutdown(self._sockets)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
-        started = stopping = False
+        started = False
         try:
             async with self.lifespan():
                 started = True
                 await send({"type": "lifespan.startup.complete"})
-                await receive()  # lifespan.shutdown (unless close() ended serving first)
-                stopping = True
+                await receive()  # lifespan.shutdown
         except Exception as exc:
             if started:
                 raise
             await send({"type": "lifespan.startup.failed", "message": repr(exc)})
             return
-        if not stopping:  # close() shut Mesh down: the server's own shutdown comes later
-            await receive()
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _serving(self) -> ServerCore:
@@ -287,12 +354,15 @@ class MeshASGI:
         session = _Session(server, proto, scope, send)
         proto.receive_upgrade(request)
         async with server.runtime.open_task_group() as group:
-            sockets.open[proto] = session.group = group
+            sockets.open[proto] = group
             try:
                 group.start_soon(session.read, receive)
-                await session.write()
+                group.start_soon(session.sender)
+                await session.pump()
             finally:
                 sockets.open.pop(proto, None)
                 proto.receive_closed()  # if the shutdown aborted it; else nothing
                 server.handle_events(proto, proto.events())  # the cleanup, if not done
+                # a sender stuck in a send() that cannot be cancelled (see _Session) ends
+                # with the socket; nothing of this connection is left in Mesh meanwhile
                 group.cancel()

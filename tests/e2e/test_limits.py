@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from mesh_core import Connection, Context, MeshApp, MeshError, UpgradeRequest
+from tests.helpers.remote import importable
 from tests.helpers.wsclient import Rejected, WSClient
 
 pytestmark = pytest.mark.anyio
@@ -60,7 +61,11 @@ class Gate:
         return ctx.payload
 
 
-def make_app(gate: Gate | None = None) -> MeshApp:
+@importable
+def make_app(gate: bool = False, auth: bool = False, record: bool = False) -> MeshApp:
+    """The limits' app; with ``gate``, ``app.gate`` (a :class:`Gate` behind
+    the command ``hold``); ``auth``: the query's ``name`` as the metadata;
+    ``record``: ``app.calls``, the payloads of the command ``record``."""
     app = MeshApp()
 
     @app.command("echo")
@@ -72,22 +77,35 @@ def make_app(gate: Gate | None = None) -> MeshApp:
         await anyio.sleep(ctx.payload["delay"])
         return ctx.payload["n"]
 
-    if gate is not None:
-        app.expose_command("hold", gate.hold)
+    if gate:
+        app.gate = Gate()  # type: ignore[attr-defined]
+        app.expose_command("hold", app.gate.hold)  # type: ignore[attr-defined]
+    if auth:
+
+        @app.authenticate_connection
+        async def name_from_query(request: UpgradeRequest) -> Any:
+            return {"name": request.query_param("name")}
+
+    if record:
+        app.calls = calls = []  # type: ignore[attr-defined]
+
+        @app.command("record")
+        async def record_payload(ctx: Context) -> Any:
+            calls.append(ctx.payload)
+            return True
+
     return app
+
+
+def append_x(old: Any) -> Any:
+    return old + "x"
 
 
 # -- metadata size -------------------------------------------------------------------
 
 
 async def test_metadata_from_authentication_is_bounded_too(server_cls: Any) -> None:
-    app = make_app()
-
-    @app.authenticate_connection
-    async def auth(request: UpgradeRequest) -> Any:
-        return {"name": request.query_param("name")}
-
-    server = server_cls(app, max_metadata_size=64, **FAST)
+    server = server_cls(make_app(auth=True), max_metadata_size=64, **FAST)
     async with server.listen():
         ok = await WSClient.connect(server.port, "/?name=ada")
         assert await ok.request("mesh/get-my-connection-metadata") == {"metadata": {"name": "ada"}}
@@ -126,7 +144,7 @@ async def test_metadata_size_at_the_limit_is_stored_and_past_it_refused(server_c
             await server.rooms.set_metadata("r", past)
         assert too_big.value.code == "ETOOLARGE"
         with pytest.raises(MeshError):
-            await server.rooms.update_metadata("r", lambda old: old + "x")
+            await server.rooms.update_metadata("r", append_x)
         with pytest.raises(MeshError):
             await server.connections.set_metadata(c.connection_id, {"k": past}, strategy="merge")
         assert await server.rooms.get_metadata("r") == at
@@ -140,9 +158,9 @@ async def test_metadata_size_at_the_limit_is_stored_and_past_it_refused(server_c
 
 @pytest.mark.handlers_wait
 async def test_requests_in_flight_at_the_limit_run_and_past_it_wait(server_cls: Any) -> None:
-    gate = Gate()
-    server = server_cls(make_app(gate), max_requests_in_flight=3, **FAST)
+    server = server_cls(make_app(gate=True), max_requests_in_flight=3, **FAST)
     async with server.listen():
+        gate = server.app.gate
         c = await WSClient.connect(server.port)
         other = await WSClient.connect(server.port)
         ids = [await c.send_request("hold", {"n": i}) for i in range(5)]
@@ -247,29 +265,36 @@ async def test_allowed_origins(server_cls: Any) -> None:
 # -- read and write policies -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "policy", ["deny", "guard", pytest.param("async-guard", marks=pytest.mark.handlers_wait)]
-)
-async def test_client_metadata_read_policy(server_cls: Any, policy: str) -> None:
+@importable
+def make_policy_app(policy: str) -> MeshApp:
+    """Reads by ``policy`` (a guard admits ``app.public_id``, and records in
+    ``app.seen`` what it was asked), writes denied."""
     seen: list[tuple[str, str]] = []
 
     def guard(connection: Connection, target_id: str) -> bool:
         seen.append((connection.id, target_id))
-        return target_id == public_id[0]
+        return target_id == app.public_id  # type: ignore[attr-defined,no-any-return]
 
     async def async_guard(connection: Connection, target_id: str) -> bool:
         await anyio.sleep(0)
         return guard(connection, target_id)
 
-    public_id = [""]
     reads: Any = {"deny": "deny", "guard": guard, "async-guard": async_guard}[policy]
     app = make_app()
+    app.seen, app.public_id = seen, ""  # type: ignore[attr-defined]
     app.client_metadata_reads = reads
     app.client_metadata_writes = "deny"
-    server = server_cls(app, **FAST)
+    return app
+
+
+@pytest.mark.parametrize(
+    "policy", ["deny", "guard", pytest.param("async-guard", marks=pytest.mark.handlers_wait)]
+)
+async def test_client_metadata_read_policy(server_cls: Any, policy: str) -> None:
+    server = server_cls(make_policy_app(policy), **FAST)
     async with server.listen():
         reader, public, private = [await WSClient.connect(server.port) for _ in range(3)]
-        public_id[0] = public.connection_id
+        server.app.public_id = public.connection_id
         for client, value in ((reader, "me"), (public, "pub"), (private, "secret")):
             await server.connections.set_metadata(client.connection_id, {"v": value})
             await client.request("mesh/join-room", {"roomName": "r"})
@@ -294,6 +319,7 @@ async def test_client_metadata_read_policy(server_cls: Any, policy: str) -> None
             private.connection_id: None,
         }
         if policy != "deny":
+            seen = server.app.seen
             assert (reader.connection_id, private.connection_id) in seen
             assert all(target != reader_id for reader_id, target in seen)
         # the write policy (deny) holds too; the server itself still reads all
@@ -356,15 +382,7 @@ async def test_huge_request_ids(server_cls: Any) -> None:
 
 
 async def test_frames_after_close_are_ignored(server_cls: Any) -> None:
-    calls: list[Any] = []
-    app = make_app()
-
-    @app.command("record")
-    async def record(ctx: Context) -> Any:
-        calls.append(ctx.payload)
-        return True
-
-    server = server_cls(app, **FAST)
+    server = server_cls(make_app(record=True), **FAST)
     async with server.listen():
         c = await WSClient.connect(server.port)
         assert await c.request("record", 1) is True
@@ -376,7 +394,7 @@ async def test_frames_after_close_are_ignored(server_cls: Any) -> None:
         closed = await c.wait_closed()
         assert closed.code == 1000
         await wait_until(lambda: not server.connections.local_connections())
-        assert calls == [1]
+        assert server.app.calls == [1]
         assert server.metrics()["violations"] == 0
         await c.abort()
 
@@ -386,8 +404,7 @@ async def test_frames_after_close_are_ignored(server_cls: Any) -> None:
 
 @pytest.mark.handlers_wait
 async def test_shutdown_answers_the_request_in_flight_before_1001(server_cls: Any) -> None:
-    gate = Gate()
-    server = server_cls(make_app(gate), shutdown_timeout=10, **FAST)
+    server = server_cls(make_app(gate=True), shutdown_timeout=10, **FAST)
     async with server.listen():
         c = await WSClient.connect(server.port)
         idle = await WSClient.connect(server.port)

@@ -13,6 +13,7 @@ import pytest
 
 from mesh_core import Context, MeshApp, MeshError, Reject, UpgradeRequest
 from mesh_core.storage import _ops as ops
+from tests.helpers.remote import importable
 from tests.helpers.wsclient import Rejected, WSClient
 
 pytestmark = pytest.mark.anyio
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.anyio
 FAST = {"ping_interval": 0, "latency_interval": 0}
 
 
+@importable
 def make_app() -> MeshApp:
     app = MeshApp()
 
@@ -124,9 +126,11 @@ async def test_error_payloads(server_cls: Any) -> None:
         await c.close()
 
 
-async def test_middleware_order_and_refusal(server_cls: Any) -> None:
+@importable
+def make_middleware_app() -> MeshApp:
+    """``app.calls``: what the middleware saw, in order."""
     app = make_app()
-    calls: list[str] = []
+    app.calls = calls = []  # type: ignore[attr-defined]
 
     async def global_mw(ctx: Context) -> None:
         calls.append(f"global:{ctx.command}")
@@ -138,7 +142,11 @@ async def test_middleware_order_and_refusal(server_cls: Any) -> None:
 
     app.use_middleware(global_mw)
     app.use_middleware_with_command("mesh/join-room", room_mw)
-    server = server_cls(app, **FAST)
+    return app
+
+
+async def test_middleware_order_and_refusal(server_cls: Any) -> None:
+    server = server_cls(make_middleware_app(), **FAST)
     async with server.listen():
         c = await WSClient.connect(server.port)
         assert (await c.request("mesh/join-room", {"roomName": "ok"}))["success"] is True
@@ -148,7 +156,9 @@ async def test_middleware_order_and_refusal(server_cls: Any) -> None:
             "name": "Error",
         }
         assert await server.get_room_members("forbidden") == []
-        assert calls == ["global:mesh/join-room", "join", "global:mesh/join-room", "join"]
+        assert server.app.calls == [
+            "global:mesh/join-room", "join", "global:mesh/join-room", "join"
+        ]  # fmt: skip
         await c.close()
 
 
@@ -192,9 +202,11 @@ async def test_client_that_stops_answering_pings_is_closed_and_cleaned(server_cl
         await c.abort()
 
 
-async def test_handshake_authentication(server_cls: Any) -> None:
+@importable
+def make_auth_app() -> MeshApp:
+    """``app.seen``: the upgrade requests authentication saw."""
     app = make_app()
-    seen: list[UpgradeRequest] = []
+    app.seen = seen = []  # type: ignore[attr-defined]
 
     @app.authenticate_connection
     async def auth(request: UpgradeRequest) -> Any:
@@ -206,7 +218,11 @@ async def test_handshake_authentication(server_cls: Any) -> None:
             raise Reject("I'm a teapot", status=418)
         return None
 
-    server = server_cls(app, **FAST)
+    return app
+
+
+async def test_handshake_authentication(server_cls: Any) -> None:
+    server = server_cls(make_auth_app(), **FAST)
     async with server.listen():
         ok = await WSClient.connect(
             server.port,
@@ -216,7 +232,7 @@ async def test_handshake_authentication(server_cls: Any) -> None:
         assert await ok.request("mesh/get-my-connection-metadata") == {
             "metadata": {"userId": "user123", "via": "/ws/chat"}
         }
-        request = seen[-1]
+        request = server.app.seen[-1]
         assert request.path == "/ws/chat" and request.query == {"token": ["good"], "x": ["1"]}
         assert request.header("x-trace") == "abc" and request.cookies == {"a": "b"}
         assert request.peer is not None and request.peer[0] == "127.0.0.1"

@@ -5,14 +5,17 @@ under uvicorn and hypercorn's trio worker), as processes too."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import IO
 
 from .redis_server import free_port
 
@@ -40,7 +43,7 @@ def start_server(runtime: str, port: int, *extra: str) -> subprocess.Popen[str]:
     return proc
 
 
-def _wait_listening(proc: subprocess.Popen[str], port: int) -> None:
+def _wait_listening(proc: subprocess.Popen[str], port: int, log: IO[str] | None = None) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -48,7 +51,9 @@ def _wait_listening(proc: subprocess.Popen[str], port: int) -> None:
                 return
         except OSError:
             if proc.poll() is not None:
-                output = proc.stdout.read() if proc.stdout else ""
+                if log is not None:
+                    log.seek(0)
+                output = (log or proc.stdout or io.StringIO()).read()
                 raise AssertionError(f"server exited early: {output}") from None
             time.sleep(0.05)
     proc.kill()
@@ -73,15 +78,30 @@ EXAMPLE_SERVERS: dict[str, tuple[Callable[[int, float, float], list[str]], str]]
             "--worker-class", "trio", "--bind", f"127.0.0.1:{port}"],
         "/ws",
     ),
+    # started from code, with Mesh's graceful shutdown first (examples/asgi_app.py)
+    "asgi_app-uvicorn": (
+        lambda port, ping, latency: [sys.executable, "-m", "examples.asgi_app",
+            "--server", "uvicorn", "--port", str(port)],
+        "/ws",
+    ),
+    "asgi_app-hypercorn-trio": (
+        lambda port, ping, latency: [sys.executable, "-m", "examples.asgi_app",
+            "--server", "hypercorn-trio", "--port", str(port)],
+        "/ws",
+    ),
 }  # fmt: skip
 
 
 class DemoServer:
     """Where a demo server listens: ``port``, and ``url`` for WebSocket clients."""
 
-    def __init__(self, port: int, path: str = "") -> None:
+    def __init__(
+        self, port: int, path: str = "", proc: subprocess.Popen[str] | None = None
+    ) -> None:
         self.port = port
+        self.path = path or "/"
         self.url = f"ws://127.0.0.1:{port}{path}"
+        self.proc = proc  # the server process (None: a thread of this one)
 
 
 @contextlib.contextmanager
@@ -104,16 +124,29 @@ def serve_demo(
     env = {**os.environ, "MESH_PING_INTERVAL": str(ping_interval),
            "MESH_LATENCY_INTERVAL": str(latency_interval)}  # fmt: skip
     argv = command(port, ping_interval, latency_interval)
-    proc = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        _wait_listening(proc, port)
-        yield DemoServer(port, path)
-    finally:
-        proc.send_signal(signal.SIGINT)
+    # output to a file, not a pipe nobody reads while the test runs (a full pipe blocks the server)
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=output,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
         try:
-            proc.wait(20)
+            _wait_listening(proc, port, output)
+            yield DemoServer(port, path, proc)
+        except BaseException:
+            _stop(proc)
+            output.seek(0)
+            print(f"--- {kind} server output ---\n{output.read()[-4000:]}")
+            raise
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[str], timeout: float = 10) -> None:
+    """By pid: SIGTERM (each server's graceful shutdown), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -30,7 +30,7 @@ from examples import embedded
 from mesh_asgi import MeshASGI
 from mesh_core.runtime import run_inline
 
-__all__ = ["SERVERS", "EmbeddedServer", "HypercornTrioServer", "UvicornServer"]
+__all__ = ["SERVERS", "EmbeddedLoop", "EmbeddedServer", "HypercornTrioServer", "UvicornServer"]
 
 
 class _Proxy:
@@ -51,7 +51,7 @@ class _Proxy:
         return on_loop
 
 
-class _Loop(embedded.EmbeddedServer):
+class EmbeddedLoop(embedded.EmbeddedServer):
     """The example's server, taking calls from other threads between turns."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -86,7 +86,7 @@ class _Loop(embedded.EmbeddedServer):
 
 class EmbeddedServer:
     def __init__(self, app: Any, **options: Any) -> None:
-        self._loop = _Loop(app, "127.0.0.1", 0, **options)
+        self._loop = EmbeddedLoop(app, "127.0.0.1", 0, **options)
         self.port = self._loop.port
         self._thread: threading.Thread | None = None
 
