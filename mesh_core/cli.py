@@ -284,6 +284,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between sweeps for dead instances (default %(default)s)",
     )
+    _add_metrics_flags(serve)
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--uvloop",
@@ -297,6 +298,25 @@ def _parser() -> argparse.ArgumentParser:
         help="debug adds a line per connection opened and closed (default %(default)s)",
     )
     return parser
+
+
+def _add_metrics_flags(serve: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` / ``--metrics-host``: docs/OPERATIONS.md, "Logs and metrics"."""
+    group = serve.add_argument_group("metrics and health (HTTP, separate from the WebSocket port)")
+    group.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve GET /metrics (Prometheus text) and GET /healthz (200 or 503) on this "
+        "port; with --workers, one summed view for all of them (default: off)",
+    )
+    group.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the metrics port (default %(default)s)",
+    )
 
 
 def _version() -> str:
@@ -372,9 +392,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: {_missing_extra(exc)}") from None
 
 
-def _serve(app: MeshApp, args: argparse.Namespace, options: ServerOptions) -> None:
+def _serve(
+    app: MeshApp,
+    args: argparse.Namespace,
+    options: ServerOptions,
+    sock: Any = None,
+    metrics_sock: Any = None,
+) -> None:
     runtime = importlib.import_module(f"mesh_{args.runtime}")
     kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "options": options}
+    if sock is not None:  # a worker: on the supervisor's sockets (mesh_supervisor)
+        kwargs["sock"] = sock
+        kwargs["metrics_sock"] = metrics_sock
+    elif args.metrics_port is not None:
+        kwargs["metrics_port"] = args.metrics_port
+        kwargs["metrics_host"] = args.metrics_host
     if args.redis:
         store_class = runtime.RedisStore
         url = args.redis

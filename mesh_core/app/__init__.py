@@ -31,6 +31,7 @@ from ._app import (
 from ._builtins import BUILTINS, Builtin, BuiltinCommand, CheckClientWrite, Steps
 from ._channels import SUBSCRIPTION_MESSAGE, ChannelsAPI
 from ._collections import CollectionsAPI
+from ._monitor import HttpExchange, MonitorStream, health_response, http_response
 from ._presence import PresenceAPI, PresenceGuard, PresenceRules, PresenceTrack
 from ._pubsub import Listener, PubSub
 from ._records import RecordsAPI
@@ -59,6 +60,10 @@ __all__ = [
     "ConnectionsAPI",
     "Context",
     "Handler",
+    "HttpExchange",
+    "MonitorStream",
+    "health_response",
+    "http_response",
     "Listener",
     "ListeningServer",
     "MeshApp",

@@ -193,6 +193,10 @@ class RedisClient:
         self._pubsub_running = False
         self._pubsub_stream: Stream | None = None
         self._pubsub_address: tuple[str, int] | None = None
+        #: connections (command or pub/sub) opened again after one was lost
+        #: or a connect failed: the ``mesh_redis_reconnects_total`` metric
+        self.reconnects = 0
+        self._lost = False  # a command connection was lost or could not be opened
 
     # -- lifecycle
 
@@ -322,6 +326,9 @@ class RedisClient:
             self._log.exception("connecting to Redis failed")
             attempt.error = RedisUnavailable(f"cannot connect to Redis at {self._label}: {exc!r}")
         else:
+            if self._lost:
+                self._lost = False
+                self.reconnects += 1
             state = Multiplexed(label, reader, self._rt.now(), address=address)
             link = self._net.link(stream, state, self._command_timeout)
             attempt.link = link
@@ -329,6 +336,8 @@ class RedisClient:
             assert self._group is not None
             self._group.start_soon(self._run_link, link)
         finally:
+            if attempt.error is not None:
+                self._lost = True
             self._attempt = None
             attempt.done.set()
 
@@ -336,6 +345,8 @@ class RedisClient:
         try:
             await link.run()
         finally:
+            if not self._closed:
+                self._lost = True
             link.state.fail(RedisUnavailable(f"Redis connection to {link.state.label} closed"))
             if link in self._links:
                 self._links.remove(link)
@@ -496,6 +507,7 @@ class RedisClient:
 
     async def _pubsub_loop(self) -> None:
         backoff = Backoff(self._rt, *self._backoff)
+        first = True
         while True:
             try:
                 async with self._rt.timeout(self._attempt_timeout):
@@ -506,6 +518,8 @@ class RedisClient:
             except Exception:
                 self._log.exception("pub/sub connect failed")
             else:
+                if not first:
+                    self.reconnects += 1
                 try:
                     if await self._pubsub_session(stream, reader, label):
                         backoff.reset()
@@ -514,6 +528,7 @@ class RedisClient:
                 finally:
                     self._pubsub_stream = None
                     stream.close()
+            first = False
             await backoff.sleep()
 
     async def _pubsub_session(self, stream: Stream, reader: hiredis.Reader, label: str) -> bool:
