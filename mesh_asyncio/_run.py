@@ -32,6 +32,7 @@ def run(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     sock: Any = None,
+    on_listening: Callable[[], None] | None = None,
     **option_overrides: Any,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM; every client then gets a close
@@ -39,7 +40,8 @@ def run(
     be a factory, called inside the event loop (the Redis store's client
     belongs to the loop that runs it). ``metrics_port`` (on ``metrics_host``)
     serves ``/metrics`` and ``/healthz`` over HTTP; ``sock``: serve on this
-    listening socket instead of binding ``host:port``."""
+    listening socket instead of binding ``host:port``; ``on_listening()`` is
+    called once serving."""
     new_server = partial(
         MeshServer,
         app,
@@ -48,7 +50,9 @@ def run(
         metrics_host=metrics_host,
         **option_overrides,
     )
-    main = serve_until(new_server, storage, _stop_signal, host, port, reuse_port, log, sock)
+    main = serve_until(
+        new_server, storage, _stop_signal, host, port, reuse_port, log, sock, on_listening
+    )
     if use_uvloop:
         import uvloop
 

@@ -135,8 +135,9 @@ class Metrics:
 
 def combine(snapshots: list[Mapping[str, Any]]) -> dict[str, Any]:
     """The sum of several processes' snapshots: numbers add, tables add key
-    by key, the histogram's bucket counts add bucket by bucket."""
-    total: dict[str, Any] = {}
+    by key, the histogram's bucket counts add bucket by bucket. Of none: a
+    snapshot of zeros, which renders like a server that saw nothing."""
+    total: dict[str, Any] = Metrics().snapshot(0, 0)
     for snapshot in snapshots:
         _add_into(total, snapshot)
     return total

@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 from ._config import ServerOptions
 from ._errors import ServerStartupError
 from .app._app import MeshApp
-from .app._logging import LOG_FORMAT, WORKER_ENV
+from .app._logging import LOG_FORMAT
 
-__all__ = ["load_app", "main", "options_from_args"]
+__all__ = ["load_app", "main", "options_from_args", "serve_worker"]
 
 #: the extra that provides each optional package, for the install hint
 _EXTRAS = {"hiredis": "redis", "redis": "redis", "uvloop": "uvloop"}
@@ -253,8 +253,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run N server processes on one port (SO_REUSEPORT); needs --redis "
-        "(default %(default)s)",
+        help="run N server processes on one port, supervised (a dead worker is logged "
+        "and replaced); needs --redis (default %(default)s)",
     )
     shared.add_argument(
         "--redis-command-timeout",
@@ -380,10 +380,27 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "process, so workers would not see each other's connections and rooms"
             )
         load_app(args.app)  # fail here, once, rather than in every worker
-        raise SystemExit(_supervise(argv, args.workers))
+        # sockets, processes, threads, clocks: not the core's business
+        supervisor = importlib.import_module("mesh_supervisor")
+        raise SystemExit(supervisor.supervise(argv, args))
+    _start(args, options)
+
+
+def serve_worker(
+    argv: Sequence[str], sock: Any, metrics_sock: Any, on_listening: Callable[[], None]
+) -> None:
+    """One ``--workers`` process (``mesh_supervisor`` starts it): ``mesh serve``
+    with the same flags, on the listening sockets the supervisor made."""
+    args = _parser().parse_args(list(argv))
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    options = options_from_args(args)
+    _start(args, options, sock=sock, metrics_sock=metrics_sock, on_listening=on_listening)
+
+
+def _start(args: argparse.Namespace, options: ServerOptions, **worker: Any) -> None:
     app = load_app(args.app)
     try:
-        _serve(app, args, options)
+        _serve(app, args, options, **worker)
     except ServerStartupError as exc:
         raise SystemExit(f"error: {exc}") from None
     except ModuleNotFoundError as exc:
@@ -398,12 +415,14 @@ def _serve(
     options: ServerOptions,
     sock: Any = None,
     metrics_sock: Any = None,
+    on_listening: Callable[[], None] | None = None,
 ) -> None:
     runtime = importlib.import_module(f"mesh_{args.runtime}")
     kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "options": options}
     if sock is not None:  # a worker: on the supervisor's sockets (mesh_supervisor)
         kwargs["sock"] = sock
         kwargs["metrics_sock"] = metrics_sock
+        kwargs["on_listening"] = on_listening
     elif args.metrics_port is not None:
         kwargs["metrics_port"] = args.metrics_port
         kwargs["metrics_host"] = args.metrics_host
@@ -422,57 +441,6 @@ def _serve(
     if args.uvloop:
         kwargs["use_uvloop"] = True
     runtime.run(app, **kwargs)
-
-
-def _worker(argv: list[str], number: int, errors: Any) -> None:
-    """One worker; a start that fails hands its one-line message to the
-    supervisor (``errors``, a queue) instead of printing it, so N workers
-    failing alike print one line, not N."""
-    os.environ[WORKER_ENV] = str(number)  # named in the worker's startup line
-    try:
-        main(argv)
-    except SystemExit as exc:
-        if not isinstance(exc.code, str):
-            raise
-        errors.put(exc.code)
-        raise SystemExit(1) from None
-
-
-def _supervise(argv: list[str], workers: int) -> int:
-    """Run ``workers`` copies of this server on one port and wait for them;
-    SIGINT/SIGTERM are passed on, so each shuts down cleanly."""
-    import multiprocessing
-    import signal
-
-    child_argv = [*argv, "--workers", "1", "--reuse-port"]
-    context = multiprocessing.get_context("spawn")
-    errors = context.SimpleQueue()
-    children = [
-        context.Process(
-            target=_worker, args=(child_argv, i + 1, errors), name=f"mesh-worker-{i + 1}"
-        )
-        for i in range(workers)
-    ]
-    for child in children:
-        child.start()
-
-    def forward(signum: int, frame: object) -> None:
-        for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    for child in children:
-        child.join()
-    messages: list[str] = []
-    while not errors.empty():
-        message = errors.get()
-        if message not in messages:
-            messages.append(message)
-    for message in messages:
-        print(message, file=sys.stderr)
-    return max((child.exitcode or 0) for child in children)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ async def serve_until(
     reuse_port: bool,
     log: logging.Logger,
     sock: Any = None,
+    on_listening: Callable[[], None] | None = None,
 ) -> None:
     """Serve until ``stop_signal()`` returns (the adapter's wait for SIGINT or
     SIGTERM); every client then gets a close frame and every connection is
@@ -49,7 +50,8 @@ async def serve_until(
     server; ``storage`` may be a factory, called here, inside the event loop
     (the Redis store's client belongs to the loop that runs it). ``sock``: a
     listening socket to serve on instead of binding ``host:port`` (what the
-    ``--workers`` supervisor hands each worker)."""
+    ``--workers`` supervisor hands each worker); ``on_listening()`` is
+    called once the server serves (a worker tells its supervisor so)."""
     ensure_logging()
     async with AsyncExitStack() as stack:
         try:
@@ -60,6 +62,8 @@ async def serve_until(
             )
         except Exception as exc:
             raise ServerStartupError(describe_startup_failure(exc, host, port)) from exc
+        if on_listening is not None:
+            on_listening()
         try:
             await stop_signal()
         finally:
