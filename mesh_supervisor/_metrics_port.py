@@ -106,11 +106,10 @@ class MetricsPort:
             log.debug("metrics port: request dropped: %r", exc)
 
     def _workers(self) -> list[tuple[str, int | None, bool]]:
-        """(name, private port, serving) of every worker slot, as of now."""
-        return [
-            (str(slot.number), slot.metrics_port, slot.alive and slot.ready)
-            for slot in self.supervisor.slots
-        ]
+        """(name, private port, serving) of every worker slot, as of now: the
+        main thread's view (only it touches the processes: ``exitcode`` from
+        two threads can lose a child's exit status)."""
+        return [(str(slot.number), slot.metrics_port, slot.ready) for slot in self.supervisor.slots]
 
     def combined(self) -> tuple[dict[str, Any], dict[str, dict[str, Any] | None]]:
         parts: dict[str, dict[str, Any] | None] = {}

@@ -92,7 +92,7 @@ class Slot:
         self.metrics_port = metrics_sock.getsockname()[1] if metrics_sock else None
         self.process: Any = None  # multiprocessing.Process (spawn context)
         self.started_at = 0.0
-        self.ready = False  # it reported that it serves
+        self.ready = False  # it reported that it serves, and has not died since
         self.delay = BACKOFF_START
         self.restart_at: float | None = None  # a replacement is due then
         self.replacement = False  # not the first process in this slot
@@ -249,7 +249,10 @@ class Supervisor:
             if stop_deadline is not None:
                 left = max(0.0, stop_deadline - now)
                 timeout = left if timeout is None else min(timeout, left)
-            sentinels = [s.process.sentinel for s in self.slots if s.alive]
+            # every process not yet handled as dead, including one whose exit
+            # ``alive`` saw just now: its sentinel is readable, so the wait
+            # returns at once and the death is handled below
+            sentinels = [s.process.sentinel for s in self.slots if s.process is not None]
             ready = wait([self.reader, self._wake_r, *sentinels], timeout)
             if self.reader in ready:
                 self._read_reports()
@@ -312,6 +315,7 @@ class Supervisor:
         process.join()
         code = process.exitcode
         slot.process = None
+        slot.ready = False
         slot.restart_at = None
         if self.stopping or self.failed is not None:
             if code != 0:
