@@ -315,15 +315,16 @@ class Supervisor:
         process.join()
         code = process.exitcode
         slot.process = None
-        slot.ready = False
         slot.restart_at = None
         if self.stopping or self.failed is not None:
+            slot.ready = False
             if code != 0:
                 self.unclean = True
             return
         self._read_reports()
         how = _describe_exit(code)
-        if not slot.ready:
+        served, slot.ready = slot.ready, False
+        if not served:
             if not slot.replacement:  # the first start failed: all would, so stop here
                 self.failed = f"error: worker {slot.number} {how} before it served (see above)"
                 return
