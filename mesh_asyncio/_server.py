@@ -189,6 +189,24 @@ class _Sockets:
             protocol.abort()
 
 
+class _MonitorStream:
+    """An accepted metrics-port connection as the core's ``MonitorStream``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        return await self._reader.read(max_bytes)
+
+    async def send_all(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def aclose(self) -> None:
+        self._writer.close()
+
+
 class MeshServer(ServerCore):
     """A Mesh server on asyncio. Same constructor and API as
     ``mesh_trio.MeshServer``; see :class:`mesh_core.ServerCore`.
@@ -250,10 +268,18 @@ class MeshServer(ServerCore):
             await self.start_storage()
             try:
                 async with self.serving():
-                    sockets = await self._listen(loop, host, port, sock, reuse_port)
+                    monitor = await self._listen_monitor()
+                    try:
+                        sockets = await self._listen(loop, host, port, sock, reuse_port)
+                    except BaseException:
+                        if monitor is not None:
+                            monitor.close()
+                        raise
                     listening.set_result(None)
                     await self._stop.wait()
-                    await self.shutdown(sockets)
+                    await self.shutdown(sockets)  # /healthz says 503 meanwhile
+                    if monitor is not None:
+                        monitor.close()
                     await sockets.listener.wait_closed()
             finally:
                 await self.stop_storage()
@@ -298,6 +324,25 @@ class MeshServer(ServerCore):
         log.info(self.listening_line(names, "uvloop" if uvloop else "asyncio"))
         return sockets
 
+    async def _listen_monitor(self) -> asyncio.Server | None:
+        """The metrics port (``/metrics``, ``/healthz``), if one was asked
+        for; each connection is one task of :meth:`ServerCore.serve_monitor`."""
+        if self.metrics_port is None and self.metrics_sock is None:
+            return None
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self.serve_monitor(_MonitorStream(reader, writer))
+
+        try:
+            if self.metrics_sock is not None:
+                monitor = await asyncio.start_server(answer, sock=self.metrics_sock)
+            else:
+                monitor = await asyncio.start_server(answer, self.metrics_host, self.metrics_port)
+        except OSError as exc:
+            raise self.monitor_bind_failed(exc) from exc
+        self.monitor_listening(monitor.sockets[0].getsockname())
+        return monitor
+
     async def serve(self, host: str = "127.0.0.1", port: int = 8765) -> None:
         """Listen and run until :meth:`close` is called (from another task)."""
         await self.start(host, port)
@@ -309,10 +354,16 @@ class MeshServer(ServerCore):
 
     @asynccontextmanager
     async def listen(
-        self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
     ) -> AsyncIterator[MeshServer]:
-        """``async with server.listen(host, port):`` serve inside the block."""
-        await self.start(host, port, reuse_port=reuse_port)
+        """``async with server.listen(host, port):`` serve inside the block
+        (``sock``: on a listening socket made elsewhere instead)."""
+        await self.start(host, port, reuse_port=reuse_port, sock=sock)
         try:
             yield self
         finally:

@@ -5,19 +5,36 @@ plain integer increments and dict bumps on one shared object; nothing is
 computed until someone asks for a snapshot. Label values that a client could
 choose (command names, error codes, close codes) are capped so that an
 attacker cannot grow the tables without bound.
+
+A snapshot is plain JSON data whose numbers all add up across processes
+(the latency histogram is kept as per-bucket counts, not cumulative ones),
+so the ``--workers`` supervisor sums its workers' snapshots with
+:func:`combine` and renders the sum with the same :func:`prometheus_text`.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["OTHER", "UNKNOWN_COMMAND", "Metrics", "prometheus_text"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "OTHER",
+    "UNKNOWN_COMMAND",
+    "Metrics",
+    "combine",
+    "prometheus_text",
+]
 
 #: the label used once a table has reached :data:`MAX_LABELS` distinct keys
 OTHER = "(other)"
 #: requests for commands the app does not have are counted under this name
 UNKNOWN_COMMAND = "(unknown)"
 MAX_LABELS = 256
+#: upper bounds (seconds) of the command latency histogram's buckets; a
+#: last, unbounded bucket (``+Inf``) follows
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 def bump(table: dict[Any, int], key: Any) -> None:
@@ -38,11 +55,16 @@ class Metrics:
         "bytes_in",
         "bytes_out",
         "closes",
+        "commands",
         "connections_total",
         "errors",
         "handshake_rejections",
+        "latency_counts",
+        "latency_sum",
         "requests",
         "slow_consumer_closes",
+        "store_errors",
+        "store_operations",
         "violations",
     )
 
@@ -60,9 +82,33 @@ class Metrics:
         self.closes: dict[int | str, int] = {}
         #: upgrades refused, by HTTP status
         self.handshake_rejections: dict[int | str, int] = {}
+        #: requests answered, by (command, outcome): ``ok`` or the error code
+        self.commands: dict[tuple[str, str], int] = {}
+        #: how long requests took, per bucket of :data:`LATENCY_BUCKETS`
+        #: (the last one: longer), and their total in seconds
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        #: storage operations run, and those that failed, by operation
+        self.store_operations: dict[str, int] = {}
+        self.store_errors: dict[str, int] = {}
 
-    def snapshot(self, connections_current: int, requests_in_flight: int) -> dict[str, Any]:
+    def answered(self, command: str, outcome: str, seconds: float) -> None:
+        """One request answered: its outcome and its latency."""
+        key = (command, outcome)
+        commands = self.commands
+        if key not in commands and len(commands) >= MAX_LABELS:
+            key = (OTHER, OTHER)
+        commands[key] = commands.get(key, 0) + 1
+        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def snapshot(
+        self, connections_current: int, requests_in_flight: int, redis_reconnects: int = 0
+    ) -> dict[str, Any]:
         """A plain, JSON-friendly copy of every counter."""
+        commands: dict[str, dict[str, int]] = {}
+        for (command, outcome), count in self.commands.items():
+            commands.setdefault(command, {})[outcome] = count
         return {
             "connections_current": connections_current,
             "requests_in_flight": requests_in_flight,
@@ -78,16 +124,55 @@ class Metrics:
             "handshake_rejections_by_status": {
                 str(k): v for k, v in self.handshake_rejections.items()
             },
+            "commands": commands,
+            "latency_counts": list(self.latency_counts),
+            "latency_sum": self.latency_sum,
+            "store_operations_by_op": dict(self.store_operations),
+            "store_errors_by_op": dict(self.store_errors),
+            "redis_reconnects": redis_reconnects,
         }
+
+
+def combine(snapshots: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The sum of several processes' snapshots: numbers add, tables add key
+    by key, the histogram's bucket counts add bucket by bucket. Of none: a
+    snapshot of zeros, which renders like a server that saw nothing."""
+    total: dict[str, Any] = Metrics().snapshot(0, 0)
+    for snapshot in snapshots:
+        _add_into(total, snapshot)
+    return total
+
+
+def _add_into(total: dict[str, Any], part: Mapping[str, Any]) -> None:
+    for key, value in part.items():
+        if isinstance(value, Mapping):
+            _add_into(total.setdefault(key, {}), value)
+        elif isinstance(value, list):
+            have = total.setdefault(key, [0] * len(value))
+            have.extend([0] * (len(value) - len(have)))
+            for i, item in enumerate(value):
+                have[i] += item
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
 
 
 def _escape(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def prometheus_text(snapshot: dict[str, Any], prefix: str = "mesh") -> str:
+def prometheus_text(
+    snapshot: Mapping[str, Any],
+    prefix: str = "mesh",
+    workers: Mapping[str, Mapping[str, Any] | None] | None = None,
+) -> str:
     """Render a :meth:`Metrics.snapshot` in the Prometheus text exposition
-    format (version 0.0.4), without depending on ``prometheus_client``."""
+    format (version 0.0.4), without depending on ``prometheus_client``.
+
+    With ``workers`` (worker name to its own snapshot, ``None`` for a worker
+    that did not answer), ``snapshot`` is their :func:`combine`: counters are
+    the sums, and the gauges that only mean something per process
+    (connections open, requests in flight) carry a ``worker`` label, beside
+    ``worker_up``."""
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> None:
@@ -100,11 +185,27 @@ def prometheus_text(snapshot: dict[str, Any], prefix: str = "mesh") -> str:
     def labelled(label: str, table: dict[str, int]) -> list[tuple[str, Any]]:
         return [(f'{{{label}="{_escape(key)}"}}', value) for key, value in sorted(table.items())]
 
+    def gauge(key: str) -> list[tuple[str, Any]]:
+        if workers is None:
+            return [("", snapshot[key])]
+        return [
+            (f'{{worker="{_escape(name)}"}}', part[key])
+            for name, part in workers.items()
+            if part is not None
+        ]
+
+    if workers is not None:
+        family(
+            "worker_up",
+            "gauge",
+            "1 if the worker process is running and answered this scrape, else 0.",
+            [(f'{{worker="{_escape(n)}"}}', int(p is not None)) for n, p in workers.items()],
+        )
     family(
         "connections",
         "gauge",
         "WebSocket connections open now.",
-        [("", snapshot["connections_current"])],
+        gauge("connections_current"),
     )
     family(
         "connections_total",
@@ -116,7 +217,7 @@ def prometheus_text(snapshot: dict[str, Any], prefix: str = "mesh") -> str:
         "requests_in_flight",
         "gauge",
         "Requests being handled now.",
-        [("", snapshot["requests_in_flight"])],
+        gauge("requests_in_flight"),
     )
     family(
         "requests_total",
@@ -159,5 +260,43 @@ def prometheus_text(snapshot: dict[str, Any], prefix: str = "mesh") -> str:
         "counter",
         "Upgrades refused, by HTTP status.",
         labelled("status", snapshot["handshake_rejections_by_status"]),
+    )
+    family(
+        "commands_total",
+        "counter",
+        "Requests answered, by command and outcome (ok, or the error code).",
+        [
+            (f'{{command="{_escape(command)}",outcome="{_escape(outcome)}"}}', count)
+            for command, outcomes in sorted(snapshot["commands"].items())
+            for outcome, count in sorted(outcomes.items())
+        ],
+    )
+    histogram = f"{prefix}_command_duration_seconds"
+    lines.append(f"# HELP {histogram} Time from a request's arrival to its answer.")
+    lines.append(f"# TYPE {histogram} histogram")
+    cumulative = 0
+    counts = snapshot["latency_counts"]
+    for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), counts, strict=True):
+        cumulative += count
+        lines.append(f'{histogram}_bucket{{le="{bound}"}} {cumulative}')
+    lines.append(f"{histogram}_sum {float(snapshot['latency_sum']):.6f}")
+    lines.append(f"{histogram}_count {cumulative}")
+    family(
+        "store_operations_total",
+        "counter",
+        "Storage operations run, by operation.",
+        labelled("op", snapshot["store_operations_by_op"]),
+    )
+    family(
+        "store_errors_total",
+        "counter",
+        "Storage operations that failed (the store unreachable, or an error), by operation.",
+        labelled("op", snapshot["store_errors_by_op"]),
+    )
+    family(
+        "redis_reconnects_total",
+        "counter",
+        "Connections to Redis opened again after one was lost or could not be opened.",
+        [("", snapshot["redis_reconnects"])],
     )
     return "\n".join(lines) + "\n"

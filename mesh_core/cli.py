@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 from ._config import ServerOptions
 from ._errors import ServerStartupError
 from .app._app import MeshApp
-from .app._logging import LOG_FORMAT, WORKER_ENV
+from .app._logging import LOG_FORMAT
 
-__all__ = ["load_app", "main", "options_from_args"]
+__all__ = ["load_app", "main", "options_from_args", "serve_worker"]
 
 #: the extra that provides each optional package, for the install hint
 _EXTRAS = {"hiredis": "redis", "redis": "redis", "uvloop": "uvloop"}
@@ -261,8 +261,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run N server processes on one port (SO_REUSEPORT); needs --redis "
-        "(default %(default)s)",
+        help="run N server processes on one port, supervised (a dead worker is logged "
+        "and replaced); needs --redis (default %(default)s)",
     )
     shared.add_argument(
         "--redis-command-timeout",
@@ -314,6 +314,7 @@ def _parser() -> argparse.ArgumentParser:
         help="require client certificates signed by these CAs; others fail the "
         "TLS handshake (default: no client certificates)",
     )
+    _add_metrics_flags(serve)
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--uvloop",
@@ -327,6 +328,25 @@ def _parser() -> argparse.ArgumentParser:
         help="debug adds a line per connection opened and closed (default %(default)s)",
     )
     return parser
+
+
+def _add_metrics_flags(serve: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` / ``--metrics-host``: docs/OPERATIONS.md, "Logs and metrics"."""
+    group = serve.add_argument_group("metrics and health (HTTP, separate from the WebSocket port)")
+    group.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve GET /metrics (Prometheus text) and GET /healthz (200 or 503) on this "
+        "port; with --workers, one summed view for all of them (default: off)",
+    )
+    group.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the metrics port (default %(default)s)",
+    )
 
 
 def _version() -> str:
@@ -392,10 +412,27 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         load_app(args.app)  # fail here, once, rather than in every worker
         _tls_context(args)  # the workers get the --ssl-* flags with the rest
-        raise SystemExit(_supervise(argv, args.workers))
+        # sockets, processes, threads, clocks: not the core's business
+        supervisor = importlib.import_module("mesh_supervisor")
+        raise SystemExit(supervisor.supervise(argv, args))
+    _start(args, options)
+
+
+def serve_worker(
+    argv: Sequence[str], sock: Any, metrics_sock: Any, on_listening: Callable[[], None]
+) -> None:
+    """One ``--workers`` process (``mesh_supervisor`` starts it): ``mesh serve``
+    with the same flags, on the listening sockets the supervisor made."""
+    args = _parser().parse_args(list(argv))
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    options = options_from_args(args)
+    _start(args, options, sock=sock, metrics_sock=metrics_sock, on_listening=on_listening)
+
+
+def _start(args: argparse.Namespace, options: ServerOptions, **worker: Any) -> None:
     app = load_app(args.app)
     try:
-        _serve(app, args, options)
+        _serve(app, args, options, **worker)
     except ServerStartupError as exc:
         raise SystemExit(f"error: {exc}") from None
     except ModuleNotFoundError as exc:
@@ -426,9 +463,23 @@ def _tls_context(args: argparse.Namespace) -> Any:
         raise SystemExit(f"error: {exc}") from None
 
 
-def _serve(app: MeshApp, args: argparse.Namespace, options: ServerOptions) -> None:
+def _serve(
+    app: MeshApp,
+    args: argparse.Namespace,
+    options: ServerOptions,
+    sock: Any = None,
+    metrics_sock: Any = None,
+    on_listening: Callable[[], None] | None = None,
+) -> None:
     runtime = importlib.import_module(f"mesh_{args.runtime}")
     kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "options": options}
+    if sock is not None:  # a worker: on the supervisor's sockets (mesh_supervisor)
+        kwargs["sock"] = sock
+        kwargs["metrics_sock"] = metrics_sock
+        kwargs["on_listening"] = on_listening
+    elif args.metrics_port is not None:
+        kwargs["metrics_port"] = args.metrics_port
+        kwargs["metrics_host"] = args.metrics_host
     tls = _tls_context(args)
     if tls is not None:
         kwargs["ssl"] = tls
@@ -447,67 +498,6 @@ def _serve(app: MeshApp, args: argparse.Namespace, options: ServerOptions) -> No
     if args.uvloop:
         kwargs["use_uvloop"] = True
     runtime.run(app, **kwargs)
-
-
-def _worker(argv: list[str], number: int, errors: Any) -> None:
-    """One worker; a start that fails hands its one-line message to the
-    supervisor (``errors``, a queue) instead of printing it, so N workers
-    failing alike print one line, not N."""
-    os.environ[WORKER_ENV] = str(number)  # named in the worker's startup line
-    try:
-        main(argv)
-    except SystemExit as exc:
-        if not isinstance(exc.code, str):
-            raise
-        errors.put(exc.code)
-        raise SystemExit(1) from None
-
-
-def _supervise(argv: list[str], workers: int) -> int:
-    """Run ``workers`` copies of this server on one port and wait for them;
-    SIGINT/SIGTERM are passed on, so each shuts down cleanly."""
-    import multiprocessing
-    import signal
-
-    child_argv = [*argv, "--workers", "1", "--reuse-port"]
-    context = multiprocessing.get_context("spawn")
-    errors = context.SimpleQueue()
-    children = [
-        context.Process(
-            target=_worker, args=(child_argv, i + 1, errors), name=f"mesh-worker-{i + 1}"
-        )
-        for i in range(workers)
-    ]
-    stopping = False
-
-    def forward(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
-
-    # before any worker can say it listens: a signal that follows the line
-    # at once must reach the workers, not kill the supervisor
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    for child in children:
-        if stopping:  # not started: no worker would be told to stop
-            break
-        child.start()
-    if stopping:  # (again: one may have been starting when the signal came)
-        forward(signal.SIGTERM, None)
-    for child in children:
-        if child.pid is not None:
-            child.join()
-    messages: list[str] = []
-    while not errors.empty():
-        message = errors.get()
-        if message not in messages:
-            messages.append(message)
-    for message in messages:
-        print(message, file=sys.stderr)
-    return max((child.exitcode or 0) for child in children)
 
 
 if __name__ == "__main__":

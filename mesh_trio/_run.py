@@ -30,14 +30,39 @@ def run(
     storage: Storage | Callable[[], Storage] | None = None,
     options: ServerOptions | None = None,
     reuse_port: bool = False,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    sock: Any = None,
+    on_listening: Callable[[], None] | None = None,
     **option_overrides: Any,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM; every client then gets a close
     frame and every connection is cleaned out of the store. ``storage`` may
     be a factory, called inside the event loop (the Redis store's client
-    belongs to the loop that runs it)."""
-    new_server = partial(MeshServer, app, options=options, **option_overrides)
-    trio.run(serve_until, new_server, storage, _stop_signals, host, port, reuse_port, log)
+    belongs to the loop that runs it). ``metrics_port`` (on ``metrics_host``)
+    serves ``/metrics`` and ``/healthz`` over HTTP; ``sock``: serve on this
+    listening socket instead of binding ``host:port``; ``on_listening()`` is
+    called once serving."""
+    new_server = partial(
+        MeshServer,
+        app,
+        options=options,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        **option_overrides,
+    )
+    trio.run(
+        serve_until,
+        new_server,
+        storage,
+        _stop_signals,
+        host,
+        port,
+        reuse_port,
+        log,
+        sock,
+        on_listening,
+    )
 
 
 @asynccontextmanager

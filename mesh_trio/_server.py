@@ -163,6 +163,7 @@ class MeshServer(ServerCore):
             raise TypeError(f"ssl= takes an ssl.SSLContext, got {type(self.ssl).__name__}")
         self._nursery: trio.Nursery | None = None
         self._listeners: list[socket.socket] = []
+        self._monitor: list[trio.SocketListener] = []
         self._sockets: _Sockets | None = None
         self._to_flush: list[_Link] = []
         self._flush_needed = trio.Event()
@@ -184,28 +185,36 @@ class MeshServer(ServerCore):
         port: int = 8765,
         *,
         reuse_port: bool = False,
+        sock: socket.socket | None = None,
         task_status: trio.TaskStatus[MeshServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen and run until :meth:`close`. With ``nursery.start`` it
-        returns once listening: ``server = await nursery.start(srv.serve, h, p)``."""
+        returns once listening: ``server = await nursery.start(srv.serve, h, p)``.
+        ``sock``: serve on this listening socket instead of binding ``host:port``."""
         if self._stop_requested is not None:
             raise RuntimeError("the server is already running")
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
         try:
             await self.start_storage()
-            if reuse_port:
+            monitor = self._monitor = await self._listen_monitor()
+            if sock is not None:
+                sock.setblocking(False)
+                self._listeners = [sock]
+            elif reuse_port:
                 self._listeners = [_reuse_port_socket(host, port)]
             else:
                 self._listeners = [
                     _plain(listener.socket)
                     for listener in await trio.open_tcp_listeners(port, host=host, backlog=1024)
                 ]
-            names = [sock.getsockname() for sock in self._listeners]
+            names = [listener.getsockname() for listener in self._listeners]
             log.info(self.listening_line(names, "trio"))
             sockets = self._sockets = _Sockets(self)
             async with trio.open_nursery() as nursery, self.serving():
                 self._nursery = nursery
+                if monitor:  # /healthz answers (503) during the shutdown too
+                    nursery.start_soon(trio.serve_listeners, self._answer_monitor, monitor)
                 nursery.start_soon(self._accept_all, sockets)
                 nursery.start_soon(self._flusher)
                 task_status.started(self)
@@ -216,10 +225,30 @@ class MeshServer(ServerCore):
             self._nursery = None
             self._sockets = None
             self._close_listeners()
+            for listener in self._monitor:
+                listener.socket.close()
+            self._monitor = []
             with trio.CancelScope(shield=True):
                 await self.stop_storage()
             self._stopped.set()
             self._stop_requested = None
+
+    async def _listen_monitor(self) -> list[trio.SocketListener]:
+        """The metrics port (``/metrics``, ``/healthz``), if one was asked for."""
+        if self.metrics_sock is not None:
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(self.metrics_sock))]
+        elif self.metrics_port is not None:
+            try:
+                listeners = await trio.open_tcp_listeners(self.metrics_port, host=self.metrics_host)
+            except OSError as exc:
+                raise self.monitor_bind_failed(exc) from exc
+        else:
+            return []
+        self.monitor_listening(listeners[0].socket.getsockname())
+        return listeners
+
+    async def _answer_monitor(self, stream: trio.SocketStream) -> None:
+        await self.serve_monitor(stream)
 
     def _close_listeners(self) -> None:
         for sock in self._listeners:
@@ -276,11 +305,17 @@ class MeshServer(ServerCore):
 
     @asynccontextmanager
     async def listen(
-        self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
     ) -> AsyncIterator[MeshServer]:
-        """``async with server.listen(host, port):`` serve inside the block."""
+        """``async with server.listen(host, port):`` serve inside the block
+        (``sock``: on a listening socket made elsewhere instead)."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(self.serve, reuse_port=reuse_port), host, port)
+            await nursery.start(partial(self.serve, reuse_port=reuse_port, sock=sock), host, port)
             try:
                 yield self
             finally:

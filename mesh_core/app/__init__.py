@@ -13,6 +13,8 @@ in ``_api`` and its operations in :mod:`mesh_core.storage`; see
 :mod:`mesh_core.app._server` for where each is wired.
 """
 
+from .._metrics import combine as combine_metrics
+from .._metrics import prometheus_text
 from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI
 from ._app import (
     Authenticator,
@@ -31,14 +33,18 @@ from ._app import (
 from ._builtins import BUILTINS, Builtin, BuiltinCommand, CheckClientWrite, Steps
 from ._channels import SUBSCRIPTION_MESSAGE, ChannelsAPI
 from ._collections import CollectionsAPI
+from ._logging import LOG_FORMAT, WORKER_ENV
+from ._monitor import HttpExchange, MonitorStream, health_response, http_response
 from ._presence import PresenceAPI, PresenceGuard, PresenceRules, PresenceTrack
 from ._pubsub import Listener, PubSub
 from ._records import RecordsAPI
-from ._run import ListeningServer, StopSignals, serve_until
+from ._run import ListeningServer, StopSignals, describe_startup_failure, serve_until
 from ._server import ServerCore, ServerSockets
 from .exports import lazy_attributes
 
 __all__ = [
+    "LOG_FORMAT",
+    "WORKER_ENV",
     "PresenceAPI",
     "PresenceGuard",
     "PresenceRules",
@@ -59,6 +65,10 @@ __all__ = [
     "ConnectionsAPI",
     "Context",
     "Handler",
+    "HttpExchange",
+    "MonitorStream",
+    "health_response",
+    "http_response",
     "Listener",
     "ListeningServer",
     "MeshApp",
@@ -73,6 +83,9 @@ __all__ = [
     "Steps",
     "WriteGuard",
     "WritePolicy",
+    "combine_metrics",
+    "prometheus_text",
+    "describe_startup_failure",
     "lazy_attributes",
     "StopSignals",
     "serve_until",

@@ -40,7 +40,7 @@ class ListeningServer(Protocol):
     def connections(self) -> ConnectionsAPI: ...
 
     def listen(
-        self, host: str = ..., port: int = ..., *, reuse_port: bool = ...
+        self, host: str = ..., port: int = ..., *, reuse_port: bool = ..., sock: Any = ...
     ) -> AbstractAsyncContextManager[Any]: ...
 
 
@@ -52,13 +52,18 @@ async def serve_until(
     port: int,
     reuse_port: bool,
     log: logging.Logger,
+    sock: Any = None,
+    on_listening: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM (caught by the adapter's
     ``stop_signals`` from before the start); every client then gets a close
     frame and every connection is cleaned out of the store.
     ``new_server(storage=...)`` makes the adapter's server; ``storage`` may
     be a factory, called here, inside the event loop (the Redis store's
-    client belongs to the loop that runs it)."""
+    client belongs to the loop that runs it). ``sock``: a listening socket
+    to serve on instead of binding ``host:port`` (what the ``--workers``
+    supervisor hands each worker); ``on_listening()`` is called once the
+    server serves (a worker tells its supervisor so)."""
     ensure_logging()
     async with AsyncExitStack() as stack:
         # first in, last out: a second signal during the shutdown is caught too
@@ -66,9 +71,13 @@ async def serve_until(
         try:
             store = storage() if callable(storage) and not isinstance(storage, Storage) else storage
             server = new_server(storage=store)
-            await stack.enter_async_context(server.listen(host, port, reuse_port=reuse_port))
+            await stack.enter_async_context(
+                server.listen(host, port, reuse_port=reuse_port, sock=sock)
+            )
         except Exception as exc:
             raise ServerStartupError(describe_startup_failure(exc, host, port)) from exc
+        if on_listening is not None:
+            on_listening()
         try:
             await stopped()
         finally:
@@ -90,6 +99,9 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 def describe_startup_failure(exc: BaseException, host: str, port: int) -> str:
     """One line for an operator: what went wrong at startup and what to do."""
     leaves = _leaves(exc)
+    said = next((e for e in leaves if isinstance(e, ServerStartupError)), None)
+    if said is not None:  # already one line for the operator (the metrics port)
+        return str(said)
     first = next((e for e in leaves if isinstance(e, (OSError, StorageUnavailable))), leaves[0])
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(first, StorageUnavailable):

@@ -33,6 +33,7 @@ per driver), and a server-side API object like ``server.rooms``
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import logging
 import secrets
@@ -43,6 +44,7 @@ from typing import Any, Protocol
 from .._config import ServerOptions
 from .._errors import (
     MeshError,
+    ServerStartupError,
     StorageUnavailable,
     error_payload,
     not_found_payload,
@@ -74,6 +76,7 @@ from ._builtins import BUILTINS, CheckClientWrite, Steps
 from ._channels import ChannelsAPI, ChannelServerOp
 from ._collections import CollectionsAPI
 from ._logging import OutageLog, listening_line, peer_label
+from ._monitor import REQUEST_TIMEOUT, HttpExchange, MonitorStream
 from ._presence import PresenceAPI, PresenceHub, PresenceStep
 from ._pubsub import PubSub
 from ._records import RecordsAPI
@@ -85,6 +88,8 @@ log = logging.getLogger("mesh_core.server")
 
 #: how often the shutdown sequence looks whether what it waits for is done
 _POLL = 0.01
+#: how long ``/healthz`` waits for the store to answer before saying 503
+HEALTH_TIMEOUT = 1.0
 
 
 class ServerSockets(Protocol):
@@ -151,6 +156,9 @@ class ServerCore:
         options: ServerOptions | None = None,
         instance_id: str | None = None,
         ssl: TLSContext | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        metrics_sock: Any = None,
         **option_overrides: Any,
     ) -> None:
         if not isinstance(app, MeshApp):
@@ -176,6 +184,13 @@ class ServerCore:
         self._local: dict[str, Connection] = {}
         self._inflight = 0  # requests being handled, for graceful shutdown
         self._metrics = Metrics()
+        #: where the adapter listens for ``/metrics`` and ``/healthz`` (see
+        #: :meth:`serve_monitor`): ``metrics_port`` on ``metrics_host``, or
+        #: a listening socket the ``--workers`` supervisor made
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self.metrics_sock = metrics_sock
+        self._closing = False  # shutdown() began: /healthz answers 503
         # where the core's tasks start: the group of serving() while it runs
         self._group: TaskGroup = _NoTasks(served=False)
         # -- the server-side API (a new capability adds its object here) --
@@ -338,6 +353,7 @@ class ServerCore:
         options = self.options
         now = self.runtime.now
         group = self._group
+        self._closing = True
         await sockets.stop_accepting()
         deadline = now() + options.shutdown_timeout
         await self._wait_until(lambda: self._inflight == 0, deadline)
@@ -369,21 +385,89 @@ class ServerCore:
 
     def metrics(self) -> dict[str, Any]:
         """The server's counters as a plain dict: connections (current and
-        total), requests by command, errors by code, violations, bytes in and
-        out, slow-consumer closes, closes by code, refused upgrades."""
-        return self._metrics.snapshot(len(self._local), self._inflight)
+        total), requests by command and outcome, their latency, errors by
+        code, violations, bytes in and out, slow-consumer closes, closes by
+        code, refused upgrades, storage operations and errors, Redis
+        reconnects (a store's ``reconnects`` count, if it keeps one)."""
+        reconnects = getattr(self.storage, "reconnects", 0)
+        return self._metrics.snapshot(len(self._local), self._inflight, reconnects)
 
     def metrics_prometheus(self, prefix: str = "mesh") -> str:
         """The same counters in the Prometheus text exposition format, ready
         to serve from a ``/metrics`` endpoint (no dependency needed)."""
         return prometheus_text(self.metrics(), prefix)
 
+    async def health(self) -> tuple[bool, str]:
+        """Whether this server should get traffic, and why not: serving and
+        the store reachable. The store is asked (its ``check()``, if it has
+        one: the Redis store PINGs) rather than judged by past failures, so
+        the answer turns 200 the moment Redis is back, without waiting for a
+        request to find out; the wait is bounded by :data:`HEALTH_TIMEOUT`."""
+        if self._closing:
+            return False, "shutting down"
+        if isinstance(self._group, _NoTasks):
+            return False, "not serving"
+        check = getattr(self.storage, "check", None)
+        if check is not None:
+            try:
+                async with self.runtime.timeout(HEALTH_TIMEOUT):
+                    await check()
+            except (StorageUnavailable, TimeoutError):
+                return False, "store unreachable"
+        return True, "serving"
+
+    async def serve_monitor(self, stream: MonitorStream) -> None:
+        """Answer one connection of the metrics port (the adapter accepts it
+        and runs this in a task): ``GET /metrics`` (Prometheus text),
+        ``/metrics.json`` (:meth:`metrics`, what the ``--workers``
+        supervisor sums), ``/healthz`` (:meth:`health`: 200 or 503). The
+        whole exchange is bounded by ``REQUEST_TIMEOUT``; the stream is
+        closed in any case."""
+        exchange = HttpExchange()
+        try:
+            async with self.runtime.timeout(REQUEST_TIMEOUT):
+                while not exchange.done:
+                    exchange.receive_data(await stream.receive_some(4096))
+                response = exchange.response
+                if response is None:
+                    if exchange.route == "healthz":
+                        response = exchange.health_response(*await self.health())
+                    elif exchange.route == "metrics.json":
+                        response = exchange.json_response(self.metrics())
+                    else:
+                        response = exchange.metrics_response(self.metrics_prometheus())
+                if response:
+                    await stream.send_all(response)
+        except Exception as exc:  # a peer that left or stalled: never the server's problem
+            log.debug("metrics port: request dropped: %r", exc)
+        finally:
+            try:
+                await stream.aclose()
+            except Exception as exc:
+                log.debug("metrics port: close failed: %r", exc)
+
+    def monitor_bind_failed(self, exc: OSError) -> ServerStartupError:
+        """The one-line startup error for a metrics port that cannot be
+        bound (raise it from the adapter's attempt)."""
+        where = peer_label((self.metrics_host, self.metrics_port))
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+        return ServerStartupError(f"cannot serve metrics on {where}: {why} (check --metrics-port)")
+
+    def monitor_listening(self, address: Sequence[Any]) -> None:
+        """The adapter's metrics listener is up: remember where (``port`` of
+        :attr:`metrics_port` after asking for port 0) and say so."""
+        self.metrics_port = int(address[1])
+        log.info("Metrics on http://%s/metrics and /healthz", peer_label(address))
+
     # -- storage --------------------------------------------------------------
 
     async def execute(self, op: ops.Op) -> Any:
         """Run one storage operation with the app's limits applied (metadata
         size) and the server's own operations answered here (the client-write
-        policy): what every server-side API object calls."""
+        policy): what every server-side API object calls. Operations that
+        reach the store are counted by type (a fixed set: no cap needed),
+        and so are those that fail for another reason than the caller's
+        (an unknown connection, a limit)."""
         if isinstance(op, CheckClientWrite):
             return await self._check_client_write(op)
         if isinstance(op, PresenceStep):
@@ -392,11 +476,21 @@ class ServerCore:
             return await self.channels.execute(op)
         if isinstance(op, ops.UpdateMetadata) and self.options.max_metadata_size:
             op = self._bounded(op)
-        if self.app.presence.tracks and isinstance(op, _MEMBERSHIP):
-            # every change of membership passes here (built-ins and the
-            # rooms API alike): presence follows it
-            return await self._presence.follow(op, self.storage.execute)
-        return await self.storage.execute(op)
+        name = type(op).__name__
+        counts = self._metrics.store_operations
+        counts[name] = counts.get(name, 0) + 1
+        try:
+            if self.app.presence.tracks and isinstance(op, _MEMBERSHIP):
+                # every change of membership passes here (built-ins and the
+                # rooms API alike): presence follows it
+                return await self._presence.follow(op, self.storage.execute)
+            return await self.storage.execute(op)
+        except (MeshError, ops.UnknownConnection):
+            raise
+        except Exception:
+            errors = self._metrics.store_errors
+            errors[name] = errors.get(name, 0) + 1
+            raise
 
     async def _drive(self, steps: Steps, reader: Connection | None = None) -> Any:
         """Run a built-in: execute each operation it yields, resume it with
@@ -608,26 +702,35 @@ class ServerCore:
     async def _handle_request(self, connection: Connection, request: RequestReceived) -> None:
         ctx = Context(request.command, request.payload, connection, self, request.id)
         proto = connection.proto
+        started = self.runtime.now()
+        outcome = "ok"
         self._inflight += 1
         try:
             try:
                 result = await self._run_command(ctx)
             except (MeshError, ops.UnknownConnection) as exc:  # expected: the client's doing
                 result = error_payload(exc)
-                bump(self._metrics.errors, result["code"])
+                outcome = result["code"]
+                bump(self._metrics.errors, outcome)
             except StorageUnavailable as exc:  # an outage: no traceback per request
                 self.outage_log.failed(self.runtime.now(), request.command, exc)  # log only
                 result = unavailable_payload()
-                bump(self._metrics.errors, result["code"])
+                outcome = result["code"]
+                bump(self._metrics.errors, outcome)
             except Exception as exc:
                 log.exception("command %r failed", request.command)
                 result = error_payload(exc)
-                bump(self._metrics.errors, result["code"])
+                outcome = result["code"]
+                bump(self._metrics.errors, outcome)
+            command = request.command
+            if command not in self.app.commands and command not in BUILTINS:
+                command, outcome = UNKNOWN_COMMAND, "ENOTFOUND"  # not a client-chosen label
             try:
                 proto.respond(request.id, request.command, result)
             except Exception as exc:  # not JSON: unsupported type, cycle, bad str
                 log.error("command %r returned a value that is not JSON: %s", request.command, exc)
                 bump(self._metrics.errors, "ESERVER")
+                outcome = "ESERVER"
                 proto.respond(
                     request.id,
                     request.command,
@@ -637,6 +740,7 @@ class ServerCore:
                         "name": "EncodeError",
                     },
                 )
+            self._metrics.answered(command, outcome, self.runtime.now() - started)
         finally:
             # also when cancelled: the slot frees, the next queued request runs
             self._inflight -= 1

@@ -207,6 +207,10 @@ class RedisClient:
         self._on_reconnect: ReconnectHook | None = None
         self._losses = 0
         self._replayed = 0
+        #: connections (command or pub/sub) opened again after one was lost
+        #: or a connect failed: the ``mesh_redis_reconnects_total`` metric
+        self.reconnects = 0
+        self._lost = False  # a command connection was lost or could not be opened
 
     def on_reconnect(self, hook: ReconnectHook | None, *, first: bool = False) -> None:
         """Have ``hook()`` 's commands sent first on the connection that
@@ -347,6 +351,9 @@ class RedisClient:
             self._log.exception("connecting to Redis failed")
             attempt.error = RedisUnavailable(f"cannot connect to Redis at {self._label}: {exc!r}")
         else:
+            if self._lost:
+                self._lost = False
+                self.reconnects += 1
             state = Multiplexed(label, reader, self._rt.now(), address=address)
             link = self._net.link(stream, state, self._command_timeout)
             attempt.link = link
@@ -354,6 +361,8 @@ class RedisClient:
             assert self._group is not None
             self._group.start_soon(self._run_link, link)
         finally:
+            if attempt.error is not None:
+                self._lost = True
             self._attempt = None
             attempt.done.set()
 
@@ -417,7 +426,8 @@ class RedisClient:
             if link in self._links:
                 self._links.remove(link)
             if not self._closed:
-                self._losses += 1
+                self._lost = True  # the next connection counts as a reconnect
+                self._losses += 1  # and replays, if it is the only one
 
     def _ready_link(self) -> Link | None:
         """The connection for the next command, when one is ready (the usual
@@ -575,6 +585,7 @@ class RedisClient:
 
     async def _pubsub_loop(self) -> None:
         backoff = Backoff(self._rt, *self._backoff)
+        first = True
         while True:
             try:
                 async with self._rt.timeout(self._attempt_timeout):
@@ -585,6 +596,8 @@ class RedisClient:
             except Exception:
                 self._log.exception("pub/sub connect failed")
             else:
+                if not first:
+                    self.reconnects += 1
                 try:
                     if await self._pubsub_session(stream, reader, label):
                         backoff.reset()
@@ -593,6 +606,7 @@ class RedisClient:
                 finally:
                     self._pubsub_stream = None
                     stream.close()
+            first = False
             await backoff.sleep()
 
     async def _pubsub_session(self, stream: Stream, reader: hiredis.Reader, label: str) -> bool:

@@ -394,6 +394,11 @@ class ClusterTransportCore:
             return primaries[0] if slot is None else random.choice(primaries)
         return self.url.seeds[0]
 
+    @property
+    def reconnects(self) -> int:
+        """Connections re-opened after a loss, over every node's client."""
+        return sum(int(getattr(node, "reconnects", 0)) for node in self._nodes.values())
+
     def _redirected(self, redirect: Redirect) -> None:
         self.redirects["ASK" if redirect.ask else "MOVED"] += 1
         if not redirect.ask:

@@ -187,6 +187,17 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
     async def execute(self, op: ops.Op) -> Any:
         return await self._handlers[type(op)](op)
 
+    async def check(self) -> None:
+        """Raise ``RedisUnavailable`` unless Redis answers a PING now: what
+        ``/healthz`` asks (an optional member of the Storage contract)."""
+        await self.transport.execute("PING")
+
+    @property
+    def reconnects(self) -> int:
+        """The transport's count of connections re-opened after a loss
+        (``mesh_redis_reconnects_total``), if it keeps one."""
+        return int(getattr(self.transport, "reconnects", 0))
+
     # -- instance liveness ----------------------------------------------------
 
     async def run(self) -> None:

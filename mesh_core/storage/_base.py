@@ -33,6 +33,12 @@ class Storage(Protocol):
     its delivery callback; ``run`` is the driver's background duties for as
     long as the server runs; ``detach`` then ``stop`` release what ``start``
     took.
+
+    Two optional members, looked up with ``getattr`` so that a driver
+    without them still satisfies the protocol: ``async def check()`` raises
+    :class:`~mesh_core.StorageUnavailable` unless the store answers now
+    (``/healthz``), and ``reconnects`` counts connections the driver opened
+    again after losing one (``mesh_redis_reconnects_total``).
     """
 
     #: ``True`` when ``execute`` never suspends (it awaits nothing that
