@@ -33,6 +33,9 @@ KINDS: dict[str, tuple[str, bool, bool]] = {
     "mesh-embedded": ("selectors", False, False),
     "mesh-uvicorn": ("asyncio", False, False),
     "mesh-hypercorn-trio": ("trio", False, False),
+    # the same ASGI servers around an app that only answers (benchmarks/bare_asgi.py)
+    "bare-uvicorn": ("asyncio", False, True),
+    "bare-hypercorn-trio": ("trio", False, True),
 }
 
 #: the servers that are not ``mesh serve``: their command for a port
@@ -43,6 +46,11 @@ OTHER_ARGV = {
         "--port", str(port), "--loop", "asyncio", "--ws", "wsproto", "--http", "h11",
         "--log-level", "warning", "--no-access-log"],
     "mesh-hypercorn-trio": lambda port: [python(), "-m", "hypercorn", "benchmarks.asgi_app:app",
+        "--worker-class", "trio", "--workers", "0", "--bind", f"127.0.0.1:{port}"],
+    "bare-uvicorn": lambda port: [python(), "-m", "uvicorn", "benchmarks.bare_asgi:app",
+        "--port", str(port), "--loop", "asyncio", "--ws", "wsproto", "--http", "h11",
+        "--log-level", "warning", "--no-access-log"],
+    "bare-hypercorn-trio": lambda port: [python(), "-m", "hypercorn", "benchmarks.bare_asgi:app",
         "--worker-class", "trio", "--workers", "0", "--bind", f"127.0.0.1:{port}"],
 }  # fmt: skip
 
@@ -75,15 +83,15 @@ class ServerSpec:
 
     def argv(self, port: int) -> list[str]:
         runtime, uvloop, bare = KINDS[self.kind]
-        if bare:
-            if self.store != "memory":
-                raise Unavailable("the bare servers keep no state")
-            argv = [python(), "-m", f"benchmarks.bare_{runtime}", "--port", str(port)]
-            return [*argv, "--uvloop"] if uvloop else argv
+        if bare and self.store != "memory":
+            raise Unavailable("the bare servers keep no state")
         if self.kind in OTHER_ARGV:
-            if self.store != "memory" or self.app != DEMO_APP:
+            if self.store != "memory" or (self.app != DEMO_APP and not bare):
                 raise Unavailable(f"{self.kind} serves the demo app on the memory store only")
             return OTHER_ARGV[self.kind](port)
+        if bare:
+            argv = [python(), "-m", f"benchmarks.bare_{runtime}", "--port", str(port)]
+            return [*argv, "--uvloop"] if uvloop else argv
         argv = [
             python(),
             "-m",
