@@ -382,8 +382,16 @@ class MeshServer(ServerCore):
                 conn = await self._tls_handshake(sock, address)
                 if conn is sock:
                     return
-            early = conn.received_early() if isinstance(conn, TLSSocket) else b""
+            try:
+                early = conn.received_early() if isinstance(conn, TLSSocket) else b""
+            except OSError as exc:  # a bad record behind the handshake, a reset
+                log.debug("TLS connection from %s failed: %s", address, exc)
+                return
             await self._serve_socket(conn, address, early)
+        except Exception:
+            # this task runs in the server's nursery: one connection's failure
+            # must end that connection, never the server
+            log.exception("connection from %s failed", address)
         finally:
             conn.close()
 
