@@ -114,6 +114,8 @@ class ServerOptions:
             return peer
         hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
         for hop in reversed(hops):
+            if not _is_address(hop):
+                return peer  # "unknown", a name, garbage: the chain cannot be read
             if not _is_trusted(hop, trusted):
                 return (hop, 0)
         return (hops[0], 0) if hops else peer
@@ -155,13 +157,25 @@ def _trusted(value: Iterable[str] | str) -> tuple[str, ...]:
     return items
 
 
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _is_trusted(address: str, trusted: Sequence[str]) -> bool:
     if "*" in trusted:
         return True
     try:
-        ip = ipaddress.ip_address(address.strip("[]"))
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+            address.strip("[]")
+        )
     except ValueError:
         return False  # a name or garbage: never a trusted proxy
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 proxy seen on a dual-stack ``::`` listener
     return any(ip in _network(item) for item in trusted)
 
 

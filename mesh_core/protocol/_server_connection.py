@@ -371,7 +371,11 @@ class ServerConnection:
     def _on_request(self, event: Request) -> None:
         request = upgrade_request(event, self.peer)
         if self.options.forwarded_allow_ips:
-            peer = self.options.client_peer(self.peer, request.header("x-forwarded-for"))
+            # every X-Forwarded-For line, in order (RFC 9110: one list): a
+            # proxy that adds a line of its own must not leave the client's
+            # line to be read as the proxy's
+            hops = [value for name, value in request.headers if name == "x-forwarded-for"]
+            peer = self.options.client_peer(self.peer, ",".join(hops) if hops else None)
             if peer != self.peer:
                 self.peer = peer
                 request = replace(request, peer=peer)

@@ -72,6 +72,35 @@ async def test_forwarded_for(
         await plain.close()
 
 
+@pytest.mark.parametrize(
+    ("peer", "header", "expected"),
+    [
+        # one list across header lines: the proxy's line is the last one
+        ("10.0.0.1", "203.0.113.7, 198.51.100.1", "198.51.100.1"),
+        # an IPv4 proxy seen as IPv4-mapped on a dual-stack listener
+        ("::ffff:10.0.0.1", "203.0.113.7", "203.0.113.7"),
+        # what cannot be read as an address leaves the socket's peer
+        ("10.0.0.1", "unknown", "10.0.0.1"),
+        ("10.0.0.1", "203.0.113.7, _hidden", "10.0.0.1"),
+    ],
+)
+def test_client_peer(peer: str, header: str, expected: str) -> None:
+    options = ServerOptions(forwarded_allow_ips=("10.0.0.0/8",))
+    assert options.client_peer((peer, 5000), header)[0] == expected  # type: ignore[index]
+
+
+async def test_every_forwarded_for_line_is_read(server_cls: Any) -> None:
+    """A proxy that adds a header line of its own instead of appending
+    (HAProxy's ``option forwardfor``): the client's own line comes first and
+    is not what decides."""
+    server = server_cls(peer_app([]), forwarded_allow_ips=("127.0.0.1",), **FAST)
+    async with server.listen():
+        lines = [(b"X-Forwarded-For", b"198.51.100.66"), (b"X-Forwarded-For", b"203.0.113.7")]
+        client = await WSClient.connect(server.port, "/", headers=lines)
+        assert (await client.request("whoami"))[0] == "203.0.113.7"
+        await client.close()
+
+
 def test_forwarded_allow_ips_is_validated_when_made() -> None:
     with pytest.raises(ValueError, match="not an IP address"):
         ServerOptions(forwarded_allow_ips=("proxy.example.com",))
