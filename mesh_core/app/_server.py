@@ -225,6 +225,11 @@ class ServerCore:
             self.options, peer=peer, now=now, metrics=self._metrics, framed=framed
         )
         proto.report_pongs = bool(self.app.presence.tracks)  # pongs refresh presence
+        if self._closing:
+            # accepted before the listener closed, handed over only now (its
+            # TLS handshake ended after shutdown closed the upgrades in
+            # progress): closed at once, or it would outlive the server
+            proto.close()
         return proto
 
     def handle_events(self, proto: ServerConnection, events: list[Event]) -> None:
@@ -414,6 +419,8 @@ class ServerCore:
                     await check()
             except (StorageUnavailable, TimeoutError):
                 return False, "store unreachable"
+            except Exception as exc:  # e.g. Redis still -LOADING after a restart
+                return False, f"store error: {exc}"
         return True, "serving"
 
     async def serve_monitor(self, stream: MonitorStream) -> None:
@@ -621,6 +628,10 @@ class ServerCore:
     async def _admit(self, request: UpgradeRequest) -> _Admitted | _Refusal:
         """Whether to accept an upgrade: the origin, the connection limit,
         the app's authenticator and what it returned."""
+        if self._closing:
+            # a socket whose TLS handshake ended after shutdown closed the
+            # upgrades in progress: it would become a connection nobody closes
+            return _Refusal(503, "Service Unavailable: shutting down")
         if not self.options.origin_allowed(request.header("origin")):
             log.debug("refused an upgrade from origin %r", request.header("origin"))
             return _Refusal(403, "Forbidden: origin not allowed")
@@ -648,6 +659,8 @@ class ServerCore:
             except Exception:
                 log.exception("authenticate_connection returned metadata that is not JSON")
                 return _Refusal(500, "Internal Server Error")
+        if self._closing:  # shutdown began while this one authenticated
+            return _Refusal(503, "Service Unavailable: shutting down")
         if self._full():  # others got in while this one authenticated
             return _Refusal(503, "Service Unavailable: too many connections")
         return _Admitted(metadata)

@@ -399,6 +399,10 @@ class RedisClient:
                     len(commands),
                 )
                 failed = [r for r in replies if isinstance(r, RedisReplyError)]
+                if any(r.prefix == "LOADING" for r in failed):
+                    # a Redis loading its dataset refuses everything: not
+                    # replayed, so this connection is not ready either
+                    raise RedisUnavailable(f"Redis at {label} is loading its dataset")
                 if failed:
                     self._log.warning(
                         "%d of %d command(s) replayed on reconnecting to %s failed, first: %s",

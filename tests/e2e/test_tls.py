@@ -389,3 +389,75 @@ async def test_a_corrupt_record_behind_the_handshake_ends_that_connection_only(
         url = f"wss://localhost:{server.port}"
         async with client_cls(anyio_backend)(url, ssl_context=certs.client_context()) as client:
             assert await client.command("echo", {"still": "serving"}) == {"still": "serving"}
+
+
+class _StalledHandshake:
+    """A TLS client that stops before its Finished, and goes on when told."""
+
+    def __init__(self, port: int, certs: Certs) -> None:
+        self.raw = socket.create_connection(("127.0.0.1", port), timeout=3)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = certs.client_context().wrap_bio(
+            self.incoming, self.outgoing, server_hostname="localhost"
+        )
+        while True:  # up to the client's last flight, which is held back
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if self.outgoing.pending:
+                    self.raw.sendall(self.outgoing.read())
+                self.incoming.write(self.raw.recv(65536))
+
+    def upgrade(self) -> tuple[bytes, bool]:
+        """Finish the handshake and ask for the upgrade: what came back, and
+        whether the server ended the connection (rather than our timeout)."""
+        ws = WSConnection(ConnectionType.CLIENT)
+        self.tls.write(ws.send(Request(host="localhost", target="/")))
+        self.raw.sendall(self.outgoing.read())
+        answer = b""
+        ended = False
+        try:
+            while not ended:
+                data = self.raw.recv(65536)
+                if not data:
+                    ended = True
+                    break
+                self.incoming.write(data)
+                while True:
+                    try:
+                        chunk = self.tls.read(65536)
+                    except ssl.SSLWantReadError:
+                        break
+                    except ssl.SSLZeroReturnError:  # the server's close_notify
+                        ended = True
+                        break
+                    if not chunk:
+                        ended = True
+                        break
+                    answer += chunk
+        except TimeoutError:
+            pass
+        except OSError:
+            ended = True  # reset
+        self.raw.close()
+        return answer, ended
+
+
+@pytest.mark.anyio
+async def test_a_tls_handshake_that_ends_during_shutdown_is_refused(
+    server_cls: Any, certs: Certs
+) -> None:
+    """Shutdown closes the upgrades in progress; a socket still in its TLS
+    handshake then is not one of them yet. Handed over later, it must be
+    closed at once, not upgraded nor left open with nobody to close it."""
+    server = server_cls(demo_app, ssl=server_context(server_cls, certs), close_timeout=3, **QUIET)
+    async with server.listen():
+        stalled = await anyio.to_thread.run_sync(_StalledHandshake, server.port, certs)
+        async with anyio.create_task_group() as group:
+            group.start_soon(server.close)
+            await anyio.sleep(0.2)
+            answer, ended = await anyio.to_thread.run_sync(stalled.upgrade)
+        assert not answer.startswith(b"HTTP/1.1 101"), answer
+        assert ended  # not left open past the server's life
+        assert server.connections.local_connections() == []

@@ -10,10 +10,14 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
 
+from examples.demo import app as demo_app
+from mesh_core import MemoryStore
+from mesh_core.redis import RedisReplyError
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.server_process import free_port, start_server
 from tests.helpers.wsclient import WSClient
@@ -154,3 +158,20 @@ def test_metrics_port_in_use_is_one_line(runtime: str) -> None:
         taken = busy.getsockname()[1]
         proc = run_failing("--runtime", runtime, "--port", "0", "--metrics-port", str(taken))
     assert f"cannot serve metrics on 127.0.0.1:{taken}: address already in use" in proc.stderr
+
+
+class _LoadingStore(MemoryStore):
+    """A store whose health check gets an error reply, as a Redis that is
+    still loading its dataset answers PING (``-LOADING``)."""
+
+    async def check(self) -> None:
+        raise RedisReplyError("LOADING Redis is loading the dataset in memory")
+
+
+async def test_healthz_answers_503_when_the_store_answers_an_error(server_cls: Any) -> None:
+    server = server_cls(
+        demo_app, storage=_LoadingStore(), metrics_port=0, ping_interval=0, latency_interval=0
+    )
+    async with server.listen():
+        status, _, body = await anyio.to_thread.run_sync(http, server.metrics_port, "/healthz")
+    assert status == 503 and "LOADING" in body
