@@ -101,7 +101,9 @@ class RedisPresence:
 
         def _add_to_room_commands(self, op: ops.AddToRoom) -> list[Sequence[Any]]: ...
 
-        def _joined(self, room: str, cid: str) -> None: ...
+        def _joining(self, room: str, cid: str) -> int: ...
+
+        def _joined(self, room: str, cid: str, token: int) -> None: ...
 
     async def _mark_present(self, op: ops.MarkPresent) -> bool:
         added, *_ = await self.transport.pipeline(_present_commands(op))
@@ -109,8 +111,9 @@ class RedisPresence:
 
     async def _join_present(self, op: ops.JoinPresent) -> bool:
         commands = self._add_to_room_commands(ops.AddToRoom(op.room, op.connection_id))
+        token = self._joining(op.room, op.connection_id)
         joined, *_ = await self.transport.pipeline([*commands, *_present_commands(op)])
-        self._joined(op.room, op.connection_id)
+        self._joined(op.room, op.connection_id, token)
         return bool(joined)
 
     async def _mark_absent(self, op: ops.MarkAbsent) -> bool:

@@ -132,8 +132,11 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
         # connections this instance registered: re-registered if Redis lost
         # them (a restart without persistence), dropped on unregister
         self._registered: dict[str, Any] = {}
-        # the rooms each of those is in, put back with them
+        # the rooms each of those is in, put back with them; and how many
+        # leaves of each room each has sent, so that a join acknowledged
+        # after a leave sent behind it is not remembered
         self._rooms: dict[str, set[str]] = {}
+        self._leaves: dict[str, dict[str, int]] = {}
         self._stopping = False  # stop() began: a reconnect registers nothing again
         # unregistrations that could not reach Redis, retried by heartbeat()
         self._pending_unregister: set[str] = set()
@@ -397,6 +400,7 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
             # nor a reconnect register it again
             self._registered.pop(cid, None)
             self._rooms.pop(cid, None)
+            self._leaves.pop(cid, None)
         try:
             rooms = [
                 text(r)
@@ -694,21 +698,33 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
             ("SADD", keys.connection_rooms(op.connection_id), op.room),
         ]
 
-    def _joined(self, room: str, cid: str) -> None:
+    def _joining(self, room: str, cid: str) -> int:
+        """Before a join is sent: the token :meth:`_joined` takes with its
+        answer (the leaves of ``room`` sent so far)."""
+        return self._leaves.get(cid, {}).get(room, 0)
+
+    def _joined(self, room: str, cid: str, token: int) -> None:
         """A join Redis acknowledged: remembered for a reconnect to put back
-        (for this instance's own connections: the source of truth)."""
-        if cid in self._registered:
+        (for this instance's own connections: the source of truth), unless a
+        leave was sent since the join (Redis ran it after: not in the room)."""
+        if cid in self._registered and self._joining(room, cid) == token:
             self._rooms.setdefault(cid, set()).add(room)
 
     def _left(self, room: str, cid: str) -> None:
-        # before the leave is sent: a reconnect meanwhile must not re-add it
+        # before the leave is sent: a reconnect meanwhile must not re-add it,
+        # nor a join still in flight remember it
+        if cid not in self._registered:
+            return
         joined = self._rooms.get(cid)
         if joined is not None:
             joined.discard(room)
+        leaves = self._leaves.setdefault(cid, {})
+        leaves[room] = leaves.get(room, 0) + 1
 
     async def _add_to_room(self, op: ops.AddToRoom) -> bool:
+        token = self._joining(op.room, op.connection_id)
         added, _ = await self.transport.pipeline(self._add_to_room_commands(op))
-        self._joined(op.room, op.connection_id)
+        self._joined(op.room, op.connection_id, token)
         return bool(added)
 
     async def _remove_from_room(self, op: ops.RemoveFromRoom) -> bool:

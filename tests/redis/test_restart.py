@@ -108,3 +108,37 @@ async def test_reads_after_an_empty_restart_see_the_live_state(
         assert await c.request("rooms-of", {"id": cid}) == ["lobby"]
         assert await c.request("mesh/get-my-connection-metadata") == {"metadata": latest}
         await c.close()
+
+
+async def test_a_room_left_while_joining_is_not_put_back(
+    redis_server: RedisServer, server_cls: Any, anyio_backend: str
+) -> None:
+    """A join and a leave of one room in flight together: Redis runs the
+    leave last, so the connection is not in the room, and a restart must
+    not put it back there (the join's answer comes after the leave was sent)."""
+    store_cls = mesh_trio.RedisStore if anyio_backend == "trio" else mesh_asyncio.RedisStore
+    store = store_cls(
+        redis_server.url, command_timeout=0.5, connect_timeout=0.5, heartbeat_interval=60
+    )
+    server = server_cls(make_app(), storage=store, ping_interval=0, latency_interval=0)
+    async with server.listen("127.0.0.1", 0):
+        c = await WSClient.connect(server.port)
+        cid = c.connection_id
+        await c.request("mesh/join-room", {"roomName": "kept"})
+        for _ in range(20):  # pipelined: each leave is sent before its join is answered
+            joined = await c.send_request("mesh/join-room", {"roomName": "flicker"})
+            left = await c.send_request("mesh/leave-room", {"roomName": "flicker"})
+            await c.response(joined)
+            await c.response(left)
+        # requests of one connection run concurrently, so the leave may have
+        # reached Redis first: whatever Redis has is what must come back
+        before = await c.request("rooms-of", {"id": cid})
+        assert "kept" in before
+
+        await anyio.to_thread.run_sync(lambda: redis_server.stop(kill=True))
+        await anyio.to_thread.run_sync(redis_server.start)  # empty, same port
+
+        assert await first_answer(c, "rooms-of", {"id": cid}) == before
+        members = await c.request("members", {"room": "flicker"})
+        assert members == ([cid] if "flicker" in before else [])
+        await c.close()
