@@ -37,7 +37,21 @@ within :data:`GIVE_UP_WINDOW` seconds end the group with exit status 1.
 SIGINT or SIGTERM sends every worker one SIGTERM (workers run in their own
 process group, so a terminal's Ctrl-C reaches them only through the
 supervisor, once) and waits for their graceful shutdown; the exit status is
-0 if they all stopped cleanly. A second signal kills them at once.
+0 if they all stopped cleanly (exit 0, or killed by that SIGTERM: a worker
+still starting has no handler for it yet). A second signal kills them at once.
+
+**No worker outlives the supervisor.** Being in their own process group,
+workers would not hear of its end, and would go on serving (and holding the
+port) behind it. So if :meth:`Supervisor.run` fails (a bug here), it stops
+the live workers on its way out (SIGTERM, :data:`ABANDON_GRACE` seconds,
+SIGKILL); and for an end it cannot handle (SIGKILL, a crash of the
+interpreter) each worker holds the read end of a *lifeline* pipe whose only
+write end is the supervisor's: the kernel closes it however the supervisor
+ends, and the worker's watcher thread, reading EOF, sends its own process
+SIGTERM (a graceful shutdown). A pipe rather than Linux's
+``prctl(PR_SET_PDEATHSIG)``: it works on every POSIX system, needs no
+ctypes, and has no window (the pipe exists before the worker does, so a
+supervisor dead before the watcher starts is seen at once too).
 
 **Metrics.** With ``--metrics-port`` the supervisor serves ``/metrics`` and
 ``/healthz`` for the group (:mod:`._metrics_port`); each worker serves its
