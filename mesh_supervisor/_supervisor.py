@@ -37,7 +37,21 @@ within :data:`GIVE_UP_WINDOW` seconds end the group with exit status 1.
 SIGINT or SIGTERM sends every worker one SIGTERM (workers run in their own
 process group, so a terminal's Ctrl-C reaches them only through the
 supervisor, once) and waits for their graceful shutdown; the exit status is
-0 if they all stopped cleanly. A second signal kills them at once.
+0 if they all stopped cleanly (exit 0, or killed by that SIGTERM: a worker
+still starting has no handler for it yet). A second signal kills them at once.
+
+**No worker outlives the supervisor.** Being in their own process group,
+workers would not hear of its end, and would go on serving (and holding the
+port) behind it. So if :meth:`Supervisor.run` fails (a bug here), it stops
+the live workers on its way out (SIGTERM, :data:`ABANDON_GRACE` seconds,
+SIGKILL); and for an end it cannot handle (SIGKILL, a crash of the
+interpreter) each worker holds the read end of a *lifeline* pipe whose only
+write end is the supervisor's: the kernel closes it however the supervisor
+ends, and the worker's watcher thread, reading EOF, sends its own process
+SIGTERM (a graceful shutdown). A pipe rather than Linux's
+``prctl(PR_SET_PDEATHSIG)``: it works on every POSIX system, needs no
+ctypes, and has no window (the pipe exists before the worker does, so a
+supervisor dead before the watcher starts is seen at once too).
 
 **Metrics.** With ``--metrics-port`` the supervisor serves ``/metrics`` and
 ``/healthz`` for the group (:mod:`._metrics_port`); each worker serves its
@@ -56,6 +70,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
@@ -78,6 +93,10 @@ HEALTHY_AFTER = 10.0
 #: this many deaths of running workers within GIVE_UP_WINDOW seconds: give up
 GIVE_UP_DEATHS = 5
 GIVE_UP_WINDOW = 60.0
+#: how long workers get to stop when the supervisor itself fails (seconds)
+ABANDON_GRACE = 5.0
+#: the longest startup error a worker reports, in characters
+MAX_REPORT = 800
 
 
 class Slot:
@@ -102,10 +121,22 @@ class Slot:
         return self.process is not None and self.process.exitcode is None
 
 
+def _watch_lifeline(lifeline: Connection) -> None:
+    """In a worker's thread: wait until the supervisor is gone (the pipe's
+    only write end, which the supervisor holds, closes however it ends, even
+    by SIGKILL), then stop this worker as the supervisor would have: one
+    SIGTERM, which the server turns into its graceful shutdown (or which
+    ends a worker still starting, before its handlers are in)."""
+    with contextlib.suppress(OSError):
+        wait([lifeline])  # never written to: readable means EOF
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker(
     argv: Sequence[str],
     number: int,
     reports: Connection,
+    lifeline: Connection,
     sock: socket.socket,
     metrics_sock: socket.socket | None,
 ) -> None:
@@ -113,6 +144,10 @@ def _worker(
     startup failure's one-line message goes to the supervisor instead of
     stderr, so N workers failing alike print one line, not N."""
     os.setpgrp()  # terminal signals reach the supervisor only; it forwards one
+    # first of all, so a supervisor that dies while this one imports is seen too
+    threading.Thread(
+        target=_watch_lifeline, args=(lifeline,), name="mesh-lifeline", daemon=True
+    ).start()
     os.environ[WORKER_ENV] = str(number)  # named in the worker's startup line
     from mesh_core.cli import serve_worker
 
@@ -121,7 +156,9 @@ def _worker(
     except SystemExit as exc:
         if not isinstance(exc.code, str):
             raise
-        reports.send(("error", number, exc.code))
+        # short enough for one atomic pipe write (PIPE_BUF): workers failing
+        # at once cannot interleave their reports
+        reports.send(("error", number, exc.code[:MAX_REPORT]))
         raise SystemExit(1) from None
 
 
@@ -178,6 +215,9 @@ class Supervisor:
         self.args = args
         self.context = multiprocessing.get_context("spawn")
         self.reader, self.writer = self.context.Pipe(duplex=False)
+        # every worker holds the read end, only this process the write end
+        # (spawned children inherit only what they are passed)
+        self.lifeline, self._lifeline_w = self.context.Pipe(duplex=False)
         self.slots: list[Slot] = []
         self.stopping = False  # a signal asked for the shutdown
         self.failed: str | None = None  # why the group is given up
@@ -199,12 +239,22 @@ class Supervisor:
             return f"error: {describe_startup_failure(exc, args.host, args.port)}"
         metrics_socks: list[socket.socket | None] = [None] * args.workers
         if args.metrics_port is not None:
+            bound: list[socket.socket] = []  # (not in the slots yet: closed here if need be)
             try:
                 public = _bind(args.metrics_host, args.metrics_port)
-            except OSError as exc:
-                where = describe_startup_failure(exc, args.metrics_host, args.metrics_port)
-                return f"error: metrics port: {where.replace('--port', '--metrics-port')}"
-            metrics_socks = [_bind("127.0.0.1", 0) for _ in range(args.workers)]
+                bound.append(public)
+                for _ in range(args.workers):
+                    bound.append(_bind("127.0.0.1", 0))
+            except BaseException as exc:
+                for sock in socks + bound:
+                    sock.close()
+                if not isinstance(exc, OSError):
+                    raise
+                if not bound:
+                    where = describe_startup_failure(exc, args.metrics_host, args.metrics_port)
+                    return f"error: metrics port: {where.replace('--port', '--metrics-port')}"
+                return f"error: cannot bind a worker's metrics socket on 127.0.0.1: {exc}"
+            metrics_socks = list(bound[1:])
             self.metrics = MetricsPort(public, self)
         self.slots = [Slot(i + 1, socks[i], metrics_socks[i]) for i in range(args.workers)]
         return None
@@ -212,7 +262,14 @@ class Supervisor:
     def start(self, slot: Slot) -> None:
         slot.process = self.context.Process(
             target=_worker,
-            args=(self.argv, slot.number, self.writer, slot.sock, slot.metrics_sock),
+            args=(
+                self.argv,
+                slot.number,
+                self.writer,
+                self.lifeline,
+                slot.sock,
+                slot.metrics_sock,
+            ),
             name=f"mesh-worker-{slot.number}",
         )
         slot.ready = False
@@ -236,9 +293,28 @@ class Supervisor:
                 self.start(slot)
             return self._loop()
         finally:
+            # after a normal end none is left; after a bug here, not one may
+            # keep serving (and holding the port) behind a dead supervisor
+            self._abandon()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._close()
+
+    def _abandon(self) -> None:
+        """Stop whatever worker still runs: SIGTERM, up to
+        :data:`ABANDON_GRACE` seconds, then SIGKILL."""
+        if not any(s.alive for s in self.slots):
+            return
+        log.error("the supervisor failed: stopping the workers")
+        self._terminate_all()
+        deadline = time.monotonic() + ABANDON_GRACE
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+        self._kill_all()
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.join()
 
     def _loop(self) -> int:
         stop_deadline: float | None = None
@@ -288,17 +364,25 @@ class Supervisor:
         return 1 if self.unclean else 0
 
     def _read_reports(self) -> None:
+        """Take in the workers' reports. One that does not unpickle or is not
+        one this code sends (a worker's bug, memory gone bad) is logged and
+        dropped: the worker it came from cannot be told, and that worker's
+        exit, if any, is noticed by its sentinel anyway."""
         while self.reader.poll():
             try:
                 report = self.reader.recv()
             except (EOFError, OSError):
                 return
-            kind, number = report[0], report[1]
-            slot = self.slots[number - 1]
-            if kind == "ready":
-                slot.ready = True
-            elif kind == "error":
-                self.messages.append(report[2])
+            except Exception as exc:  # an UnpicklingError, say: this report only
+                log.error("dropped a garbled report from a worker: %r", exc)
+                continue
+            match report:
+                case ("ready", int(number)) if 1 <= number <= len(self.slots):
+                    self.slots[number - 1].ready = True
+                case ("error", int(number), str(message)) if 1 <= number <= len(self.slots):
+                    self.messages.append(message)
+                case _:
+                    log.error("dropped a garbled report from a worker: %.200r", report)
 
     def _signal(self) -> None:
         self._signals += 1
@@ -318,7 +402,9 @@ class Supervisor:
         slot.restart_at = None
         if self.stopping or self.failed is not None:
             slot.ready = False
-            if code != 0:
+            # killed by the SIGTERM asked of it: a worker still starting
+            # (before its handlers are in) stops that way, and that is clean
+            if code not in (0, -signal.SIGTERM):
                 self.unclean = True
             return
         self._read_reports()
@@ -379,6 +465,12 @@ class Supervisor:
                 slot.metrics_sock.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        # the workers' lifeline: gone with this process in any case, here
+        # for a supervisor run inside a longer-lived process (the tests)
+        self._lifeline_w.close()
+        self.lifeline.close()
+        self.reader.close()
+        self.writer.close()
 
 
 def supervise(argv: list[str], args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from ._builtins import BUILTINS, Builtin, BuiltinCommand, CheckClientWrite, Step
 from ._channels import SUBSCRIPTION_MESSAGE, ChannelsAPI
 from ._collections import CollectionsAPI
 from ._logging import LOG_FORMAT, WORKER_ENV
+from ._monitor import REQUEST_TIMEOUT as MONITOR_REQUEST_TIMEOUT
 from ._monitor import HttpExchange, MonitorStream, health_response, http_response
 from ._presence import PresenceAPI, PresenceGuard, PresenceRules, PresenceTrack
 from ._pubsub import Listener, PubSub
@@ -66,6 +67,7 @@ __all__ = [
     "Context",
     "Handler",
     "HttpExchange",
+    "MONITOR_REQUEST_TIMEOUT",
     "MonitorStream",
     "health_response",
     "http_response",

@@ -14,7 +14,7 @@ closed: a port scanner or a stray browser costs one small buffer.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 __all__ = [
@@ -145,6 +145,37 @@ class HttpExchange:
         else:
             self.head_only = method == "HEAD"
             self.route = route
+
+    @property
+    def wants_health(self) -> bool:
+        """The answer needs the health check: run it (the caller may have
+        to await it) and pass its result to :meth:`answer`."""
+        return self.route == "healthz"
+
+    def answer(
+        self,
+        health: tuple[bool, str] | None,
+        metrics: Callable[[], Any],
+        prometheus: Callable[[], str],
+        /,
+    ) -> bytes:
+        """What to send once :attr:`done` (``b""``: nothing, just close): the
+        refusal, or the route's answer, so every metrics port (each adapter's,
+        the ``--workers`` supervisor's) routes alike. ``health`` is the check's
+        ``(ok, reason)`` when :attr:`wants_health`; ``metrics`` (the
+        :meth:`ServerCore.metrics` dict) and ``prometheus`` (its text) are
+        called only for their own route, as either may be costly."""
+        if self.response is not None:
+            return self.response
+        if self.route is None:
+            raise RuntimeError("answer() before the request was read")
+        if self.route == "healthz":
+            if health is None:
+                raise ValueError("/healthz needs the health check's result")
+            return self.health_response(*health)
+        if self.route == "metrics.json":
+            return self.json_response(metrics())
+        return self.metrics_response(prometheus())
 
     def metrics_response(self, text: str) -> bytes:
         return http_response(200, text, METRICS_CONTENT_TYPE, head_only=self.head_only)

@@ -435,14 +435,8 @@ class ServerCore:
             async with self.runtime.timeout(REQUEST_TIMEOUT):
                 while not exchange.done:
                     exchange.receive_data(await stream.receive_some(4096))
-                response = exchange.response
-                if response is None:
-                    if exchange.route == "healthz":
-                        response = exchange.health_response(*await self.health())
-                    elif exchange.route == "metrics.json":
-                        response = exchange.json_response(self.metrics())
-                    else:
-                        response = exchange.metrics_response(self.metrics_prometheus())
+                health = await self.health() if exchange.wants_health else None
+                response = exchange.answer(health, self.metrics, self.metrics_prometheus)
                 if response:
                     await stream.send_all(response)
         except Exception as exc:  # a peer that left or stalled: never the server's problem

@@ -74,3 +74,23 @@ def test_snapshots_add_up_and_render_per_worker() -> None:
     assert "mesh_command_duration_seconds_count 3" in text
     assert "mesh_redis_reconnects_total 3" in text
     assert prometheus_text(combine_metrics([])).count("mesh_connections 0") == 1
+
+
+def test_answer_routes_and_asks_only_what_its_route_needs() -> None:
+    def never() -> str:
+        raise AssertionError("asked for what this route does not answer")
+
+    ex = exchange(b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert not ex.wants_health
+    response = ex.answer(None, never, lambda: "mesh_connections 0\n")
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"mesh_connections 0\n")
+    ex = exchange(b"GET /metrics.json HTTP/1.1\r\n\r\n")
+    assert ex.answer(None, lambda: {"a": 1}, never).endswith(b'{"a":1}')
+    ex = exchange(b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert ex.wants_health
+    assert ex.answer((False, "store unreachable"), never, never).startswith(b"HTTP/1.1 503")
+    with pytest.raises(ValueError):
+        ex.answer(None, never, never)
+    ex = exchange(b"GET /nope HTTP/1.1\r\n\r\n")  # a refusal is answered as is
+    assert not ex.wants_health and ex.answer(None, never, never).startswith(b"HTTP/1.1 404")
+    assert exchange(b"GET /met", None).answer(None, never, never) == b""

@@ -4,13 +4,17 @@ real server process, with its real redis-server up, killed and back
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -18,6 +22,7 @@ import pytest
 from examples.demo import app as demo_app
 from mesh_core import MemoryStore
 from mesh_core.redis import RedisReplyError
+from mesh_supervisor._metrics_port import MAX_REQUESTS, SCRAPE_TIMEOUT, MetricsPort
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.server_process import free_port, start_server
 from tests.helpers.wsclient import WSClient
@@ -175,3 +180,126 @@ async def test_healthz_answers_503_when_the_store_answers_an_error(server_cls: A
     async with server.listen():
         status, _, body = await anyio.to_thread.run_sync(http, server.metrics_port, "/healthz")
     assert status == 503 and "LOADING" in body
+
+
+# -- the --workers supervisor's metrics port, in this process, against fake
+# workers: real sockets, but workers that misbehave on cue
+
+
+class FakeWorker:
+    """A worker's private metrics port that answers ``/metrics.json`` (or
+    ``/healthz``) only once ``gate`` lets it, or never (``gate`` None)."""
+
+    def __init__(self, gate: threading.Barrier | None) -> None:
+        self.gate = gate
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        from mesh_core._metrics import Metrics
+        from mesh_core.app import health_response, http_response
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            if self.gate is None:
+                continue  # hung: never answers
+
+            def answer(conn: socket.socket = conn) -> None:
+                request = conn.recv(4096)
+                try:
+                    assert self.gate is not None
+                    self.gate.wait(timeout=SCRAPE_TIMEOUT + 1)
+                except threading.BrokenBarrierError:
+                    return  # not everyone was asked at once: this one never answers
+                if b"/healthz" in request:
+                    conn.sendall(health_response(True, "serving"))
+                else:
+                    body = json.dumps(Metrics().snapshot(1, 0, 0))
+                    conn.sendall(http_response(200, body, "application/json"))
+                conn.close()
+
+            threading.Thread(target=answer, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@contextlib.contextmanager
+def metrics_port(*workers: FakeWorker) -> Iterator[int]:
+    """The supervisor's metrics port on a free port, in front of ``workers``."""
+    slots = [SimpleNamespace(number=i + 1, metrics_port=w.port, ready=True)
+             for i, w in enumerate(workers)]  # fmt: skip
+    supervisor = SimpleNamespace(slots=slots, stopping=False, failed=None)
+    port = MetricsPort(socket.create_server(("127.0.0.1", 0)), cast(Any, supervisor))
+    port.start()
+    try:
+        yield port.sock.getsockname()[1]
+    finally:
+        port.close()
+        for worker in workers:
+            worker.close()
+
+
+def test_the_workers_are_scraped_at_once() -> None:
+    """Three workers that each answer only once all three have been asked,
+    and one that never answers: a scrape gets the three (one after another,
+    the first would wait for the others for ever) and still answers."""
+    gate = threading.Barrier(3)
+    with metrics_port(*(FakeWorker(gate) for _ in range(3)), FakeWorker(None)) as port:
+        status, _, text = http(port, "/metrics")
+        assert status == 200
+        assert [sample(text, "mesh_worker_up", f'worker="{n}"') for n in (1, 2, 3, 4)] == [
+            1, 1, 1, 0,
+        ]  # fmt: skip
+        assert [sample(text, "mesh_connections", f'worker="{n}"') for n in (1, 2, 3)] == [1, 1, 1]
+        gate.reset()
+        status, _, body = http(port, "/healthz")
+        assert status == 503 and "worker 4 did not answer" in body
+
+
+def test_a_flood_of_connections_is_capped_and_the_port_lives() -> None:
+    with metrics_port() as port:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_REQUESTS)]
+        try:
+            # each holds a request thread; the next connection gets none
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as extra:
+                extra.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+                with contextlib.suppress(ConnectionResetError):
+                    assert extra.recv(4096) == b""
+        finally:
+            for sock in idle:
+                sock.close()
+        assert wait_for_status(port, "/healthz", 200)  # the threads were given back
+
+
+def test_a_request_that_gets_no_thread_does_not_stop_the_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Thread.start()`` can fail (no threads left); that connection is
+    dropped, and the port goes on answering the next ones."""
+    with metrics_port() as port:
+        start = threading.Thread.start
+        failures: list[threading.Thread] = []
+
+        def start_once(thread: threading.Thread) -> None:
+            if not failures:
+                failures.append(thread)
+                raise RuntimeError("can't start new thread")
+            start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", start_once)
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            sock.settimeout(3)
+            if sock.recv(4096) == b"":
+                raise ConnectionResetError  # closed unanswered, as a reset would be
+        assert failures
+        assert http(port, "/healthz")[0] == 200

@@ -6,19 +6,25 @@ on the same port is refused in one line. Real processes, real redis-server."""
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
+from mesh_core.cli import _parser
+from mesh_supervisor._supervisor import Supervisor
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.server_process import ROOT, free_port, run_failing
 from tests.helpers.wsclient import WSClient
@@ -208,3 +214,142 @@ def test_a_worker_that_cannot_start_ends_the_group(
         assert "Traceback" not in group.output
     finally:
         group.kill()
+
+
+def _gone(pid: int) -> bool:
+    """Not running: exited, or a zombie nobody reaped yet (the test's
+    container may have no init that reaps orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return not _alive(pid)
+
+
+def _port_free(port: int) -> bool:
+    """A plain bind, as a single server does it, succeeds: nothing listens."""
+    probe = socket.socket()
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@RUNTIMES
+def test_workers_stop_when_the_supervisor_is_killed(
+    redis_server: RedisServer, runtime: str
+) -> None:
+    """SIGKILL leaves the supervisor no chance to stop its workers: each
+    notices on its own (the lifeline pipe reads EOF), stops, and frees the port."""
+    port = free_port()
+    group = Group("--runtime", runtime, "--port", str(port), "--redis", redis_server.url)
+    pids: list[int] = []
+    try:
+        pids = group.worker_pids()
+        assert not _port_free(port)
+        group.proc.kill()
+        group.proc.wait(10)
+        assert _wait(lambda: all(_gone(pid) for pid in pids), 15), group.output
+        assert _wait(lambda: _port_free(port), 5)
+    finally:
+        group.kill()
+        for pid in pids:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stop_before_the_workers_are_ready_is_clean(redis_server: RedisServer) -> None:
+    """SIGTERM while the workers are still starting (importing, say, before
+    their own handlers are in): a worker killed by that SIGTERM stopped as
+    asked, so the group exits 0."""
+    for _ in range(3):
+        group = Group(
+            "--port", str(free_port()), "--redis", redis_server.url,
+            "--metrics-port", str(free_port()),
+        )  # fmt: skip
+        try:
+            # logged after the supervisor's handlers are in, before any worker starts
+            group.wait_for_line("Metrics of all workers on")
+            assert group.stop() == 0, group.output
+        finally:
+            group.kill()
+
+
+def _supervisor(*argv: str) -> Supervisor:
+    """A supervisor in this process, for what a real group cannot be made to
+    do on cue (a bug in the supervisor, a garbled report); its workers are
+    real processes all the same."""
+    args = ["serve", "examples.demo:app", "--workers", "2", *argv]
+    return Supervisor(args, _parser().parse_args(args))
+
+
+def test_a_supervisor_that_fails_stops_its_workers(redis_server: RedisServer) -> None:
+    """A bug in the supervisor's loop ends ``run()`` with the exception, and
+    not one worker keeps serving behind it."""
+    port = free_port()
+    pids: list[int] = []
+
+    class Broken(Supervisor):
+        def _read_reports(self) -> None:
+            super()._read_reports()
+            if self.slots and all(slot.ready for slot in self.slots):
+                pids.extend(slot.process.pid for slot in self.slots)
+                raise RuntimeError("a bug in the supervisor")
+
+    args = ["serve", "examples.demo:app", "--workers", "2", "--port", str(port)]
+    supervisor = Broken([*args, "--redis", redis_server.url], _parser().parse_args(args))
+    assert supervisor.bind() is None
+    with pytest.raises(RuntimeError, match="a bug in the supervisor"):
+        supervisor.run()
+    assert len(pids) == 2
+    assert all(_gone(pid) for pid in pids)
+    assert _port_free(port)
+
+
+def test_a_garbled_report_is_logged_and_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    supervisor = _supervisor("--port", "0")
+    assert supervisor.bind() is None
+    try:
+        supervisor.writer.send_bytes(b"not a pickle")
+        supervisor.writer.send(("ready", 7))  # no such worker
+        supervisor.writer.send("ready")
+        supervisor.writer.send(("ready", 2))
+        with caplog.at_level(logging.ERROR, "mesh_supervisor"):
+            supervisor._read_reports()
+        assert [slot.ready for slot in supervisor.slots] == [False, True]
+        assert caplog.text.count("dropped a garbled report") == 3
+    finally:
+        supervisor._close()
+
+
+def test_a_busy_metrics_port_leaves_no_socket_open() -> None:
+    """The worker sockets are bound before the metrics port is: when that
+    one is taken, they are closed, not left to the garbage collector."""
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        supervisor = _supervisor("--port", str(port), "--metrics-port", str(busy.getsockname()[1]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            error = supervisor.bind()
+            gc.collect()
+        supervisor._close()
+    assert error is not None and "address already in use" in error
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert _port_free(port)
