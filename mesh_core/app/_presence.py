@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .._errors import MeshError, ValidationError
+from .._errors import MeshError, StorageUnavailable, ValidationError
 from ..protocol._frames import encode_json, encode_push
 from ..storage import _ops as ops
 from ._timers import Timers
@@ -420,6 +420,8 @@ class PresenceHub:
         for room in rooms:
             try:
                 await self.leave(room, connection_id)
+            except StorageUnavailable as exc:  # the store retries it with the unregistration
+                log.warning("presence cleanup of %s in %r: %s", connection_id, room, exc)
             except Exception:
                 log.exception("presence cleanup of %s in %r failed", connection_id, room)
         self._members.pop(connection_id, None)

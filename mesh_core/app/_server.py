@@ -699,6 +699,8 @@ class ServerCore:
             await self.records.connection_gone(connection.id)
             await self.collections.connection_gone(connection.id)
             await self.execute(ops.UnregisterConnection(connection.id, self.instance_id))
+        except StorageUnavailable as exc:  # an outage, not a bug: retried by the store
+            log.warning("cleaning up connection %s: %s; will be retried", connection.id, exc)
         except Exception:
             log.exception("cleaning up connection %s failed", connection.id)
         finally:

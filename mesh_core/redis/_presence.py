@@ -154,8 +154,9 @@ class RedisPresence:
         return [_state(value) for value in raw]
 
     async def _sweep_presence(self, connection_id: str) -> None:
-        """A connection of a dead instance: remove it from every present set
-        it is in and publish one leave per room it was removed from. The
+        """A connection of a dead instance, or one of ours whose cleanup
+        Redis missed (retried by the heartbeat): remove it from every present
+        set it is in and publish one leave per room it was removed from. The
         ``SREM`` reply decides, so however many instances sweep, one leave
         goes out per room (and none for a member already gone)."""
 

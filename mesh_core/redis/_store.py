@@ -247,6 +247,9 @@ class RedisStoreCore(RedisPubSub, RedisChannels, RedisRecords, RedisPresence):
             log.info("re-registering %d connection(s) with Redis", len(self._registered))
             await self._reregister(list(self._registered))
         for cid in list(self._pending_unregister):
+            # its presence cleanup failed with it (Redis was away): swept
+            # first, while its rooms are known; one leave per room it was in
+            await self._sweep_presence(cid)
             await self._unregister(ops.UnregisterConnection(cid, instance))
             self._pending_unregister.discard(cid)
 

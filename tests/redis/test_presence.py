@@ -408,3 +408,44 @@ def test_on_a_redis_cluster_each_change_reaches_each_subscriber_once() -> None:
                 await wb.close()
 
             anyio.run(scenario)
+
+
+@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+def test_a_member_gone_during_an_outage_leaves_once_redis_answers(
+    redis_server: RedisServer, runtime: str
+) -> None:
+    """Redis stops answering (SIGSTOP: its data stays), a member goes; its
+    cleanup cannot reach Redis. When Redis answers again, the retried
+    cleanup takes the member out of the room's present set and sends the
+    leave once, instead of leaving it present for good."""
+    store = redis_store(
+        runtime, redis_server.url, command_timeout=0.3, connect_timeout=0.3, heartbeat_interval=0.3
+    )
+    a = ServerThread(runtime, presence_app(), storage=store, **QUIET)
+    with a:
+        r = raw(redis_server.url)
+        assert redis_server.proc is not None
+        pid = redis_server.proc.pid
+
+        async def scenario() -> None:
+            member = await WSClient.connect(a.port)
+            watcher = await WSClient.connect(a.port)
+            await watcher.request("mesh/subscribe-presence", {"roomName": "p:out"})
+            await member.request("mesh/join-room", {"roomName": "p:out"})
+            assert [u["type"] for u in await collect(watcher, 1)] == ["join"]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await member.abort()
+                await anyio.sleep(1.0)  # its cleanup runs and times out meanwhile
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            got = await collect(watcher, 1, timeout=10)
+            assert [(u["type"], u["connectionId"]) for u in got] == [
+                ("leave", member.connection_id)
+            ]
+            await settle(watcher, seconds=1.0)  # later heartbeats: nothing more
+            assert updates(watcher) == []
+            assert r.smembers("mesh:presence:room:p:out") == set()
+            await watcher.close()
+
+        anyio.run(scenario)
