@@ -36,6 +36,7 @@ MAX_LABELS = 256
 #: upper bounds (seconds) of the command latency histogram's buckets; a
 #: last, unbounded bucket (``+Inf``) follows
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_FIRST_BOUND = LATENCY_BUCKETS[0]
 
 
 def bump(table: dict[Any, int], key: Any) -> None:
@@ -52,8 +53,9 @@ class Metrics:
     """The counters of one server; :class:`~mesh_core.ServerConnection`
     and :class:`~mesh_core.ServerCore` increment them directly.
 
-    A request is counted once, as it is answered, in :attr:`commands`: the
-    requests by command and the errors by code are its sums, taken at
+    A request is counted once, as it is answered: in :attr:`ok` by command,
+    or in :attr:`failed` by (command, error code). The requests by command,
+    the outcomes by command and the errors by code are their sums, taken at
     :meth:`snapshot`. Storage operations are counted by their type, named at
     :meth:`snapshot` too. So the hot path pays one table bump and the
     histogram's bucket per request, one bump per storage operation."""
@@ -62,11 +64,12 @@ class Metrics:
         "bytes_in",
         "bytes_out",
         "closes",
-        "commands",
         "connections_total",
+        "failed",
         "handshake_rejections",
         "latency_counts",
         "latency_sum",
+        "ok",
         "slow_consumer_closes",
         "store_errors",
         "store_operations",
@@ -83,9 +86,11 @@ class Metrics:
         self.closes: dict[int | str, int] = {}
         #: upgrades refused, by HTTP status
         self.handshake_rejections: dict[int | str, int] = {}
-        #: requests answered, by (command, outcome): ``ok`` or the error code
-        #: (commands the app does not have: :data:`UNKNOWN_COMMAND`)
-        self.commands: dict[tuple[str, str], int] = {}
+        #: requests answered ``ok``, by command; and those answered with an
+        #: error, by (command, error code). Commands the app does not have
+        #: count as :data:`UNKNOWN_COMMAND`
+        self.ok: dict[str, int] = {}
+        self.failed: dict[tuple[str, str], int] = {}
         #: how long requests took, per bucket of :data:`LATENCY_BUCKETS`
         #: (the last one: longer), and their total in seconds
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -96,16 +101,29 @@ class Metrics:
         self.store_errors: defaultdict[type, int] = defaultdict(int)
 
     def answered(self, command: str, outcome: str, seconds: float) -> None:
-        """One request answered: its outcome and its latency."""
-        key = (command, outcome)
-        commands = self.commands
-        try:
-            commands[key] += 1
-        except KeyError:
-            if len(commands) >= MAX_LABELS:  # still "ok" or not, for errors_by_code
-                key = (OTHER, "ok" if outcome == "ok" else OTHER)
-            commands[key] = commands.get(key, 0) + 1
-        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        """One request answered: its outcome (``ok`` or the error code) and
+        its latency. Past :data:`MAX_LABELS` keys a table counts new ones as
+        ``OTHER`` (an error stays an error: ``(OTHER, OTHER)``)."""
+        if outcome == "ok":
+            ok = self.ok
+            try:
+                ok[command] += 1
+            except KeyError:
+                key = command if len(ok) < MAX_LABELS else OTHER
+                ok[key] = ok.get(key, 0) + 1
+        else:
+            pair = (command, outcome)
+            failed = self.failed
+            try:
+                failed[pair] += 1
+            except KeyError:
+                if len(failed) >= MAX_LABELS:
+                    pair = (OTHER, OTHER)
+                failed[pair] = failed.get(pair, 0) + 1
+        if seconds <= _FIRST_BOUND:  # most answers: no search
+            self.latency_counts[0] += 1
+        else:
+            self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
     def snapshot(
@@ -115,11 +133,13 @@ class Metrics:
         commands: dict[str, dict[str, int]] = {}
         requests: dict[str, int] = {}
         errors: dict[str, int] = {}
-        for (command, outcome), count in self.commands.items():
+        for command, count in self.ok.items():
+            commands[command] = {"ok": count}
+            requests[command] = count
+        for (command, outcome), count in self.failed.items():
             commands.setdefault(command, {})[outcome] = count
             requests[command] = requests.get(command, 0) + count
-            if outcome != "ok":
-                errors[outcome] = errors.get(outcome, 0) + count
+            errors[outcome] = errors.get(outcome, 0) + count
         return {
             "connections_current": connections_current,
             "requests_in_flight": requests_in_flight,

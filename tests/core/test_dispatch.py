@@ -1018,11 +1018,14 @@ def test_past_the_label_cap_errors_stay_errors() -> None:
     metrics = Metrics()
     for i in range(MAX_LABELS):
         metrics.answered(f"c{i}", "ok", 0.0)
+        metrics.answered(f"c{i}", "EFULL", 0.0)
     metrics.answered("late", "ok", 0.0)
     metrics.answered("late", "ELATE", 0.0)
     metrics.answered("later", "ELATER", 0.0)
     snapshot = metrics.snapshot(0, 0)
     assert snapshot["requests_by_command"][OTHER] == 3
-    assert snapshot["requests_total"] == MAX_LABELS + 3
-    assert snapshot["errors_by_code"] == {OTHER: 2}
+    assert snapshot["requests_total"] == 2 * MAX_LABELS + 3
+    assert snapshot["errors_by_code"] == {"EFULL": MAX_LABELS, OTHER: 2}
     assert snapshot["commands"][OTHER] == {"ok": 1, OTHER: 2}
+    assert snapshot["commands"]["c0"] == {"ok": 1, "EFULL": 1}
+    assert snapshot["latency_counts"][0] == 2 * MAX_LABELS + 3  # 0 s: the first bucket
