@@ -172,6 +172,10 @@ class ServerCore:
             base = ServerOptions(**{**fields, **option_overrides})
         self.app = app
         self.options = base
+        kind = self.tls_context_type
+        if ssl is not None and kind is not None and not isinstance(ssl, kind):
+            name = f"{kind.__module__}.{kind.__qualname__}"
+            raise TypeError(f"ssl= takes an {name}, got {type(ssl).__name__}")
         #: an ``ssl.SSLContext``: the adapter serves ``wss://`` with it
         self.ssl = ssl
         self.runtime = runtime
@@ -264,6 +268,9 @@ class ServerCore:
     #: an empty server-side TLS context: the adapter's
     #: ``ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)`` (the core imports no ssl)
     new_tls_context: Callable[[], TLSContext] | None = None
+    #: what ``ssl=`` must be an instance of, else ``TypeError`` at construction:
+    #: the adapter's ``ssl.SSLContext``
+    tls_context_type: type | None = None
 
     @classmethod
     def tls_context(
