@@ -262,15 +262,12 @@ class MeshServer(ServerCore):
                     monitor = await self._listen_monitor()
                     try:
                         sockets = await self._listen(loop, host, port, sock, reuse_port)
-                    except BaseException:
+                        listening.set_result(None)
+                        await self._stop.wait()
+                        await self.shutdown(sockets)  # /healthz says 503 meanwhile
+                    finally:  # also when listening or the shutdown failed
                         if monitor is not None:
                             monitor.close()
-                        raise
-                    listening.set_result(None)
-                    await self._stop.wait()
-                    await self.shutdown(sockets)  # /healthz says 503 meanwhile
-                    if monitor is not None:
-                        monitor.close()
                     await sockets.listener.wait_closed()
             finally:
                 await self.stop_storage()
