@@ -12,17 +12,16 @@ waiting (``reading_paused``), the transport stops reading from it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
-import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, cast
 
 from mesh_core import ServerCore
+from mesh_core.app import reset_on_close
 from mesh_core.protocol import ServerConnection, State
 
 from ._runtime import RUNTIME
@@ -153,20 +152,13 @@ class _WebSocketProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
-#: SO_LINGER on, with a zero timeout: ``close()`` sends a reset and frees the
-#: socket's buffers at once, instead of trickling them out to the peer
-LINGER_RESET = struct.pack("ii", 1, 0)
-
-
 def _reset(transport: asyncio.Transport) -> None:
-    """Drop a slow consumer: reset the connection rather than close it, so
-    the megabytes the kernel still holds for a client that does not read are
-    freed now and the client learns of the drop at its next read (ECONNRESET),
-    not minutes later. With TLS the socket is the one under the TLS layer."""
+    """Drop a slow consumer: reset the connection rather than close it
+    (:func:`mesh_core.app.reset_on_close`). With TLS the socket is the one
+    under the TLS layer."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):  # gone already
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        reset_on_close(sock.setsockopt, socket.SOL_SOCKET, socket.SO_LINGER)
     transport.abort()
 
 
@@ -216,12 +208,11 @@ class MeshServer(ServerCore):
     that ``start`` can return while the server runs, as asyncio servers do.
     """
 
+    tls_context_type = ssl.SSLContext
     new_tls_context = staticmethod(partial(ssl.create_default_context, ssl.Purpose.CLIENT_AUTH))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, runtime=RUNTIME, **kwargs)
-        if self.ssl is not None and not isinstance(self.ssl, ssl.SSLContext):
-            raise TypeError(f"ssl= takes an ssl.SSLContext, got {type(self.ssl).__name__}")
         self._listener: asyncio.Server | None = None
         self._main: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
@@ -271,15 +262,12 @@ class MeshServer(ServerCore):
                     monitor = await self._listen_monitor()
                     try:
                         sockets = await self._listen(loop, host, port, sock, reuse_port)
-                    except BaseException:
+                        listening.set_result(None)
+                        await self._stop.wait()
+                        await self.shutdown(sockets)  # /healthz says 503 meanwhile
+                    finally:  # also when listening or the shutdown failed
                         if monitor is not None:
                             monitor.close()
-                        raise
-                    listening.set_result(None)
-                    await self._stop.wait()
-                    await self.shutdown(sockets)  # /healthz says 503 meanwhile
-                    if monitor is not None:
-                        monitor.close()
                     await sockets.listener.wait_closed()
             finally:
                 await self.stop_storage()

@@ -15,6 +15,7 @@ so the ``--workers`` supervisor sums its workers' snapshots with
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,7 @@ MAX_LABELS = 256
 #: upper bounds (seconds) of the command latency histogram's buckets; a
 #: last, unbounded bucket (``+Inf``) follows
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_FIRST_BOUND = LATENCY_BUCKETS[0]
 
 
 def bump(table: dict[Any, int], key: Any) -> None:
@@ -49,19 +51,25 @@ def bump(table: dict[Any, int], key: Any) -> None:
 
 class Metrics:
     """The counters of one server; :class:`~mesh_core.ServerConnection`
-    and :class:`~mesh_core.ServerCore` increment them directly."""
+    and :class:`~mesh_core.ServerCore` increment them directly.
+
+    A request is counted once, as it is answered: in :attr:`ok` by command,
+    or in :attr:`failed` by (command, error code). The requests by command,
+    the outcomes by command and the errors by code are their sums, taken at
+    :meth:`snapshot`. Storage operations are counted by their type, named at
+    :meth:`snapshot` too. So the hot path pays one table bump and the
+    histogram's bucket per request, one bump per storage operation."""
 
     __slots__ = (
         "bytes_in",
         "bytes_out",
         "closes",
-        "commands",
         "connections_total",
-        "errors",
+        "failed",
         "handshake_rejections",
         "latency_counts",
         "latency_sum",
-        "requests",
+        "ok",
         "slow_consumer_closes",
         "store_errors",
         "store_operations",
@@ -70,10 +78,6 @@ class Metrics:
 
     def __init__(self) -> None:
         self.connections_total = 0
-        #: requests dispatched, by command (unknown commands count as OTHER)
-        self.requests: dict[str, int] = {}
-        #: error payloads sent, by their ``code``
-        self.errors: dict[str, int] = {}
         self.violations = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -82,24 +86,44 @@ class Metrics:
         self.closes: dict[int | str, int] = {}
         #: upgrades refused, by HTTP status
         self.handshake_rejections: dict[int | str, int] = {}
-        #: requests answered, by (command, outcome): ``ok`` or the error code
-        self.commands: dict[tuple[str, str], int] = {}
+        #: requests answered ``ok``, by command; and those answered with an
+        #: error, by (command, error code). Commands the app does not have
+        #: count as :data:`UNKNOWN_COMMAND`
+        self.ok: dict[str, int] = {}
+        self.failed: dict[tuple[str, str], int] = {}
         #: how long requests took, per bucket of :data:`LATENCY_BUCKETS`
         #: (the last one: longer), and their total in seconds
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
-        #: storage operations run, and those that failed, by operation
-        self.store_operations: dict[str, int] = {}
-        self.store_errors: dict[str, int] = {}
+        #: storage operations run, and those that failed, by operation type
+        #: (a fixed set of classes: no cap needed)
+        self.store_operations: defaultdict[type, int] = defaultdict(int)
+        self.store_errors: defaultdict[type, int] = defaultdict(int)
 
     def answered(self, command: str, outcome: str, seconds: float) -> None:
-        """One request answered: its outcome and its latency."""
-        key = (command, outcome)
-        commands = self.commands
-        if key not in commands and len(commands) >= MAX_LABELS:
-            key = (OTHER, OTHER)
-        commands[key] = commands.get(key, 0) + 1
-        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        """One request answered: its outcome (``ok`` or the error code) and
+        its latency. Past :data:`MAX_LABELS` keys a table counts new ones as
+        ``OTHER`` (an error stays an error: ``(OTHER, OTHER)``)."""
+        if outcome == "ok":
+            ok = self.ok
+            try:
+                ok[command] += 1
+            except KeyError:
+                key = command if len(ok) < MAX_LABELS else OTHER
+                ok[key] = ok.get(key, 0) + 1
+        else:
+            pair = (command, outcome)
+            failed = self.failed
+            try:
+                failed[pair] += 1
+            except KeyError:
+                if len(failed) >= MAX_LABELS:
+                    pair = (OTHER, OTHER)
+                failed[pair] = failed.get(pair, 0) + 1
+        if seconds <= _FIRST_BOUND:  # most answers: no search
+            self.latency_counts[0] += 1
+        else:
+            self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
     def snapshot(
@@ -107,15 +131,22 @@ class Metrics:
     ) -> dict[str, Any]:
         """A plain, JSON-friendly copy of every counter."""
         commands: dict[str, dict[str, int]] = {}
-        for (command, outcome), count in self.commands.items():
+        requests: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        for command, count in self.ok.items():
+            commands[command] = {"ok": count}
+            requests[command] = count
+        for (command, outcome), count in self.failed.items():
             commands.setdefault(command, {})[outcome] = count
+            requests[command] = requests.get(command, 0) + count
+            errors[outcome] = errors.get(outcome, 0) + count
         return {
             "connections_current": connections_current,
             "requests_in_flight": requests_in_flight,
             "connections_total": self.connections_total,
-            "requests_total": sum(self.requests.values()),
-            "requests_by_command": dict(self.requests),
-            "errors_by_code": dict(self.errors),
+            "requests_total": sum(requests.values()),
+            "requests_by_command": requests,
+            "errors_by_code": errors,
             "violations": self.violations,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -127,10 +158,17 @@ class Metrics:
             "commands": commands,
             "latency_counts": list(self.latency_counts),
             "latency_sum": self.latency_sum,
-            "store_operations_by_op": dict(self.store_operations),
-            "store_errors_by_op": dict(self.store_errors),
+            "store_operations_by_op": _by_name(self.store_operations),
+            "store_errors_by_op": _by_name(self.store_errors),
             "redis_reconnects": redis_reconnects,
         }
+
+
+def _by_name(table: Mapping[type, int]) -> dict[str, int]:
+    named: dict[str, int] = {}
+    for kind, count in table.items():
+        named[kind.__name__] = named.get(kind.__name__, 0) + count
+    return named
 
 
 def combine(snapshots: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -222,7 +260,7 @@ def prometheus_text(
     family(
         "requests_total",
         "counter",
-        "Requests dispatched, by command.",
+        "Requests answered, by command.",
         labelled("command", snapshot["requests_by_command"]),
     )
     family(
@@ -272,7 +310,10 @@ def prometheus_text(
         ],
     )
     histogram = f"{prefix}_command_duration_seconds"
-    lines.append(f"# HELP {histogram} Time from a request's arrival to its answer.")
+    lines.append(
+        f"# HELP {histogram} Time from the read that brought a request in to its answer"
+        " (its wait for a request slot included)."
+    )
     lines.append(f"# TYPE {histogram} histogram")
     cumulative = 0
     counts = snapshot["latency_counts"]

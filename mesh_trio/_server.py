@@ -22,15 +22,15 @@ import logging
 import math
 import socket
 import ssl
-import struct
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
 import trio
 
 from mesh_core import ServerCore
+from mesh_core.app import reset_on_close
 from mesh_core.protocol import ServerConnection, State
 
 from ._runtime import RUNTIME
@@ -41,9 +41,6 @@ __all__ = ["MeshServer"]
 log = logging.getLogger("mesh_trio")
 
 _READ_SIZE = 65536
-#: SO_LINGER on, with a zero timeout: ``close()`` sends a reset and frees the
-#: socket's buffers at once, instead of trickling them out to the peer
-_LINGER_RESET = struct.pack("ii", 1, 0)
 # what a connection's task waits for (besides its next timer and a wake-up)
 _RUN, _READABLE, _WRITABLE, _TIMER = range(4)
 # accept() errors that mean "out of resources right now": wait and retry
@@ -155,12 +152,11 @@ class MeshServer(ServerCore):
     """A Mesh server on trio. Same constructor and API as
     ``mesh_asyncio.MeshServer``; see :class:`mesh_core.ServerCore`."""
 
+    tls_context_type = ssl.SSLContext
     new_tls_context = staticmethod(partial(ssl.create_default_context, ssl.Purpose.CLIENT_AUTH))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, runtime=RUNTIME, **kwargs)
-        if self.ssl is not None and not isinstance(self.ssl, ssl.SSLContext):
-            raise TypeError(f"ssl= takes an ssl.SSLContext, got {type(self.ssl).__name__}")
         self._nursery: trio.Nursery | None = None
         self._listeners: list[socket.socket] = []
         self._monitor: list[trio.SocketListener] = []
@@ -434,8 +430,7 @@ class MeshServer(ServerCore):
                 # a dropped slow consumer: reset, so the kernel frees what it
                 # still holds for it and the client learns of it at once
                 raw = sock.raw if isinstance(sock, TLSSocket) else sock
-                with suppress(OSError):
-                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                reset_on_close(raw.setsockopt, socket.SOL_SOCKET, socket.SO_LINGER)
 
     async def _run_link(self, link: _Link) -> None:
         proto, sock = link.proto, link.sock

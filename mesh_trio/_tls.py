@@ -41,7 +41,10 @@ class TLSSocket:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._in, self._out, server_side=True)
-        self._pending = b""  # ciphertext the socket has not taken yet
+        # ciphertext the socket has not taken yet: a bytearray whose taken
+        # front is deleted in place, so a large buffer sent in many short
+        # sends is not copied once per send
+        self._pending = bytearray()
         self._held = 0  # bytes of the caller's next send already encrypted
 
     def fileno(self) -> int:
@@ -63,6 +66,13 @@ class TLSSocket:
                 if not data:
                     raise ConnectionResetError("the peer left during the TLS handshake") from None
                 self._in.write(data)
+            except ssl.SSLError:
+                # the alert OpenSSL wrote (certificate required, unknown CA,
+                # no shared protocol): sent if the socket takes it now, so
+                # the client reads why instead of a bare end of stream
+                with contextlib.suppress(OSError):
+                    self._flush()
+                raise
             else:
                 await self._drain()  # the handshake's last flight (and session tickets)
                 return
@@ -75,14 +85,15 @@ class TLSSocket:
 
     def _flush(self) -> None:
         """Send what TLS produced, as far as the socket takes it now."""
+        pending = self._pending
         if self._out.pending:
-            self._pending += self._out.read()
-        if self._pending:
+            pending += self._out.read()
+        if pending:
             try:
-                sent = self.raw.send(self._pending)
+                sent = self.raw.send(pending)
             except BlockingIOError:
                 return
-            self._pending = self._pending[sent:]
+            del pending[:sent]  # CPython moves the start: no copy of the rest
 
     def recv(self, size: int) -> bytes:
         """Plain bytes from what the socket has now: ``b""`` at the end (the

@@ -41,9 +41,11 @@ from ._pubsub import Listener, PubSub
 from ._records import RecordsAPI
 from ._run import ListeningServer, StopSignals, describe_startup_failure, serve_until
 from ._server import ServerCore, ServerSockets
+from ._sockets import LINGER_RESET, reset_on_close
 from .exports import lazy_attributes
 
 __all__ = [
+    "LINGER_RESET",
     "LOG_FORMAT",
     "WORKER_ENV",
     "PresenceAPI",
@@ -87,6 +89,7 @@ __all__ = [
     "WritePolicy",
     "combine_metrics",
     "prometheus_text",
+    "reset_on_close",
     "describe_startup_failure",
     "lazy_attributes",
     "StopSignals",

@@ -50,7 +50,7 @@ from .._errors import (
     not_found_payload,
     unavailable_payload,
 )
-from .._metrics import UNKNOWN_COMMAND, Metrics, bump, prometheus_text
+from .._metrics import UNKNOWN_COMMAND, Metrics, prometheus_text
 from ..protocol import (
     CloseCode,
     ConnectionLost,
@@ -71,8 +71,8 @@ from ..storage import _ops as ops
 from ..storage._base import Storage
 from ..storage._memory import MemoryStore
 from ._api import Connection, ConnectionRef, ConnectionsAPI, RoomsAPI, id_set
-from ._app import Context, MeshApp
-from ._builtins import BUILTINS, CheckClientWrite, Steps
+from ._app import Context, Handler, MeshApp
+from ._builtins import BUILTINS, BuiltinCommand, CheckClientWrite, Steps
 from ._channels import ChannelsAPI, ChannelServerOp
 from ._collections import CollectionsAPI
 from ._logging import OutageLog, listening_line, peer_label
@@ -172,6 +172,10 @@ class ServerCore:
             base = ServerOptions(**{**fields, **option_overrides})
         self.app = app
         self.options = base
+        kind = self.tls_context_type
+        if ssl is not None and kind is not None and not isinstance(ssl, kind):
+            name = f"{kind.__module__}.{kind.__qualname__}"
+            raise TypeError(f"ssl= takes an {name}, got {type(ssl).__name__}")
         #: an ``ssl.SSLContext``: the adapter serves ``wss://`` with it
         self.ssl = ssl
         self.runtime = runtime
@@ -269,6 +273,9 @@ class ServerCore:
     #: an empty server-side TLS context: the adapter's
     #: ``ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)`` (the core imports no ssl)
     new_tls_context: Callable[[], TLSContext] | None = None
+    #: what ``ssl=`` must be an instance of, else ``TypeError`` at construction:
+    #: the adapter's ``ssl.SSLContext``
+    tls_context_type: type | None = None
 
     @classmethod
     def tls_context(
@@ -477,10 +484,9 @@ class ServerCore:
             return await self.channels.execute(op)
         if isinstance(op, ops.UpdateMetadata) and self.options.max_metadata_size:
             op = self._bounded(op)
-        name = type(op).__name__
-        counts = self._metrics.store_operations
-        counts[name] = counts.get(name, 0) + 1
-        try:
+        kind = type(op)
+        self._metrics.store_operations[kind] += 1  # named at snapshot time
+        try:  # zero-cost until something is raised (Python 3.11+)
             if self.app.presence.tracks and isinstance(op, _MEMBERSHIP):
                 # every change of membership passes here (built-ins and the
                 # rooms API alike): presence follows it
@@ -489,8 +495,7 @@ class ServerCore:
         except (MeshError, ops.UnknownConnection):
             raise
         except Exception:
-            errors = self._metrics.store_errors
-            errors[name] = errors.get(name, 0) + 1
+            self._metrics.store_errors[kind] += 1
             raise
 
     async def _drive(self, steps: Steps, reader: Connection | None = None) -> Any:
@@ -709,65 +714,58 @@ class ServerCore:
     # -- requests -------------------------------------------------------------
 
     async def _handle_request(self, connection: Connection, request: RequestReceived) -> None:
-        ctx = Context(request.command, request.payload, connection, self, request.id)
+        name = request.command
+        handler = self.app.commands.get(name)
+        builtin = BUILTINS.get(name) if handler is None else None
         proto = connection.proto
-        started = self.runtime.now()
-        outcome = "ok"
         self._inflight += 1
         try:
+            if handler is None and builtin is None:
+                label, outcome = UNKNOWN_COMMAND, "ENOTFOUND"  # not a client-chosen label
+                result: Any = not_found_payload(name)
+            else:
+                label, outcome = name, "ok"
+                ctx = Context(name, request.payload, connection, self, request.id)
+                try:
+                    result = await self._run_command(ctx, handler, builtin)
+                except (MeshError, ops.UnknownConnection) as exc:  # expected: the client's doing
+                    result = error_payload(exc)
+                    outcome = result["code"]
+                except StorageUnavailable as exc:  # an outage: no traceback per request
+                    self.outage_log.failed(self.runtime.now(), name, exc)  # log only
+                    result = unavailable_payload()
+                    outcome = result["code"]
+                except Exception as exc:
+                    log.exception("command %r failed", name)
+                    result = error_payload(exc)
+                    outcome = result["code"]
             try:
-                result = await self._run_command(ctx)
-            except (MeshError, ops.UnknownConnection) as exc:  # expected: the client's doing
-                result = error_payload(exc)
-                outcome = result["code"]
-                bump(self._metrics.errors, outcome)
-            except StorageUnavailable as exc:  # an outage: no traceback per request
-                self.outage_log.failed(self.runtime.now(), request.command, exc)  # log only
-                result = unavailable_payload()
-                outcome = result["code"]
-                bump(self._metrics.errors, outcome)
-            except Exception as exc:
-                log.exception("command %r failed", request.command)
-                result = error_payload(exc)
-                outcome = result["code"]
-                bump(self._metrics.errors, outcome)
-            command = request.command
-            if command not in self.app.commands and command not in BUILTINS:
-                command, outcome = UNKNOWN_COMMAND, "ENOTFOUND"  # not a client-chosen label
-            try:
-                proto.respond(request.id, request.command, result)
+                proto.respond(request.id, name, result)
             except Exception as exc:  # not JSON: unsupported type, cycle, bad str
-                log.error("command %r returned a value that is not JSON: %s", request.command, exc)
-                bump(self._metrics.errors, "ESERVER")
+                log.error("command %r returned a value that is not JSON: %s", name, exc)
                 outcome = "ESERVER"
                 proto.respond(
                     request.id,
-                    request.command,
+                    name,
                     {
                         "error": f"response is not JSON-serialisable: {exc}",
                         "code": "ESERVER",
                         "name": "EncodeError",
                     },
                 )
-            self._metrics.answered(command, outcome, self.runtime.now() - started)
+            # the one clock read of a request: from the read that brought it in
+            self._metrics.answered(label, outcome, self.runtime.now() - request.received_at)
         finally:
             # also when cancelled: the slot frees, the next queued request runs
             self._inflight -= 1
             proto.request_done()
 
-    async def _run_command(self, ctx: Context) -> Any:
+    async def _run_command(
+        self, ctx: Context, handler: Handler | None, builtin: BuiltinCommand | None
+    ) -> Any:
+        """Middleware, then the app's handler or the built-in (one of the two
+        is given: :meth:`_handle_request` resolved the name)."""
         name = ctx.command
-        handler = self.app.commands.get(name)
-        builtin = BUILTINS.get(name) if handler is None else None
-        if handler is None and builtin is None:
-            bump(self._metrics.requests, UNKNOWN_COMMAND)
-            bump(self._metrics.errors, "ENOTFOUND")
-            return not_found_payload(name)
-        counts = self._metrics.requests
-        if name in counts:
-            counts[name] += 1
-        else:
-            bump(counts, name)
         for middleware in self.app.global_middleware:
             await middleware(ctx)
         for middleware in self.app.command_middleware.get(name, ()):

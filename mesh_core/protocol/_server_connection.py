@@ -39,7 +39,7 @@ import contextlib
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from wsproto import ConnectionType, WSConnection
@@ -98,6 +98,11 @@ class RequestReceived(Event):
     id: int
     command: str
     payload: Any
+    #: the ``now`` of the call that brought it in (``receive_data`` or
+    #: ``receive_message``): the command latency histogram measures from it,
+    #: so a request costs one clock read (when answered), and the time it
+    #: waited in the queue counts
+    received_at: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,7 +435,7 @@ class ServerConnection:
             return
         if frame.id is None:
             return  # the reference drops id-less frames silently
-        request = RequestReceived(frame.id, command, frame.payload)
+        request = RequestReceived(frame.id, command, frame.payload, now)
         if self._queued or self.state is State.OPENING:
             self._queued.append(request)
         elif self._running < self.options.max_requests_in_flight:

@@ -90,7 +90,8 @@ class Client:
 
     async def request(self, command: str, payload: Any = None, rid: int = 1) -> Any:
         """Dispatch one request; return the payload of its single response."""
-        await self.server._handle_request(self.conn, RequestReceived(rid, command, payload))
+        now = self.server.runtime.now()
+        await self.server._handle_request(self.conn, RequestReceived(rid, command, payload, now))
         frames = self.frames()
         assert len(frames) == 1, frames
         assert frames[0]["id"] == rid
@@ -954,3 +955,77 @@ def test_storeless_builtins_yield_no_operation() -> None:
     for name in [name for name, builtin in BUILTINS.items() if builtin.storeless]:
         with pytest.raises(StopIteration):
             next(BUILTINS[name]("conn-1", {}))
+
+
+# -- counters -------------------------------------------------------------------
+
+
+async def test_counters_are_one_table_summed_at_snapshot() -> None:
+    app = MeshApp()
+
+    @app.command("fail")
+    async def fail(ctx: Context) -> Any:
+        raise MeshError("no", code="ECUSTOM")
+
+    @app.command("slow")
+    async def slow(ctx: Context) -> Any:
+        server.fake_runtime.clock += 0.03  # the handler takes 30 ms
+        return 1
+
+    server = make(app)
+    client = await connect(server)
+    await client.request("mesh/join-room", {"roomName": "r"})
+    await client.request("fail")
+    await client.request("fail")
+    await client.request("nope")
+    # the latency counts from the read that brought the request in
+    client.proto.receive_data(
+        client.ws.send(TextMessage(json.dumps({"id": 9, "command": "slow"}))), 1000.0
+    )
+    (request,) = client.proto.events()
+    assert isinstance(request, RequestReceived) and request.received_at == 1000.0
+    server.fake_runtime.clock = 1000.02  # it waited 20 ms before its handling began
+    await server._handle_request(client.conn, request)
+    metrics = server.metrics()
+    assert metrics["commands"] == {
+        "mesh/join-room": {"ok": 1},
+        "fail": {"ECUSTOM": 2},
+        "(unknown)": {"ENOTFOUND": 1},
+        "slow": {"ok": 1},
+    }
+    assert metrics["requests_by_command"] == {
+        "mesh/join-room": 1,
+        "fail": 2,
+        "(unknown)": 1,
+        "slow": 1,
+    }
+    assert metrics["requests_total"] == 5
+    assert metrics["errors_by_code"] == {"ECUSTOM": 2, "ENOTFOUND": 1}
+    assert metrics["latency_sum"] == pytest.approx(0.05)
+    bucket = mesh_core._metrics.LATENCY_BUCKETS.index(0.05)
+    assert metrics["latency_counts"][bucket] == 1
+    assert metrics["store_operations_by_op"] == {
+        "RegisterConnection": 1,
+        "AddToRoom": 1,
+        "GetRoomMembersMetadata": 1,  # what join-room answers with
+    }
+    assert metrics["store_errors_by_op"] == {}
+
+
+def test_past_the_label_cap_errors_stay_errors() -> None:
+    from mesh_core._metrics import MAX_LABELS, OTHER, Metrics
+
+    metrics = Metrics()
+    for i in range(MAX_LABELS):
+        metrics.answered(f"c{i}", "ok", 0.0)
+        metrics.answered(f"c{i}", "EFULL", 0.0)
+    metrics.answered("late", "ok", 0.0)
+    metrics.answered("late", "ELATE", 0.0)
+    metrics.answered("later", "ELATER", 0.0)
+    snapshot = metrics.snapshot(0, 0)
+    assert snapshot["requests_by_command"][OTHER] == 3
+    assert snapshot["requests_total"] == 2 * MAX_LABELS + 3
+    assert snapshot["errors_by_code"] == {"EFULL": MAX_LABELS, OTHER: 2}
+    assert snapshot["commands"][OTHER] == {"ok": 1, OTHER: 2}
+    assert snapshot["commands"]["c0"] == {"ok": 1, "EFULL": 1}
+    assert snapshot["latency_counts"][0] == 2 * MAX_LABELS + 3  # 0 s: the first bucket

@@ -303,9 +303,9 @@ def test_label_tables_are_capped() -> None:
 def test_prometheus_text_format() -> None:
     metrics = Metrics()
     metrics.connections_total = 3
-    bump(metrics.requests, "mesh/noop")
-    bump(metrics.requests, 'we"ird\\name\n')
-    bump(metrics.errors, "ENOTFOUND")
+    metrics.answered("mesh/noop", "ok", 0.001)
+    metrics.answered('we"ird\\name\n', "ok", 0.001)
+    metrics.answered("(unknown)", "ENOTFOUND", 0.001)
     metrics.bytes_in = 10
     text = prometheus_text(metrics.snapshot(2, 1))
     lines = text.splitlines()

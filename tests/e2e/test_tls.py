@@ -112,6 +112,37 @@ async def test_client_certificates_are_required_with_ca_certs(
             assert await client.command("echo", {"with": "cert"}) == {"with": "cert"}
 
 
+def _read_through_tls(port: int, context: ssl.SSLContext) -> str:
+    """What a blocking TLS client reads first: the server's answer or why not."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:  # the alert comes in the handshake (TLS 1.2) or at the first read (1.3)
+        with raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            return repr(tls.recv(100))
+    except OSError as exc:
+        return repr(exc)
+
+
+@pytest.mark.anyio
+async def test_a_refused_handshake_tells_the_client_why(
+    server_cls: Any, anyio_backend: str, certs: Certs, request: pytest.FixtureRequest
+) -> None:
+    """A client without the certificate the server requires reads TLS's
+    alert (certificate required), not a bare end of stream."""
+    if anyio_backend == "asyncio":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="asyncio's SSLProtocol closes a failed handshake without its alert",
+            )
+        )
+    server = server_cls(demo_app, ssl=server_context(server_cls, certs, ca=True), **QUIET)
+    async with server.listen():
+        port = server.port
+        read = await anyio.to_thread.run_sync(_read_through_tls, port, certs.client_context())
+    assert "CERTIFICATE_REQUIRED" in read
+
+
 @pytest.mark.anyio
 async def test_a_stalled_tls_handshake_blocks_no_one_and_times_out(
     server_cls: Any, anyio_backend: str, certs: Certs
