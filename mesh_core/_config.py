@@ -109,14 +109,15 @@ class ServerOptions:
             not trusted
             or forwarded_for is None
             or peer is None
-            or not _is_trusted(peer[0], trusted)
+            or not _is_trusted(_address(peer[0]), trusted)
         ):
             return peer
         hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
         for hop in reversed(hops):
-            if not _is_address(hop):
+            ip = _address(hop)
+            if ip is None:
                 return peer  # "unknown", a name, garbage: the chain cannot be read
-            if not _is_trusted(hop, trusted):
+            if not _is_trusted(ip, trusted):
                 return (hop, 0)
         return (hops[0], 0) if hops else peer
 
@@ -157,26 +158,24 @@ def _trusted(value: Iterable[str] | str) -> tuple[str, ...]:
     return items
 
 
-def _is_address(text: str) -> bool:
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address (an IPv4-mapped one as IPv4: a proxy seen on
+    a dual-stack ``::`` listener), or ``None``: a name, ``unknown``, garbage."""
     try:
-        ipaddress.ip_address(text.strip("[]"))
+        ip = ipaddress.ip_address(text.strip("[]"))
     except ValueError:
-        return False
-    return True
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
-def _is_trusted(address: str, trusted: Sequence[str]) -> bool:
+def _is_trusted(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, trusted: Sequence[str]
+) -> bool:
     if "*" in trusted:
         return True
-    try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
-            address.strip("[]")
-        )
-    except ValueError:
-        return False  # a name or garbage: never a trusted proxy
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # an IPv4 proxy seen on a dual-stack ``::`` listener
-    return any(ip in _network(item) for item in trusted)
+    return ip is not None and any(ip in _network(item) for item in trusted)
 
 
 @functools.lru_cache(maxsize=256)
