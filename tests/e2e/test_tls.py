@@ -384,44 +384,6 @@ async def test_a_slow_tls_reader_gets_every_byte_in_order(server_cls: Any, certs
     assert server.metrics()["slow_consumer_closes"] == 0
 
 
-def _finished_then_a_corrupt_record(port: int, certs: Certs) -> None:
-    """A client whose TLS Finished arrives with a corrupt record behind it,
-    in one segment: the server reads both at once, before its first wait."""
-    context = certs.client_context()
-    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            if outgoing.pending:
-                raw.sendall(outgoing.read())
-            incoming.write(raw.recv(65536))
-    finished = outgoing.read()
-    tls.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    record = bytearray(outgoing.read())
-    record[-3] ^= 1  # the MAC no longer matches
-    raw.sendall(finished + bytes(record))
-    with contextlib.suppress(OSError):
-        raw.recv(100)  # the server ends this connection, whatever it sends first
-    raw.close()
-
-
-@pytest.mark.anyio
-async def test_a_corrupt_record_behind_the_handshake_ends_that_connection_only(
-    server_cls: Any, anyio_backend: str, certs: Certs
-) -> None:
-    server = server_cls(demo_app, ssl=server_context(server_cls, certs), **QUIET)
-    async with server.listen():
-        for _ in range(3):
-            await anyio.to_thread.run_sync(_finished_then_a_corrupt_record, server.port, certs)
-        url = f"wss://localhost:{server.port}"
-        async with client_cls(anyio_backend)(url, ssl_context=certs.client_context()) as client:
-            assert await client.command("echo", {"still": "serving"}) == {"still": "serving"}
-
-
 class _StalledHandshake:
     """A TLS client that stops before its Finished, and goes on when told."""
 
@@ -473,6 +435,33 @@ class _StalledHandshake:
             ended = True  # reset
         self.raw.close()
         return answer, ended
+
+
+def _finished_then_a_corrupt_record(port: int, certs: Certs) -> None:
+    """A client whose TLS Finished arrives with a corrupt record behind it,
+    in one segment: the server reads both at once, before its first wait."""
+    client = _StalledHandshake(port, certs)
+    finished = client.outgoing.read()
+    client.tls.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    record = bytearray(client.outgoing.read())
+    record[-3] ^= 1  # the MAC no longer matches
+    client.raw.sendall(finished + bytes(record))
+    with contextlib.suppress(OSError):
+        client.raw.recv(100)  # the server ends this connection, whatever it sends first
+    client.raw.close()
+
+
+@pytest.mark.anyio
+async def test_a_corrupt_record_behind_the_handshake_ends_that_connection_only(
+    server_cls: Any, anyio_backend: str, certs: Certs
+) -> None:
+    server = server_cls(demo_app, ssl=server_context(server_cls, certs), **QUIET)
+    async with server.listen():
+        for _ in range(3):
+            await anyio.to_thread.run_sync(_finished_then_a_corrupt_record, server.port, certs)
+        url = f"wss://localhost:{server.port}"
+        async with client_cls(anyio_backend)(url, ssl_context=certs.client_context()) as client:
+            assert await client.command("echo", {"still": "serving"}) == {"still": "serving"}
 
 
 @pytest.mark.anyio
